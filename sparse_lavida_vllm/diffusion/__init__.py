@@ -1,0 +1,1 @@
+"""Pure-PyTorch masked-diffusion core: masks, planners, sampling and the reference samplers."""

@@ -1,0 +1,198 @@
+"""Unmasking plans: which positions are decoded at which step (image grid orders, text blocks, policies).
+
+A plan is a tuple of stages. Each stage owns a pool of response positions and a per-step token
+count schedule; at every step of a stage the decode set is the pool's still-masked positions and
+a confidence policy picks which of them to keep. An image step is a stage whose count equals its
+pool (the partition C_k is fixed in advance); a text block is a stage of several steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SCHEDULES = ("linear", "cosine", "shift")
+ORDERS = ("stratified", "random", "raster")
+POLICIES = ("low_confidence", "threshold", "random")
+
+
+@dataclass(frozen=True)
+class Stage:
+    positions: Tensor  # response-relative positions, long (n,)
+    counts: tuple[int, ...]  # tokens to unmask per step; sums to len(positions)
+
+
+@dataclass(frozen=True)
+class UnmaskPlan:
+    length: int  # response length L
+    stages: tuple[Stage, ...]
+
+    @property
+    def num_steps(self) -> int:
+        return sum(len(s.counts) for s in self.stages)
+
+
+def _check_positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+# ---- image / grid orders -------------------------------------------------------------------
+
+def stratified_order(height: int, width: int, generator: torch.Generator | None = None) -> Tensor:
+    """Progressive multi-jittered order over a square 2^n grid (flat indices, row-major).
+
+    Every prefix of length 4^j holds exactly one position in each of the 4^j cells of size
+    (H/2^j x W/2^j): level j keeps the position already chosen in each parent cell and adds one
+    random position in each of the three empty child cells, in random order.
+    """
+    _check_positive("height", height)
+    _check_positive("width", width)
+    if height != width:
+        raise ValueError(f"grid must be square for the stratified order, got height={height} width={width}")
+    levels = int(round(math.log2(height)))
+    if 2 ** levels != height:
+        raise ValueError(f"height must be a power of two for the stratified order, got {height}")
+    side = height
+    first = torch.randint(0, side * side, (1,), generator=generator)
+    chosen = [first]
+    chosen_rc = torch.stack([first // side, first % side], dim=1)  # (n, 2): one point per current cell
+    for j in range(1, levels + 1):
+        cell = side >> j  # child cell size
+        parent_cells = chosen_rc // (cell * 2)  # (n, 2): parent cell of each existing point
+        own_child = (chosen_rc // cell) % 2  # which child holds the existing point
+        # the three other children of every parent cell
+        offsets = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]])
+        kids = offsets.unsqueeze(0).expand(len(chosen_rc), 4, 2)
+        empty = (kids != own_child.unsqueeze(1)).any(-1)
+        kids = kids[empty].view(len(chosen_rc), 3, 2)
+        origin = parent_cells.unsqueeze(1) * (cell * 2) + kids * cell  # top-left of each empty child
+        jitter = torch.randint(0, cell, origin.shape, generator=generator)
+        new_rc = (origin + jitter).reshape(-1, 2)
+        new_rc = new_rc[torch.randperm(len(new_rc), generator=generator)]
+        chosen.append(new_rc[:, 0] * side + new_rc[:, 1])
+        chosen_rc = torch.cat([chosen_rc, new_rc])
+    return torch.cat(chosen)
+
+
+def grid_order(height: int, width: int, order: str = "stratified",
+               generator: torch.Generator | None = None) -> Tensor:
+    if order == "stratified":
+        return stratified_order(height, width, generator)
+    _check_positive("height", height)
+    _check_positive("width", width)
+    if order == "random":
+        return torch.randperm(height * width, generator=generator)
+    if order == "raster":
+        return torch.arange(height * width)
+    raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+
+
+# ---- token-count schedules -----------------------------------------------------------------
+
+def token_counts(length: int, steps: int, schedule: str = "linear", shift: float = 5.0) -> list[int]:
+    """Split `length` tokens over `steps` steps (each >= 1) following a mask-ratio schedule.
+
+    linear: equal counts; cosine: MaskGIT's cosine mask ratio; shift: LaViDa-O's time shift
+    m(t) = s t / (1 + (s - 1) t), which unmasks few tokens early and many late.
+    """
+    _check_positive("length", length)
+    _check_positive("steps", steps)
+    if steps > length:
+        raise ValueError(f"steps ({steps}) must be <= the number of tokens to decode ({length})")
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    t = 1.0 - torch.arange(1, steps + 1, dtype=torch.float64) / steps  # time after each step, 1 -> 0
+    if schedule == "linear":
+        masked = t
+    elif schedule == "cosine":
+        masked = torch.sin(t * math.pi / 2)
+    elif schedule == "shift":
+        masked = shift * t / (1 + (shift - 1) * t)
+    else:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    cumulative = torch.round(length * (1 - masked)).long().tolist()
+    counts, done = [], 0
+    for k, c in enumerate(cumulative):
+        c = max(c, done + 1)  # at least one token per step
+        c = min(c, length - (steps - 1 - k))  # leave at least one for every later step
+        counts.append(c - done)
+        done = c
+    return counts
+
+
+def equal_counts(length: int, steps: int) -> list[int]:
+    """LLaDA's per-block split: equal shares, the remainder going to the first steps."""
+    base, rem = divmod(length, steps)
+    return [base + (1 if i < rem else 0) for i in range(steps)]
+
+
+# ---- plans ---------------------------------------------------------------------------------
+
+def image_plan(height: int, width: int, steps: int, schedule: str = "shift", order: str = "stratified",
+               shift: float = 5.0, generator: torch.Generator | None = None) -> UnmaskPlan:
+    """A fixed partition C_1..C_K of an HxW token grid: one single-step stage per step."""
+    positions = grid_order(height, width, order, generator)
+    counts = token_counts(height * width, steps, schedule, shift)
+    stages = tuple(Stage(part, (len(part),)) for part in torch.split(positions, counts))
+    return UnmaskPlan(height * width, stages)
+
+
+def text_plan(gen_length: int, block_length: int, steps: int, block_order: list[int] | None = None,
+              masked: Tensor | None = None) -> UnmaskPlan:
+    """Semi-autoregressive blocks of `block_length`; `steps` are shared equally by the blocks.
+
+    `block_order` gives any order of block indices (default left to right); `masked` (bool, L)
+    marks the positions to generate when infilling (default: all), the rest being given.
+    """
+    _check_positive("gen_length", gen_length)
+    _check_positive("block_length", block_length)
+    _check_positive("steps", steps)
+    if gen_length % block_length:
+        raise ValueError(f"block_length ({block_length}) must divide gen_length ({gen_length})")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ValueError(f"steps ({steps}) must be a multiple of the number of blocks ({num_blocks})")
+    steps_per_block = steps // num_blocks
+    if steps_per_block > block_length:
+        raise ValueError(f"steps ({steps}) must be <= gen_length ({gen_length})")
+    order = list(range(num_blocks)) if block_order is None else list(block_order)
+    if sorted(order) != list(range(num_blocks)):
+        raise ValueError(f"block_order must be a permutation of 0..{num_blocks - 1}, got {order}")
+    if masked is None:
+        masked = torch.ones(gen_length, dtype=torch.bool)
+    if masked.shape != (gen_length,):
+        raise ValueError(f"masked must have shape ({gen_length},), got {tuple(masked.shape)}")
+    stages = []
+    for b in order:
+        pos = torch.arange(b * block_length, (b + 1) * block_length)
+        pos = pos[masked[pos]]
+        if len(pos):
+            stages.append(Stage(pos, tuple(equal_counts(len(pos), min(steps_per_block, len(pos))))))
+    return UnmaskPlan(gen_length, tuple(stages))
+
+
+# ---- confidence policies -------------------------------------------------------------------
+
+def choose_tokens(policy: str, confidence: Tensor, count: int, threshold: float = 0.9,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """Indices (into the decode set) of the tokens to keep this step.
+
+    low_confidence: the `count` most confident (LLaDA's remasking name); threshold: all above
+    `threshold`, at least the most confident one (Fast-dLLM's parallel decoding); random: `count`
+    chosen uniformly.
+    """
+    n = confidence.numel()
+    count = min(count, n)
+    if policy == "low_confidence":
+        return torch.topk(confidence, count).indices
+    if policy == "threshold":
+        keep = (confidence > threshold).nonzero().flatten()
+        return keep if len(keep) else confidence.argmax().view(1)
+    if policy == "random":
+        device = generator.device if generator is not None else confidence.device
+        return torch.randperm(n, generator=generator, device=device).to(confidence.device)[:count]
+    raise ValueError(f"remasking must be one of {POLICIES}, got {policy!r}")

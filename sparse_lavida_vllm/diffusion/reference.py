@@ -1,0 +1,220 @@
+"""Reference generate loops: dense (vanilla MDM) and sparse (Sparse-LaViDa), the oracle and the GPU benchmark path."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from sparse_lavida_vllm.diffusion.masks import build_step_causal_sequence, inference_step_spans
+from sparse_lavida_vllm.diffusion.planners import UnmaskPlan, choose_tokens
+from sparse_lavida_vllm.diffusion.sampling import SamplingConfig, cfg_combine, sample_tokens, step_generator
+from sparse_lavida_vllm.model_executor.attention import KVCache, SpanAttention
+from sparse_lavida_vllm.model_executor.model import LLaDAMDM
+
+
+@dataclass(frozen=True)
+class SparseOptions:
+    """The paper's Table 6 axes plus the register count."""
+
+    num_registers: int = 64
+    cache_prompt: bool = True
+    cache_response: bool = True
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_registers < 0:
+            raise ValueError(f"num_registers must be >= 0, got {self.num_registers}")
+
+
+@dataclass
+class StepTrace:
+    decode: Tensor  # response positions fed as masks and predicted this step (the decode set)
+    chosen: Tensor  # the positions kept: C_k
+    forward_tokens: int  # rows through the model this step (all CFG branches)
+    logits: Tensor | None = None  # guided logits of the decode rows, when recorded
+
+
+@dataclass
+class GenerateResult:
+    tokens: Tensor  # (L,) the response
+    steps: list[StepTrace] = field(default_factory=list)
+    prefill_tokens: int = 0
+
+    @property
+    def partition(self) -> list[Tensor]:
+        return [s.chosen for s in self.steps]
+
+    @property
+    def forward_tokens(self) -> int:
+        return self.prefill_tokens + sum(s.forward_tokens for s in self.steps)
+
+
+def _prepare(model: LLaDAMDM, prompt_ids: Tensor, plan: UnmaskPlan, sampling: SamplingConfig,
+             uncond_prompt_ids: Tensor | None, response_init: Tensor | None) -> tuple[list[Tensor], Tensor]:
+    """The prompts of every CFG branch and the initial response canvas (mask where the plan decodes)."""
+    mask_id = model.config.mask_token_id
+    device = prompt_ids.device
+    prompts = [prompt_ids]
+    if sampling.cfg_scale > 0:
+        if uncond_prompt_ids is None:  # LaViDa-O's unconditional branch: the prompt replaced by masks
+            uncond_prompt_ids = torch.full_like(prompt_ids, mask_id)
+        if uncond_prompt_ids.shape != prompt_ids.shape:
+            raise ValueError("uncond_prompt_ids must have the prompt's length (positions are shared)")
+        prompts.append(uncond_prompt_ids)
+    if response_init is None:
+        response = torch.full((plan.length,), mask_id, dtype=torch.long, device=device)
+    else:
+        response = response_init.clone().to(device)
+    planned = torch.cat([s.positions for s in plan.stages]).to(device) if plan.stages else \
+        torch.empty(0, dtype=torch.long, device=device)
+    if planned.numel() != int((response == mask_id).sum()) or bool((response[planned] != mask_id).any()):
+        raise ValueError("the plan must decode exactly the masked positions of response_init")
+    return prompts, response
+
+
+def _sample_and_choose(logits: Tensor, decode: Tensor, count: int | None, sampling: SamplingConfig,
+                       step: int) -> tuple[Tensor, Tensor]:
+    gen = step_generator(sampling.seed, step, logits.device)
+    tokens, confidence = sample_tokens(logits, sampling, gen)
+    if count is not None and count >= decode.numel():
+        keep = torch.arange(decode.numel(), device=decode.device)
+    else:
+        keep = choose_tokens(sampling.remasking, confidence, count or decode.numel(),
+                             sampling.confidence_threshold, gen)
+    return keep, tokens[keep]
+
+
+class _Stepper:
+    """Walks the plan: holds the response canvas and the still-masked positions of the current stage."""
+
+    def __init__(self, plan: UnmaskPlan, sampling: SamplingConfig, response: Tensor) -> None:
+        self.plan = plan
+        self.by_threshold = sampling.remasking == "threshold"
+        self.response = response
+        self.remaining = torch.empty(0, dtype=torch.long)
+
+    def decode_sets(self) -> Iterator[tuple[Tensor, int | None]]:
+        """(decode set, tokens to keep) per step; None lets the threshold policy decide how many."""
+        for stage in self.plan.stages:
+            self.remaining = stage.positions.to(self.response.device)
+            counts = iter(stage.counts)
+            while self.remaining.numel():
+                count = next(counts, self.remaining.numel())
+                yield self.remaining, (None if self.by_threshold and len(stage.counts) > 1 else count)
+
+    def commit(self, decode: Tensor, keep: Tensor, tokens: Tensor) -> Tensor:
+        chosen = decode[keep]
+        self.response[chosen] = tokens
+        left = torch.ones(decode.numel(), dtype=torch.bool, device=decode.device)
+        left[keep] = False
+        self.remaining = decode[left]
+        return chosen
+
+
+@torch.no_grad()
+def generate_dense(model: LLaDAMDM, prompt_ids: Tensor, plan: UnmaskPlan, sampling: SamplingConfig,
+                   uncond_prompt_ids: Tensor | None = None, response_init: Tensor | None = None,
+                   record_logits: bool = False) -> GenerateResult:
+    """Vanilla MDM sampling: every step feeds prompt + all L response positions, full attention."""
+    prompts, response = _prepare(model, prompt_ids, plan, sampling, uncond_prompt_ids, response_init)
+    p = prompt_ids.numel()
+    positions = torch.arange(p + plan.length, device=prompt_ids.device)
+    stepper = _Stepper(plan, sampling, response)
+    result = GenerateResult(response)
+    for step, (decode, count) in enumerate(stepper.decode_sets()):
+        branch_logits = [model(torch.cat([pr, response]), positions, SpanAttention(None), p + decode)
+                         for pr in prompts]
+        logits = branch_logits[0] if len(prompts) == 1 else cfg_combine(*branch_logits, sampling.cfg_scale)
+        keep, tokens = _sample_and_choose(logits, decode, count, sampling, step)
+        chosen = stepper.commit(decode, keep, tokens)
+        result.steps.append(StepTrace(decode.clone(), chosen, positions.numel() * len(prompts),
+                                      logits if record_logits else None))
+    return result
+
+
+@torch.no_grad()
+def generate_sparse(model: LLaDAMDM, prompt_ids: Tensor, plan: UnmaskPlan, sampling: SamplingConfig,
+                    options: SparseOptions = SparseOptions(), uncond_prompt_ids: Tensor | None = None,
+                    response_init: Tensor | None = None, record_logits: bool = False) -> GenerateResult:
+    """Sparse-LaViDa sampling: per step feed [C_{k-1} | decode set | registers] over a KV cache.
+
+    Rows of one step, in order: commit rows C_{k-1} (cached after this pass), clean rows that are
+    recomputed because their cache is off, the decode set, the other masked positions when
+    truncation is off, and the registers. Commit rows see only clean keys (the step-causal rule);
+    every other row sees all keys. With caches and truncation off and no registers this is the
+    dense MDM.
+    """
+    cfg = model.config
+    prompts, response = _prepare(model, prompt_ids, plan, sampling, uncond_prompt_ids, response_init)
+    device = prompt_ids.device
+    p, length, m = prompt_ids.numel(), plan.length, options.num_registers
+    mask_id = cfg.mask_token_id
+    given = (response != mask_id).nonzero().flatten()  # infilling context, known before step 1
+    caches = [KVCache(cfg.n_layers, p + length, cfg.n_kv_heads, cfg.head_dim,
+                      next(model.parameters()).dtype, device) for _ in prompts]
+    register_positions = torch.arange(p + length, p + length + m, device=device)
+    register_ids = torch.full((m,), cfg.register_token_id, dtype=torch.long, device=device)
+    result = GenerateResult(response)
+
+    prefix_positions = torch.cat([torch.arange(p, device=device), p + given])
+    if options.cache_prompt:  # prefill: prompt (+ given tokens) attend among themselves only
+        for pr, cache in zip(prompts, caches):
+            ids = torch.cat([pr, response[given]])
+            model(ids, prefix_positions, SpanAttention(None, cache, ids.numel()), logits_rows=torch.empty(0, dtype=torch.long))
+            cache.advance(ids.numel())
+        result.prefill_tokens = prefix_positions.numel() * len(prompts)
+
+    stepper = _Stepper(plan, sampling, response)
+    committed = torch.empty(0, dtype=torch.long, device=device)  # response positions decoded so far
+    last_chosen = torch.empty(0, dtype=torch.long, device=device)
+    for step, (decode, count) in enumerate(stepper.decode_sets()):
+        commit = last_chosen if options.cache_response else last_chosen[:0]
+        live_clean = committed if not options.cache_response else committed[:0]
+        if options.truncate:
+            extra = decode[:0]
+        else:
+            masked_now = (response == mask_id)
+            masked_now[decode] = False
+            extra = masked_now.nonzero().flatten()
+        clean_rel = torch.cat([commit, live_clean])
+        branch_logits = []
+        for pr, cache in zip(prompts, caches):
+            live_prefix_ids = torch.cat([pr, response[given]]) if not options.cache_prompt else pr[:0]
+            live_prefix_pos = prefix_positions if not options.cache_prompt else prefix_positions[:0]
+            n_commit = commit.numel()
+            ids = torch.cat([response[commit], live_prefix_ids, response[live_clean],
+                             torch.full((decode.numel() + extra.numel(),), mask_id, dtype=torch.long, device=device),
+                             register_ids])
+            positions = torch.cat([p + commit, live_prefix_pos, p + live_clean, p + decode, p + extra,
+                                   register_positions])
+            n_clean = clean_rel.numel() + live_prefix_ids.numel()
+            spans = inference_step_spans(cache.length, ids.numel(), n_commit, n_clean)
+            rows = torch.arange(n_clean, n_clean + decode.numel(), device=device)
+            branch_logits.append(model(ids, positions, SpanAttention(spans, cache, n_commit), rows))
+            cache.advance(n_commit)
+        logits = branch_logits[0] if len(prompts) == 1 else cfg_combine(*branch_logits, sampling.cfg_scale)
+        keep, tokens = _sample_and_choose(logits, decode, count, sampling, step)
+        chosen = stepper.commit(decode, keep, tokens)
+        result.steps.append(StepTrace(decode.clone(), chosen, ids.numel() * len(prompts),
+                                      logits if record_logits else None))
+        committed = torch.cat([committed, chosen])
+        last_chosen = chosen
+    return result
+
+
+@torch.no_grad()
+def step_causal_logits(model: LLaDAMDM, prompt_ids: Tensor, response_ids: Tensor, clean_blocks: list[Tensor],
+                       masked_blocks: list[Tensor], num_registers: int) -> list[Tensor]:
+    """One full forward under the Algorithm 1 mask; the logits of each masked block's rows.
+
+    This is the I2 oracle: for clean blocks C_1..C_{k-1} and masked block D_k it must equal the
+    sparse sampler's incremental logits at step k.
+    """
+    seq = build_step_causal_sequence(prompt_ids, response_ids, clean_blocks, masked_blocks, num_registers,
+                                     model.config.mask_token_id, model.config.register_token_id)
+    rows = torch.cat(seq["masked_rows"]) if seq["masked_rows"] else torch.empty(0, dtype=torch.long)
+    logits = model(seq["ids"], seq["positions"], SpanAttention(seq["spans"]), rows)
+    return list(torch.split(logits, [r.numel() for r in seq["masked_rows"]]))

@@ -1,0 +1,1 @@
+"""Models, the attention seam and weight loading; no vLLM import at module level."""
