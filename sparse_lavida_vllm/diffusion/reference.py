@@ -153,7 +153,8 @@ def generate_sparse(model: LLaDAMDM, prompt_ids: Tensor, plan: UnmaskPlan, sampl
     p, length, m = prompt_ids.numel(), plan.length, options.num_registers
     mask_id = cfg.mask_token_id
     given = (response != mask_id).nonzero().flatten()  # infilling context, known before step 1
-    caches = [KVCache(cfg.n_layers, p + length, cfg.n_kv_heads, cfg.head_dim,
+    # room for every row of a step (at most p + L + m), so each pass writes its K/V in place
+    caches = [KVCache(cfg.n_layers, p + length + m, cfg.n_kv_heads, cfg.head_dim,
                       next(model.parameters()).dtype, device) for _ in prompts]
     register_positions = torch.arange(p + length, p + length + m, device=device)
     register_ids = torch.full((m,), cfg.register_token_id, dtype=torch.long, device=device)
@@ -163,7 +164,8 @@ def generate_sparse(model: LLaDAMDM, prompt_ids: Tensor, plan: UnmaskPlan, sampl
     if options.cache_prompt:  # prefill: prompt (+ given tokens) attend among themselves only
         for pr, cache in zip(prompts, caches):
             ids = torch.cat([pr, response[given]])
-            model(ids, prefix_positions, SpanAttention(None, cache, ids.numel()), logits_rows=torch.empty(0, dtype=torch.long))
+            no_rows = torch.empty(0, dtype=torch.long, device=device)
+            model(ids, prefix_positions, SpanAttention(None, cache, ids.numel()), logits_rows=no_rows)
             cache.advance(ids.numel())
         result.prefill_tokens = prefix_positions.numel() * len(prompts)
 
