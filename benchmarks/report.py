@@ -1,0 +1,266 @@
+"""Render benchmarks/RESULTS.md and its plots from benchmarks/results/*.json (`--run` re-runs the benchmarks first)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+OUT = HERE  # RESULTS.md and the PNGs
+BENCHMARKS = ("sparse_vs_dense", "peers", "floor")
+# The paper's numbers (A100, LaViDa-O 10.4B) and Fast-dLLM's, quoted for side-by-side reading.
+PAPER = {"image_1024": 1.95, "image_1024_cfg": 1.95, "text": 2.80}
+PAPER_TABLE6 = {(True, False, False): 1.29, (False, True, False): 1.13, (False, False, True): 1.19,
+                (True, True, True): 1.96}
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def machine_line(data: dict) -> str:
+    m = data["machine"]
+    start = ", ".join(f"{x:.2f}" for x in m["load_avg_start"])
+    end = ", ".join(f"{x:.2f}" for x in m.get("load_avg_end", []))
+    return (f"`{data['benchmark']}`: {data['date_utc']} UTC, clock {data.get('clock', 'wall')}, {m['cpu']}, "
+            f"{m['cores']} cores, torch threads "
+            f"{m['torch_threads']}, load average (1/5/15 min) {start} at start, {end} at end, wall "
+            f"{data.get('wall_s', '?')} s; torch {data['versions']['torch']}, commit {data['versions']['git_commit']}")
+
+
+def plot_sparse_vs_dense(data: dict, plt) -> str:
+    names = [k for k, v in data.items() if isinstance(v, dict) and "token_bound" in v]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], [data[n]["speedup"] for n in names], 0.4, label="measured speedup")
+    ax.bar([i + 0.2 for i in x], [data[n]["token_bound"] for n in names], 0.4, label="token bound")
+    ax.set_xticks(list(x), names)
+    ax.set_ylabel("dense / sparse")
+    ax.set_title("Sparse vs dense on CPU: speedup and its token-count bound")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(OUT / "sparse_vs_dense.png", dpi=110)
+    plt.close(fig)
+    return "sparse_vs_dense.png"
+
+
+def plot_ablation(combos: list[dict], plt) -> str:
+    labels = ["".join(c for c, on in zip("PRT", (r["cache_prompt"], r["cache_response"], r["truncate"]),
+                                         strict=True) if on) or "none" for r in combos]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.bar(labels, [r["speedup_vs_all_off"] for r in combos])
+    ax.set_ylabel("speed vs all off")
+    ax.set_title("Table 6 ablation (P = cache prompt, R = cache response, T = truncate)")
+    fig.tight_layout()
+    fig.savefig(OUT / "ablation.png", dpi=110)
+    plt.close(fig)
+    return "ablation.png"
+
+
+def plot_peers(rows: dict, plt) -> str:
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    ax.barh(names, [rows[n]["seconds"] for n in names])
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds per generation (lower is better)")
+    ax.set_title("Text generation: ours vs LLaDA reference and Fast-dLLM-style caching")
+    fig.tight_layout()
+    fig.savefig(OUT / "peers.png", dpi=110)
+    plt.close(fig)
+    return "peers.png"
+
+
+def section_sparse_vs_dense(data: dict, plt) -> list[str]:
+    m = data["model"]
+    out = ["## Sparse vs dense (`benchmarks/sparse_vs_dense.py`)", "",
+           f"Model: LLaDA-shaped, random weights, d_model {m['d_model']}, {m['n_layers']} layers, {m['n_heads']} "
+           f"heads (head_dim {m['head_dim']}), MLP {m['mlp_hidden_size']}, vocab {m['vocab_size']}, "
+           f"{m['parameters'] / 1e6:.1f} M parameters. {data.get('notes', '')}", ""]
+    rows = []
+    for name, w in data.items():
+        if isinstance(w, dict) and "token_bound" in w:
+            paper = PAPER.get(name, PAPER["text"] if w["kind"] == "text" else "")
+            rows.append([name, w["steps"], w["dense_s"], w["sparse_s"], f"**{w['speedup']}x**",
+                         f"{w['speedup_wall']}x" if "speedup_wall" in w else "",
+                         f"{w['forward_tokens']['dense']} / {w['forward_tokens']['sparse']}", f"{w['token_bound']}x",
+                         f"**{w['fraction_of_bound']:.0%}**", f"{paper}x (A100)" if paper else ""])
+    clock = data.get("clock", "wall")
+    out += [f"Seconds are {clock} seconds (median); the wall-clock speedup sits beside it.", "",
+            table(["workload", "steps", f"dense {clock} s", f"sparse {clock} s", "speedup", "speedup (wall)",
+                   "forward tokens dense / sparse", "token bound", "fraction of bound", "paper"], rows), ""]
+    out += [f"![speedup vs bound]({plot_sparse_vs_dense(data, plt)})", ""]
+    if "table6_ablation" in data:
+        combos = data["table6_ablation"]["combinations"]
+        out += ["### Table 6 ablation (image workload, no CFG; registers kept in every row)", ""]
+        rows = []
+        for r in combos:
+            key = (r["cache_prompt"], r["cache_response"], r["truncate"])
+            rows.append(["yes" if key[0] else "", "yes" if key[1] else "", "yes" if key[2] else "", r["seconds"],
+                         r["forward_tokens"], f"{r['speedup_vs_all_off']}x", f"{r.get('speedup_vs_dense', '')}x",
+                         f"{PAPER_TABLE6[key]}x" if key in PAPER_TABLE6 else ""])
+        out += [table(["cache prompt", "cache response", "truncate", "seconds", "forward tokens", "vs all off",
+                       "vs dense", "paper (vs all off)"], rows), ""]
+        out += [f"![ablation]({plot_ablation(combos, plt)})", ""]
+    if "bf16" in data:
+        b = data["bf16"]
+        out += ["### bf16 on CPU (measured option, not the default)", "",
+                table(["sampler", "fp32 s", "bf16 s", "bf16 speedup", "tokens equal to fp32"],
+                      [["dense", b["dense_fp32_s"], b["dense_bf16_s"], f"{b['dense_bf16_speedup']}x",
+                        f"{b['token_match_bf16_vs_fp32_dense']:.1%}"],
+                       ["sparse", b["sparse_fp32_s"], b["sparse_bf16_s"], f"{b['sparse_bf16_speedup']}x",
+                        f"{b['token_match_bf16_vs_fp32_sparse']:.1%}"]]), "",
+                f"Drift: first-step max |logit diff| {b['first_step_max_abs_logit_diff']} on logits of magnitude up "
+                f"to {b['first_step_logit_scale']}; sparse/dense speedup in bf16 {b['sparse_speedup_bf16']}x.", ""]
+    return out
+
+
+def section_peers(data: dict, plt) -> list[str]:
+    w, rows = data["workload"], data["text"]
+    out = ["## Peers (`benchmarks/peers.py`)", "",
+           f"Text, gen length {w['gen_length']}, block {w['block_length']}, {w['steps_fixed']} steps, prompt "
+           f"{w['prompt_len']}, greedy, same random model as above; our sparse sampler uses "
+           f"{w['sparse_registers']} registers. Quality: {data['quality']}.", "",
+           table(["engine", f"{data.get('clock', 'wall')} seconds", "tokens/s", "forward tokens",
+                  "vs LLaDA reference", "vs our dense",
+                  "token match vs dense"],
+                 [[k, r["seconds"], r["tokens_per_s"], r["forward_tokens"], f"{r['speedup_vs_llada_reference']}x",
+                   f"{r['speedup_vs_ours_dense']}x", f"{r['token_match_vs_dense']:.1%}"] for k, r in rows.items()]),
+           "", f"![peers]({plot_peers(rows, plt)})", ""]
+    if "demo_quality" in data:
+        d = data["demo_quality"]
+        out += [f"### Quality at speed on the demo checkpoint (`{Path(d['checkpoint']).name}`)", "",
+                f"{d['problems']} held-out sums, gen length {d['gen_length']}, block {d['block_length']}, "
+                f"{d['steps_fixed']} steps for fixed-count engines, threshold {d['threshold']} for the others; "
+                "seconds are the total over all problems.", "",
+                table(["engine", "seconds", "arithmetic accuracy", "token match vs our dense", "forward tokens"],
+                      [[k, e["seconds"], f"{e['arithmetic_accuracy']:.1%}", f"{e.get('token_match_vs_dense', 0):.1%}",
+                        e["forward_tokens"]] for k, e in d["engines"].items()]), ""]
+    return out
+
+
+def section_floor(data: dict) -> list[str]:
+    r = data["machine_rates"]
+    out = ["## Floor (`benchmarks/floor.py`)", "",
+           "Measured rates: " + ", ".join(f"{k} {v}" for k, v in r.items()) + ".", "", data.get("notes", ""), "",
+           table(["configuration", "seconds", "GFLOP/step", "MB/step", "FLOP/byte", "achieved GFLOP/s",
+                  "fraction of peak mm", "floor s", "bound by", "fraction of floor"],
+                 [[k, c["seconds"], c["gflop_per_step"], c["mbytes_per_step"],
+                   c["arithmetic_intensity_flop_per_byte"], c["achieved_gflops"], f"{c['fraction_of_peak_mm']:.0%}",
+                   c["floor_s"], c["bound_by"], f"{c['fraction_of_floor']:.0%}"] for k, c in data["configs"].items()]),
+           ""]
+    return out
+
+
+def section_serve(data: dict) -> list[str]:
+    out = ["## Serving throughput (`benchmarks/serve_throughput.py`, written by the vLLM room)", ""]
+    if "model" in data:
+        out += ["Model: " + ", ".join(f"{k} {v}" for k, v in data["model"].items()) + "; workload: "
+                + ", ".join(f"{k} {v}" for k, v in data.get("workload", {}).items()) + ".", ""]
+    modes = data.get("modes", {})
+    if modes:
+        levels = sorted({n for r in modes.values() for n in r.get("tokens_per_s", {})}, key=int)
+        out += [table(["runner mode", "engine ms/step", "reference ms/step", "engine / reference",
+                       *(f"tokens/s at {n}" for n in levels)],
+                      [[m, round(r["step_ms"], 2), round(r["reference_step_ms"], 2), round(r["overhead_ratio"], 2),
+                        *(round(r["tokens_per_s"].get(n, float("nan")), 1) for n in levels)]
+                       for m, r in modes.items()]), ""]
+    else:
+        out += ["```json", json.dumps(data, indent=1)[:6000], "```", ""]
+    return out
+
+
+def section_summary(found: dict) -> list[str]:
+    """The closing numbers in one place, computed from the JSON (so they regenerate with everything else)."""
+    out = ["## Summary", ""]
+    svd, peers, floor = found["sparse_vs_dense"], found["peers"], found["floor"]
+    if svd:
+        for name, w in svd.items():
+            if isinstance(w, dict) and "token_bound" in w:
+                out.append(f"- {name}: sparse/dense **{w['speedup']}x**, token bound {w['token_bound']}x, "
+                           f"**{w['fraction_of_bound']:.0%} of the bound** (goal >= 70%).")
+        if "table6_ablation" in svd:
+            best = svd["table6_ablation"]["combinations"][-1]
+            out.append(f"- Table 6, all three on: {best['speedup_vs_all_off']}x vs all off (paper 1.96x).")
+    if peers:
+        r = peers["text"]
+        best = min((k for k in r if k.startswith("fastdllm")), key=lambda k: r[k]["seconds"])
+        out.append(f"- Peers (text {peers['workload']['gen_length']}): ours sparse {r['ours_sparse']['seconds']} s, "
+                   f"LLaDA reference {r['llada_reference']['seconds']} s "
+                   f"({r['ours_sparse']['speedup_vs_llada_reference']}x), fastest Fast-dLLM-style cache ({best}) "
+                   f"{r[best]['seconds']} s ({r[best]['seconds'] / r['ours_sparse']['seconds']:.2f}x slower than ours "
+                   f"sparse).")
+        if "demo_quality" in peers:
+            e = peers["demo_quality"]["engines"]
+            out.append("- Demo checkpoint (arithmetic exact match / token match with our dense sampler / total "
+                       "seconds): " + "; ".join(f"{k} {v['arithmetic_accuracy']:.0%} / "
+                                                f"{v.get('token_match_vs_dense', 0):.0%} / {v['seconds']} s"
+                                                for k, v in e.items()) + ".")
+    if floor:
+        c = floor["configs"]
+        out.append("- Achieved fraction of the measured fp32 matmul rate ("
+                   f"{floor['machine_rates']['peak_mm_gflops']} GFLOP/s): " + ", ".join(
+                       f"{k} {v['fraction_of_peak_mm']:.0%}" for k, v in c.items()) + ".")
+    return out + [""]
+
+
+def render() -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = ["# Benchmark results", "",
+             "Regenerate everything (runs every benchmark, then this page and its plots; ~15 min on 2 shared "
+             "cores): `.venv/bin/python benchmarks/report.py --run`. Re-render from the committed JSON only: "
+             "`.venv/bin/python benchmarks/report.py`.", "",
+             "Ratios are measured within one run (same model, prompts, seeds; contenders interleaved a, b, a, b "
+             "so load changes on this shared machine hit both), median of the repeats after a warm-up.", ""]
+    found = {name: load(name) for name in (*BENCHMARKS, "serve_throughput")}
+    machines = [machine_line(d) for d in found.values() if d and "machine" in d and "date_utc" in d]
+    parts += section_summary(found)
+    parts += ["## Machine and versions", "", *(f"- {m}" for m in machines), ""]
+    if found["sparse_vs_dense"]:
+        parts += section_sparse_vs_dense(found["sparse_vs_dense"], plt)
+    if found["peers"]:
+        parts += section_peers(found["peers"], plt)
+    if found["floor"]:
+        parts += section_floor(found["floor"])
+    if found["serve_throughput"]:
+        parts += section_serve(found["serve_throughput"])
+    notes = RESULTS / "NOTES.md"
+    if notes.exists():
+        parts += [notes.read_text()]
+    return "\n".join(parts) + "\n"
+
+
+def main() -> None:
+    global RESULTS, OUT
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--run", action="store_true", help="run every benchmark (writing its JSON) first")
+    parser.add_argument("--results", default=str(RESULTS), help="folder of the JSON results")
+    parser.add_argument("--out", default=str(OUT), help="folder for RESULTS.md and the plots")
+    args = parser.parse_args()
+    RESULTS, OUT = Path(args.results), Path(args.out)
+    if args.run and RESULTS != HERE / "results":
+        raise SystemExit("--run writes benchmarks/results; do not combine it with --results")
+    if args.run:
+        for name in BENCHMARKS:
+            subprocess.run([sys.executable, str(HERE / f"{name}.py"), "--json"], check=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "RESULTS.md").write_text(render())
+    print(f"wrote {OUT / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    main()

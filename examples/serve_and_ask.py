@@ -1,0 +1,74 @@
+"""Serve the bundled demo model with `sparse-lavida serve` (vLLM), ask it one question through the openai client, stop.
+
+Run: .venv/bin/python examples/serve_and_ask.py [--model PATH] [--prompt TEXT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, log_path: str, timeout: float = 300.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"server exited with {proc.returncode}; log:\n{open(log_path).read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    sys.exit(f"server not healthy after {timeout:.0f}s; log in {log_path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: the bundled demo model)")
+    parser.add_argument("--prompt", default="Q: 37+48=? A:")
+    args = parser.parse_args()
+
+    port = free_port()
+    log = tempfile.NamedTemporaryFile(prefix="sparse-lavida-serve-", suffix=".log", delete=False)
+    cmd = [sys.executable, "-m", "sparse_lavida_vllm.cli", "serve", *([args.model] if args.model else []),
+           "--host", "127.0.0.1", "--port", str(port)]
+    print("starting:", " ".join(cmd[2:]), f"(log: {log.name})", flush=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{port}", log.name)
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        model = client.models.list().data[0].id
+        start = time.perf_counter()
+        reply = client.completions.create(model=model, prompt=args.prompt, max_tokens=32, temperature=0.0,
+                                          extra_body={"vllm_xargs": {"steps": 16, "block_length": 8}})
+        seconds = time.perf_counter() - start
+        print(f"prompt: {args.prompt!r}")
+        print(f"answer: {reply.choices[0].text!r}")
+        print(f"usage: {reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens, "
+              f"{seconds:.2f} s")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""vLLM plugin registration and the `sparse-lavida serve|generate` commands."""

@@ -1,0 +1,113 @@
+"""`sparse-lavida serve` (vLLM's OpenAI server with our plugin) and `sparse-lavida generate` (vLLM's offline LLM)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo" / "sparse"
+
+# vLLM on CPU needs these (see DESIGN.md); a value the user set wins.
+CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1"}
+
+
+def set_cpu_env() -> None:
+    for key, value in CPU_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def _has_flag(args: list[str], *names: str) -> bool:
+    return any(a == n or a.startswith(n + "=") for a in args for n in names)
+
+
+def vllm_serve_argv(args: list[str]) -> list[str]:
+    """`vllm serve` argv: MODEL defaults to the bundled demo; float32 unless --dtype is given (exact I4)."""
+    if not args or args[0].startswith("-"):
+        if not DEMO_MODEL.exists() and not _has_flag(args, "--help", "-h"):
+            raise SystemExit(f"no MODEL given and the bundled demo model is missing ({DEMO_MODEL})")
+        args = [str(DEMO_MODEL), *args]
+    if not _has_flag(args, "--dtype"):
+        args = [*args, "--dtype", "float32"]
+    return ["vllm", "serve", *args]
+
+
+def serve(ns: argparse.Namespace) -> int:
+    set_cpu_env()
+    # The `vllm` console script fails with vllm-cpu: its CLI asks importlib.metadata for the version of a
+    # distribution named "vllm", installed as "vllm-cpu". Answer as vLLM's platform probe does, then call the
+    # entry function.
+    import importlib.metadata
+
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    version = importlib.metadata.version
+
+    def vllm_version(name: str) -> str:
+        try:
+            return version(name)
+        except importlib.metadata.PackageNotFoundError:
+            if name != "vllm":
+                raise
+            return version("vllm-cpu") + "+cpu"
+
+    importlib.metadata.version = vllm_version
+    sys.argv = vllm_serve_argv(list(ns.vllm_args))
+    vllm_main()
+    return 0
+
+
+def generate(ns: argparse.Namespace) -> int:
+    set_cpu_env()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+
+    model = ns.model or str(DEMO_MODEL)
+    llm = LLM(model=model, dtype=ns.dtype, enforce_eager=True, max_model_len=ns.max_model_len,
+              additional_config={"flat_batch": ns.flat_batch})
+    knobs = {"steps": ns.steps, "block_length": ns.block_length, "num_registers": ns.num_registers,
+             "sparse": not ns.dense, "remasking": ns.remasking}
+    params = SamplingParams(max_tokens=ns.gen_length, temperature=ns.temperature, seed=ns.seed,
+                            ignore_eos=ns.ignore_eos, extra_args={k: v for k, v in knobs.items() if v is not None})
+    if ns.chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in ns.prompt], params)
+    else:
+        outputs = llm.generate(ns.prompt, params)
+    for out in outputs:
+        if ns.json:
+            print(json.dumps({"prompt": out.prompt, "text": out.outputs[0].text,
+                              "token_ids": list(out.outputs[0].token_ids)}))
+        else:
+            print(out.outputs[0].text)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    # '+' as the option prefix: every '-'/'--' flag goes to `vllm serve` untouched.
+    serve_parser = subparsers.add_parser(
+        "serve", prefix_chars="+", add_help=False,
+        help="serve a checkpoint with vLLM's OpenAI server: sparse-lavida serve [MODEL] [vllm serve flags]")
+    serve_parser.add_argument("vllm_args", nargs="*")
+    serve_parser.set_defaults(func=serve)
+
+    gen = subparsers.add_parser("generate", help="generate text offline through vLLM (vllm.LLM)")
+    gen.add_argument("prompt", nargs="+", help="one or more prompts")
+    gen.add_argument("--model", default=None, help=f"checkpoint folder (default: {DEMO_MODEL})")
+    gen.add_argument("--chat", action="store_true", help="apply the checkpoint's chat template")
+    gen.add_argument("--gen-length", type=int, default=64)
+    gen.add_argument("--steps", type=int, default=None)
+    gen.add_argument("--block-length", type=int, default=None)
+    gen.add_argument("--num-registers", type=int, default=None)
+    gen.add_argument("--remasking", default=None)
+    gen.add_argument("--dense", action="store_true", help="vanilla MDM sampling (no cache, no truncation)")
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--dtype", default="float32")
+    gen.add_argument("--max-model-len", type=int, default=None)
+    gen.add_argument("--flat-batch", action="store_true",
+                     help="one forward pass per engine step for all requests (faster, not bit-exact)")
+    gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    gen.set_defaults(func=generate)

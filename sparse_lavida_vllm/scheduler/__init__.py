@@ -1,0 +1,1 @@
+"""The diffusion scheduler (vLLM `--scheduler-cls`) and per-request diffusion params."""

@@ -1,0 +1,58 @@
+"""What the diffusion scheduler sends to the model runner and gets back: plain data that survives pickling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.outputs import ModelRunnerOutput
+
+
+@dataclass
+class RequestStep:
+    """One request's rows for one engine step.
+
+    Sparse mode: an optional prefill pass (the prompt, full attention among itself, written to
+    cache slots [0, P)), then the step pass: [commit rows C_{k-1} | decode masks | registers]
+    with commit rows written to cache slots [cache_len, cache_len + n_commit). Cache slot i of a
+    request lives at block_ids[i // block_size] * block_size + i % block_size. Dense mode: one
+    pass over prompt + canvas with full attention and no cache.
+    """
+
+    req_id: str
+    sparse: bool
+    block_ids: list[int]
+    prefill_ids: list[int]  # sparse: the prompt on the request's first step, else []
+    cache_len: int  # cached tokens before the step pass (after this step's prefill)
+    commit_ids: list[int]
+    commit_positions: list[int]
+    decode_positions: list[int]  # absolute positions of the decode set (fed as [mask])
+    register_start: int
+    num_registers: int
+    dense_ids: list[int]  # dense: prompt + canvas (masks included); positions 0..n-1
+    # sampling: the reference sampler's knobs for this (request, step)
+    step: int
+    count: int  # tokens to keep; -1 lets the threshold policy decide
+    temperature: float
+    top_k: int
+    top_p: float
+    remasking: str
+    confidence_threshold: float
+    seed: int
+
+    @property
+    def num_rows(self) -> int:
+        if not self.sparse:
+            return len(self.dense_ids)
+        return (len(self.prefill_ids) + len(self.commit_ids) + len(self.decode_positions) + self.num_registers)
+
+
+@dataclass
+class DiffusionSchedulerOutput(SchedulerOutput):
+    steps: list[RequestStep] = field(default_factory=list)
+
+
+@dataclass
+class DiffusionRunnerOutput(ModelRunnerOutput):
+    # req_id -> (indices into the decode set that were kept, their sampled tokens)
+    kept: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)

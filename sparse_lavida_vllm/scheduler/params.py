@@ -1,0 +1,125 @@
+"""Per-request diffusion knobs: parsed and validated once from SamplingParams (+ extra_args) into a frozen object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sparse_lavida_vllm.diffusion.planners import POLICIES, UnmaskPlan, text_plan
+from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
+
+# The keys a client may put in `vllm_xargs` / `extra_body["vllm_xargs"]` / SamplingParams.extra_args.
+KNOBS = ("steps", "block_length", "gen_length", "num_registers", "sparse", "remasking", "confidence_threshold")
+DEFAULT_BLOCK_LENGTH = 32
+
+
+class DiffusionParamError(ValueError):
+    """A bad request knob; `field` names it (the API server answers 400 with it)."""
+
+    def __init__(self, field: str, message: str, value: Any = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.value = value
+
+
+@dataclass(frozen=True)
+class DiffusionParams:
+    gen_length: int
+    block_length: int
+    steps: int
+    num_registers: int
+    sparse: bool
+    stop_at_eos: bool
+    stop_token_ids: frozenset[int]
+    sampling: SamplingConfig
+
+    def plan(self) -> UnmaskPlan:
+        return text_plan(self.gen_length, self.block_length, self.steps)
+
+
+def _int(extra: dict, name: str, default: int | None) -> int | None:
+    value = extra.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise DiffusionParamError(name, f"{name} must be an integer, got {value!r}", value)
+    try:
+        as_int = int(value)
+    except ValueError:
+        raise DiffusionParamError(name, f"{name} must be an integer, got {value!r}", value) from None
+    if float(value) != as_int:
+        raise DiffusionParamError(name, f"{name} must be an integer, got {value!r}", value)
+    return as_int
+
+
+def _bool(extra: dict, name: str, default: bool) -> bool:
+    value = extra.get(name, default)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):  # the OpenAI server's vllm_xargs turns false into 0
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    raise DiffusionParamError(name, f"{name} must be true or false, got {value!r}", value)
+
+
+def parse_params(sampling_params: Any, prompt_len: int, max_model_len: int,
+                 default_num_registers: int) -> DiffusionParams:
+    """Read the standard fields (temperature, top_p, top_k, seed, max_tokens, ignore_eos) and the knobs.
+
+    Defaults: gen_length = max_tokens, block_length = 32 when it divides gen_length (else
+    gen_length), steps = half the tokens (else one per token), num_registers from the checkpoint.
+    """
+    extra = dict(getattr(sampling_params, "extra_args", None) or {})
+    unknown = sorted(set(extra) - set(KNOBS))
+    if unknown:
+        raise DiffusionParamError(unknown[0], f"unknown diffusion knob {unknown[0]!r}; known: {', '.join(KNOBS)}")
+
+    gen_length = _int(extra, "gen_length", getattr(sampling_params, "max_tokens", None))
+    if gen_length is None or gen_length < 1:
+        raise DiffusionParamError("gen_length", f"gen_length must be >= 1, got {gen_length}", gen_length)
+    if prompt_len + gen_length > max_model_len:
+        raise DiffusionParamError("gen_length", f"gen_length ({gen_length}) plus the prompt ({prompt_len} tokens) "
+                                  f"exceeds max_model_len ({max_model_len})", gen_length)
+    default_block = DEFAULT_BLOCK_LENGTH if gen_length % DEFAULT_BLOCK_LENGTH == 0 else gen_length
+    block_length = _int(extra, "block_length", default_block)
+    if block_length < 1 or gen_length % block_length:
+        raise DiffusionParamError("block_length", f"block_length ({block_length}) must be >= 1 and divide "
+                                  f"gen_length ({gen_length})", block_length)
+    num_blocks = gen_length // block_length
+    default_steps = gen_length // 2 if block_length % 2 == 0 else gen_length
+    steps = _int(extra, "steps", default_steps)
+    if steps < 1:
+        raise DiffusionParamError("steps", f"steps must be >= 1, got {steps}", steps)
+    if steps > gen_length:
+        raise DiffusionParamError("steps", f"steps ({steps}) must be <= gen_length ({gen_length})", steps)
+    if steps % num_blocks:
+        raise DiffusionParamError("steps", f"steps ({steps}) must be a multiple of the number of blocks "
+                                  f"({num_blocks} = gen_length / block_length)", steps)
+    num_registers = _int(extra, "num_registers", default_num_registers)
+    if num_registers < 0:
+        raise DiffusionParamError("num_registers", f"num_registers must be >= 0, got {num_registers}", num_registers)
+    sparse = _bool(extra, "sparse", True)
+    remasking = extra.get("remasking", "low_confidence")
+    if remasking not in POLICIES:
+        raise DiffusionParamError("remasking", f"remasking must be one of {', '.join(POLICIES)}, got {remasking!r}",
+                                  remasking)
+    threshold = extra.get("confidence_threshold", 0.9)
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 <= threshold <= 1:
+        raise DiffusionParamError("confidence_threshold", f"confidence_threshold must be a number in [0, 1], "
+                                  f"got {threshold!r}", threshold)
+
+    top_k = int(getattr(sampling_params, "top_k", 0) or 0)
+    seed = getattr(sampling_params, "seed", None)
+    try:
+        sampling = SamplingConfig(temperature=float(getattr(sampling_params, "temperature", 0.0)),
+                                  top_k=max(top_k, 0), top_p=float(getattr(sampling_params, "top_p", 1.0)),
+                                  remasking=remasking, confidence_threshold=float(threshold),
+                                  seed=int(seed) if seed is not None else 0)
+    except ValueError as e:  # SamplingConfig's messages start with the field name
+        raise DiffusionParamError(str(e).split()[0], str(e)) from None
+    return DiffusionParams(gen_length=gen_length, block_length=block_length, steps=steps,
+                           num_registers=num_registers, sparse=sparse,
+                           stop_at_eos=not bool(getattr(sampling_params, "ignore_eos", False)),
+                           stop_token_ids=frozenset(getattr(sampling_params, "stop_token_ids", None) or ()),
+                           sampling=sampling)

@@ -1,0 +1,125 @@
+"""`sparse-lavida train dense|sparse`, `sparse-lavida eval` and `sparse-lavida tables` (the demo recipe)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from sparse_lavida_vllm.training.trainer import TrainConfig
+
+
+def checkpoint_subset_config(sampler: str):
+    """The small seeded subset tests/training re-run against the shipped checkpoints (recorded in the card)."""
+    from sparse_lavida_vllm.training.evaluate import EvalConfig
+
+    return EvalConfig(sampler=sampler, num_images=20 if sampler == "sparse" else 12, num_edits=0, num_text=10)
+
+
+def _threads(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sparse_lavida_vllm.training.trainer import train
+
+    _threads(args)
+    if args.kind == "sparse" and not args.init:
+        raise SystemExit("train sparse needs --init (the dense checkpoint to fine-tune)")
+    mode = "dense" if args.kind == "dense" else ("sparse" if not args.full_attention else "sparse_full")
+    cfg = TrainConfig(mode=mode, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      num_registers=args.num_registers)
+    summary = train(cfg, args.out, init=args.init)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sparse_lavida_vllm.model_executor.weights import load_pretrained
+    from sparse_lavida_vllm.training.data import DemoData
+    from sparse_lavida_vllm.training.evaluate import EvalConfig, evaluate
+    from sparse_lavida_vllm.training.tokenizer import load_tokenizer
+
+    _threads(args)
+    model = load_pretrained(args.model)
+    data = DemoData(load_tokenizer(args.model))
+    cfg = EvalConfig(sampler=args.sampler, num_registers=args.num_registers, num_images=args.num_images,
+                     num_edits=args.num_edits, num_text=args.num_text, image_steps=args.image_steps,
+                     cfg_scale=args.cfg_scale, image_temperature=args.temperature, seed=args.seed)
+    out = evaluate(model, data, cfg, show_progress=not args.json)
+    out.pop("images", None)
+    if args.card:
+        from sparse_lavida_vllm.training.card import write_model_card
+
+        subset = checkpoint_subset_config(args.sampler)
+        out["test_subset"] = {"eval_config": asdict(subset),
+                              **{k: v for k, v in evaluate(model, data, subset, show_progress=False).items()
+                                 if k in ("geneval", "arithmetic_accuracy")}}
+        write_model_card(args.model, out)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for k, v in out.items():
+            if k not in ("eval_config", "text_samples"):
+                print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+    return 0
+
+
+def cmd_tables(args: argparse.Namespace) -> int:
+    from sparse_lavida_vllm.training.tables import run_tables
+
+    _threads(args)
+    run_tables(Path(args.dense), Path(args.sparse), Path(args.work), Path(args.doc), ablation_steps=args.ablation_steps,
+               num_images=args.num_images, num_edits=args.num_edits, num_text=args.num_text)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from sparse_lavida_vllm.training.evaluate import EvalConfig
+
+    defaults = TrainConfig()
+    p = subparsers.add_parser("train", help="train the demo model: dense MDM, or step-causal SFT of it")
+    p.add_argument("kind", choices=["dense", "sparse"])
+    p.add_argument("--out", required=True, help="checkpoint folder to write (HF format)")
+    p.add_argument("--init", help="checkpoint to fine-tune (required for sparse)")
+    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--num-registers", type=int, default=defaults.num_registers)
+    p.add_argument("--full-attention", action="store_true",
+                   help="sparse SFT without the step-causal mask (Table 8 ablation)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids OpenMP thrashing on a shared CPU)")
+    p.set_defaults(func=cmd_train)
+
+    e = EvalConfig()
+    p = subparsers.add_parser("eval", help="digit-GenEval/FID, edit score and arithmetic accuracy of a checkpoint")
+    p.add_argument("model", help="checkpoint folder")
+    p.add_argument("--sampler", choices=["dense", "sparse"], default=e.sampler)
+    p.add_argument("--num-registers", type=int, default=None, help="default: the checkpoint's num_registers")
+    p.add_argument("--num-images", type=int, default=e.num_images)
+    p.add_argument("--num-edits", type=int, default=e.num_edits)
+    p.add_argument("--num-text", type=int, default=e.num_text)
+    p.add_argument("--image-steps", type=int, default=e.image_steps)
+    p.add_argument("--cfg-scale", type=float, default=e.cfg_scale)
+    p.add_argument("--temperature", type=float, default=e.image_temperature)
+    p.add_argument("--seed", type=int, default=e.seed)
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--card", action="store_true", help="write README.md (model card) + eval_results.json")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids OpenMP thrashing on a shared CPU)")
+    p.set_defaults(func=cmd_eval)
+
+    p = subparsers.add_parser("tables", help="the small-scale Tables 7 and 8 into docs/results.md (+ plot)")
+    p.add_argument("--dense", default="sparse_lavida_vllm/assets/demo/dense")
+    p.add_argument("--sparse", default="sparse_lavida_vllm/assets/demo/sparse")
+    p.add_argument("--work", default="runs/tables", help="folder for the ablation checkpoints")
+    p.add_argument("--doc", default="docs/results.md")
+    p.add_argument("--ablation-steps", type=int, default=100)
+    p.add_argument("--num-images", type=int, default=e.num_images)
+    p.add_argument("--num-edits", type=int, default=e.num_edits)
+    p.add_argument("--num-text", type=int, default=e.num_text)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids OpenMP thrashing on a shared CPU)")
+    p.set_defaults(func=cmd_tables)

@@ -1,0 +1,211 @@
+"""The demo data, made from what ships in packages: digit images (T2I, edits) and synthetic arithmetic."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparse_lavida_vllm.multimodal.codec import PixelCodec
+from sparse_lavida_vllm.training.tokenizer import (
+    EDIT,
+    EOS,
+    IMAGE,
+    IMAGE_TOKEN_OFFSET,
+    NUM_LEVELS,
+    T2I,
+)
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+EDITS = ("make it thicker", "shift it left", "shift it right", "invert the colours", "flip it upside down")
+TASKS = ("t2i", "edit", "text")
+TEXT_GEN_LENGTH = 32
+SIDE = 16
+DEMO_ROOT = Path(__file__).resolve().parents[1] / "assets" / "demo"  # the shipped dense/ and sparse/ checkpoints
+
+
+def make_codec() -> PixelCodec:
+    return PixelCodec(SIDE, SIDE, NUM_LEVELS, IMAGE_TOKEN_OFFSET)
+
+
+def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1797 handwritten digits, upsampled 8x8 -> 16x16, as grey levels 0..15 and labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(SIDE, SIDE), mode="bilinear", align_corners=False).squeeze(1).clamp(0, 1)
+    levels = make_codec().quantize(x.numpy())
+    return levels, digits.target.astype(np.int64)
+
+
+def split_indices(n: int, seed: int = 0, held_out: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded train / held-out split (the classifier and the eval prompts use the held-out part)."""
+    order = np.random.default_rng(seed).permutation(n)
+    cut = int(round(n * (1 - held_out)))
+    return np.sort(order[:cut]), np.sort(order[cut:])
+
+
+def ink_and_slant(levels: np.ndarray) -> tuple[float, float]:
+    """Total ink and the shear dx/dy of the ink's principal axis (positive = top leans right)."""
+    w = levels.astype(np.float64)
+    total = w.sum()
+    ys, xs = np.mgrid[0:levels.shape[0], 0:levels.shape[1]]
+    my, mx = (w * ys).sum() / total, (w * xs).sum() / total
+    cov = (w * (xs - mx) * (ys - my)).sum() / total
+    var_y = (w * (ys - my) ** 2).sum() / total
+    return float(total), float(-cov / var_y)  # y grows downward: a top-right lean has negative cov
+
+
+def captions(levels: np.ndarray, labels: np.ndarray) -> list[str]:
+    """'a thick handwritten digit seven slanted right': label words plus styles computed from the pixels."""
+    stats = np.array([ink_and_slant(im) for im in levels])
+    out = []
+    for i, label in enumerate(labels):
+        same = stats[labels == label, 0]
+        lo, hi = np.quantile(same, [1 / 3, 2 / 3])
+        ink, slant = stats[i]
+        words = ["a"]
+        if ink >= hi:
+            words.append("thick")
+        elif ink <= lo:
+            words.append("thin")
+        words += ["handwritten", "digit", DIGIT_WORDS[label]]
+        if slant > 0.15:
+            words += ["slanted", "right"]
+        elif slant < -0.15:
+            words += ["slanted", "left"]
+        out.append(" ".join(words))
+    return out
+
+
+def apply_edit(levels: np.ndarray, instruction: str) -> np.ndarray:
+    """The deterministic target image of an edit instruction."""
+    top = NUM_LEVELS - 1
+    if instruction == "make it thicker":
+        x = torch.tensor(levels, dtype=torch.float32)[None, None]
+        return F.max_pool2d(x, 3, stride=1, padding=1)[0, 0].long().numpy()
+    if instruction in ("shift it left", "shift it right"):
+        shift = -3 if instruction.endswith("left") else 3
+        out = np.zeros_like(levels)
+        if shift < 0:
+            out[:, :shift] = levels[:, -shift:]
+        else:
+            out[:, shift:] = levels[:, :-shift]
+        return out
+    if instruction == "invert the colours":
+        return top - levels
+    if instruction == "flip it upside down":
+        return levels[::-1].copy()
+    raise ValueError(f"instruction must be one of {EDITS}, got {instruction!r}")
+
+
+def is_held_out(terms: tuple[int, ...]) -> bool:
+    """About 10% of all sums are never trained on: the arithmetic eval draws only from them."""
+    return sum((7 + 6 * i) * t for i, t in enumerate(terms)) % 10 == 3
+
+
+def arithmetic_problem(rng: random.Random, held_out: bool = False) -> tuple[str, str, int]:
+    """A sum and its answer text; three-term sums carry a written chain. Returns (question, response, answer).
+
+    `held_out` picks from the held-out sums, otherwise from the training sums.
+    """
+    while True:
+        if rng.random() < 0.7:
+            terms = (rng.randint(0, 99), rng.randint(0, 99))
+        else:
+            terms = (rng.randint(0, 49), rng.randint(0, 49), rng.randint(0, 49))
+        if is_held_out(terms) == held_out:
+            break
+    if len(terms) == 2:
+        a, b = terms
+        return f"{a}+{b}=?", f"{a + b}", a + b
+    a, b, c = terms
+    return f"{a}+{b}+{c}=?", f"{a}+{b}={a + b}, {a + b}+{c}={a + b + c}. {a + b + c}", a + b + c
+
+
+def text_prompt(question: str) -> str:
+    return f"Q: {question} A:"
+
+
+def final_number(text: str) -> str:
+    """The last run of digits in a response ('' if none): exact-match compares this."""
+    parts = "".join(ch if ch.isdigit() else " " for ch in text).split()
+    return parts[-1] if parts else ""
+
+
+def tokenizer_corpus(seed: int = 0, num_sums: int = 4000) -> list[str]:
+    """Every kind of text the model sees, for training the Unigram model."""
+    levels, labels = load_digit_images()
+    rng = random.Random(seed)
+    corpus = captions(levels, labels) + list(EDITS)
+    for _ in range(num_sums):
+        q, r, _ = arithmetic_problem(rng)
+        corpus.append(f"{text_prompt(q)} {r}")
+    return corpus
+
+
+@dataclass(frozen=True)
+class Example:
+    """One supervised pair: prompt ids and the clean response ids (the MDM denoises the response)."""
+
+    task: str
+    prompt: Tensor
+    response: Tensor
+    label: int = -1  # digit label (images) or the answer (text)
+
+
+class DemoData:
+    """Builds token-level examples of the three tasks from the seeded split."""
+
+    def __init__(self, tokenizer, seed: int = 0) -> None:
+        self.tok = tokenizer
+        self.codec = make_codec()
+        self.levels, self.labels = load_digit_images()
+        self.captions = captions(self.levels, self.labels)
+        self.train_idx, self.test_idx = split_indices(len(self.labels), seed)
+        self.eos = tokenizer.token_to_id(EOS)
+        self.t2i, self.edit, self.image = (tokenizer.token_to_id(t) for t in (T2I, EDIT, IMAGE))
+
+    def encode_text(self, text: str) -> Tensor:
+        return torch.tensor(self.tok.encode(text).ids, dtype=torch.long)
+
+    def image_ids(self, levels: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(levels).reshape(-1)) + IMAGE_TOKEN_OFFSET
+
+    def t2i_prompt(self, caption: str) -> Tensor:
+        return torch.cat([torch.tensor([self.t2i]), self.encode_text(caption)])
+
+    def edit_prompt(self, source: np.ndarray, instruction: str) -> Tensor:
+        return torch.cat([torch.tensor([self.edit, self.image]), self.image_ids(source), self.encode_text(instruction)])
+
+    def t2i_example(self, i: int) -> Example:
+        return Example("t2i", self.t2i_prompt(self.captions[i]), self.image_ids(self.levels[i]), int(self.labels[i]))
+
+    def edit_example(self, i: int, instruction: str) -> Example:
+        src = self.levels[i]
+        return Example("edit", self.edit_prompt(src, instruction), self.image_ids(apply_edit(src, instruction)),
+                       int(self.labels[i]))
+
+    def text_example(self, rng: random.Random, held_out: bool = False) -> Example:
+        q, r, answer = arithmetic_problem(rng, held_out)
+        body = self.encode_text(r)
+        if body.numel() >= TEXT_GEN_LENGTH:
+            raise ValueError(f"response {r!r} does not fit gen_length {TEXT_GEN_LENGTH}")
+        response = torch.cat([body, torch.full((TEXT_GEN_LENGTH - body.numel(),), self.eos)])  # LLaDA EOS padding
+        return Example("text", self.encode_text(text_prompt(q)), response, answer)
+
+    def sample(self, task: str, rng: random.Random, split: str = "train") -> Example:
+        pool = self.train_idx if split == "train" else self.test_idx
+        if task == "t2i":
+            return self.t2i_example(int(rng.choice(pool)))
+        if task == "edit":
+            return self.edit_example(int(rng.choice(pool)), rng.choice(EDITS))
+        if task == "text":
+            return self.text_example(rng, held_out=split != "train")
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")

@@ -1,0 +1,187 @@
+"""Evaluation of the demo model: digit-GenEval / digit-FID, edit score, arithmetic exact match."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sparse_lavida_vllm.diffusion.planners import image_plan, text_plan
+from sparse_lavida_vllm.diffusion.reference import GenerateResult, SparseOptions, generate_dense, generate_sparse
+from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
+from sparse_lavida_vllm.model_executor.model import LLaDAMDM
+from sparse_lavida_vllm.training.data import EDITS, SIDE, TEXT_GEN_LENGTH, DemoData, apply_edit, final_number
+from sparse_lavida_vllm.training.tokenizer import IMAGE_TOKEN_OFFSET, NUM_LEVELS
+
+SAMPLERS = ("dense", "sparse")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to sample and how; the defaults are the settings recorded in the model cards."""
+
+    sampler: str = "sparse"
+    num_registers: int | None = None  # None: the checkpoint's config.num_registers
+    num_images: int = 40
+    num_edits: int = 20
+    num_text: int = 40
+    image_steps: int = 16
+    image_temperature: float = 0.8
+    cfg_scale: float = 1.0
+    text_block_length: int = 8
+    text_steps: int = 16
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        for name in ("num_images", "num_edits", "num_text"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_registers is not None and self.num_registers < 0:
+            raise ValueError(f"num_registers must be >= 0, got {self.num_registers}")
+
+
+class DigitClassifier:
+    """An MLP trained on the real (upsampled, quantized) training digits; its hidden layer gives FID features."""
+
+    def __init__(self, data: DemoData, seed: int = 0) -> None:
+        from sklearn.neural_network import MLPClassifier
+
+        x = self.prepare(data.levels)
+        self.mlp = MLPClassifier(hidden_layer_sizes=(64,), max_iter=400, random_state=seed)
+        self.mlp.fit(x[data.train_idx], data.labels[data.train_idx])
+        self.held_out_accuracy = float(self.mlp.score(x[data.test_idx], data.labels[data.test_idx]))
+        self.real_features = self.features(data.levels[data.test_idx])
+
+    @staticmethod
+    def prepare(levels: np.ndarray) -> np.ndarray:
+        return np.asarray(levels, dtype=np.float64).reshape(len(levels), -1) / (NUM_LEVELS - 1)
+
+    def predict(self, levels: np.ndarray) -> np.ndarray:
+        return self.mlp.predict(self.prepare(levels))
+
+    def features(self, levels: np.ndarray) -> np.ndarray:
+        h = self.prepare(levels) @ self.mlp.coefs_[0] + self.mlp.intercepts_[0]
+        return np.maximum(h, 0)
+
+
+@lru_cache(maxsize=2)
+def _classifier(data_id: int, data: DemoData) -> DigitClassifier:
+    return DigitClassifier(data)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (the FID formula)."""
+    from scipy import linalg
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = np.real(linalg.sqrtm(cov_a @ cov_b))
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+
+def tokens_to_levels(tokens: Tensor) -> tuple[np.ndarray, int]:
+    """Grey levels of a generated image; non-image tokens become 0 (black) and are counted."""
+    levels = tokens.long().cpu() - IMAGE_TOKEN_OFFSET
+    bad = (levels < 0) | (levels >= NUM_LEVELS)
+    return levels.masked_fill(bad, 0).numpy().reshape(SIDE, SIDE), int(bad.sum())
+
+
+def generate(model: LLaDAMDM, prompt: Tensor, plan, sampling: SamplingConfig, cfg: EvalConfig) -> GenerateResult:
+    if cfg.sampler == "dense":
+        return generate_dense(model, prompt, plan, sampling)
+    m = model.config.num_registers if cfg.num_registers is None else cfg.num_registers
+    return generate_sparse(model, prompt, plan, sampling, SparseOptions(num_registers=m))
+
+
+def image_sampling(cfg: EvalConfig, i: int) -> tuple[SamplingConfig, torch.Generator]:
+    seed = cfg.seed * 100_003 + i
+    return (SamplingConfig(temperature=cfg.image_temperature, cfg_scale=cfg.cfg_scale, seed=seed),
+            torch.Generator().manual_seed(seed))
+
+
+def eval_t2i(model: LLaDAMDM, data: DemoData, cfg: EvalConfig, progress=None) -> dict:
+    """digit-GenEval: fraction of images the classifier reads as the prompted digit; digit-FID on its features."""
+    clf = _classifier(id(data), data)
+    order = np.random.default_rng(cfg.seed).permutation(data.test_idx)[:cfg.num_images]
+    images, correct, invalid, forward = [], 0, 0, 0
+    for i, idx in enumerate(order):
+        sampling, gen = image_sampling(cfg, i)
+        plan = image_plan(SIDE, SIDE, cfg.image_steps, generator=gen)
+        result = generate(model, data.t2i_prompt(data.captions[idx]), plan, sampling, cfg)
+        levels, bad = tokens_to_levels(result.tokens)
+        images.append(levels)
+        invalid += bad
+        forward += result.forward_tokens
+        if progress:
+            progress.update(1)
+    images = np.stack(images)
+    correct = int((clf.predict(images) == data.labels[order]).sum())
+    return {"geneval": correct / len(order), "fid": frechet_distance(clf.features(images), clf.real_features),
+            "invalid_tokens": invalid, "forward_tokens_per_image": forward / len(order), "images": images}
+
+
+def eval_edit(model: LLaDAMDM, data: DemoData, cfg: EvalConfig, progress=None) -> dict:
+    """Edit score: classifier agreement with the deterministic target, and mean absolute pixel error (0..1)."""
+    clf = _classifier(id(data), data)
+    order = np.random.default_rng(cfg.seed + 1).permutation(data.test_idx)[:cfg.num_edits]
+    outs, targets, forward = [], [], 0
+    for i, idx in enumerate(order):
+        instruction = EDITS[i % len(EDITS)]
+        sampling, gen = image_sampling(cfg, 50_000 + i)
+        plan = image_plan(SIDE, SIDE, cfg.image_steps, generator=gen)
+        result = generate(model, data.edit_prompt(data.levels[idx], instruction), plan, sampling, cfg)
+        outs.append(tokens_to_levels(result.tokens)[0])
+        targets.append(apply_edit(data.levels[idx], instruction))
+        forward += result.forward_tokens
+        if progress:
+            progress.update(1)
+    outs, targets = np.stack(outs), np.stack(targets)
+    agree = float((clf.predict(outs) == clf.predict(targets)).mean())
+    pixel_error = float(np.abs(outs - targets).mean() / (NUM_LEVELS - 1))
+    return {"edit_agreement": agree, "edit_pixel_error": pixel_error, "forward_tokens_per_edit": forward / len(order)}
+
+
+def eval_text(model: LLaDAMDM, data: DemoData, cfg: EvalConfig, progress=None) -> dict:
+    """Exact match of the final number on held-out sums (never seen in training)."""
+    rng = random.Random(cfg.seed)
+    correct, forward = 0, 0
+    samples = []
+    for i in range(cfg.num_text):
+        ex = data.text_example(rng, held_out=True)
+        plan = text_plan(TEXT_GEN_LENGTH, cfg.text_block_length, cfg.text_steps)
+        result = generate(model, ex.prompt, plan, SamplingConfig(seed=cfg.seed + i), cfg)
+        ids = result.tokens.tolist()
+        if data.eos in ids:
+            ids = ids[:ids.index(data.eos)]
+        text = data.tok.decode(ids)
+        correct += final_number(text) == str(ex.label)
+        forward += result.forward_tokens
+        if len(samples) < 5:
+            samples.append({"prompt": data.tok.decode(ex.prompt.tolist()), "response": text})
+        if progress:
+            progress.update(1)
+    n = max(cfg.num_text, 1)
+    return {"arithmetic_accuracy": correct / n, "forward_tokens_per_answer": forward / n, "text_samples": samples}
+
+
+def evaluate(model: LLaDAMDM, data: DemoData, cfg: EvalConfig, show_progress: bool = True) -> dict:
+    """All metrics for one (model, sampler) pair; `images` holds the generated T2I grids."""
+    from tqdm import tqdm
+
+    total = cfg.num_images + cfg.num_edits + cfg.num_text
+    with tqdm(total=total, desc=f"eval {cfg.sampler}", disable=not show_progress, mininterval=2) as bar:
+        clf = _classifier(id(data), data)
+        out = {"eval_config": asdict(cfg), "classifier_held_out_accuracy": clf.held_out_accuracy}
+        if cfg.num_images:
+            out.update(eval_t2i(model, data, cfg, bar))
+        if cfg.num_edits:
+            out.update(eval_edit(model, data, cfg, bar))
+        if cfg.num_text:
+            out.update(eval_text(model, data, cfg, bar))
+    return out

@@ -1,0 +1,1 @@
+"""The diffusion worker and model runner (vLLM `--worker-cls`)."""

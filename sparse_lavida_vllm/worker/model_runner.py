@@ -1,0 +1,132 @@
+"""The diffusion model runner: builds each step's rows, runs our model over the paged cache, samples the decode rows."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+
+import torch
+from torch import Tensor
+from vllm.logger import init_logger
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+from sparse_lavida_vllm.diffusion.masks import inference_step_spans
+from sparse_lavida_vllm.diffusion.reference import _sample_and_choose
+from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
+from sparse_lavida_vllm.scheduler.output import DiffusionRunnerOutput, RequestStep
+from sparse_lavida_vllm.worker.paged_attention import PagedSpanAttention, Segment, request_slots
+
+logger = init_logger("vllm.sparse_lavida." + __name__)  # under "vllm": shown in vLLM's log format
+_EMPTY = torch.empty(0, dtype=torch.long)
+
+
+class DiffusionModelRunner(CPUModelRunner):
+    """Keeps vLLM's CPU runner for loading and config; replaces the KV layout and execute_model.
+
+    By default every request runs its own forward pass (the flat batch of one request), which
+    keeps the vLLM path bit-identical to the reference sampler (I4): a GEMM over a longer batch
+    rounds differently. `--additional-config '{"flat_batch": true}'` runs all requests of a step
+    in one forward (per-request attention over the paged cache), trading that for throughput.
+    """
+
+    def __init__(self, vllm_config, device: torch.device) -> None:
+        super().__init__(vllm_config, device)
+        extra = vllm_config.additional_config or {}
+        self.flat_batch = bool(extra.get("flat_batch", False))
+        self.paged_kv: list[Tensor] = []
+
+    # ---- KV cache: one (2, slots, kv_heads, head_dim) tensor per layer ----------------------
+
+    def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
+        cfg = self.model.config
+        spec = FullAttentionSpec(block_size=self.cache_config.block_size, num_kv_heads=cfg.n_kv_heads,
+                                 head_size=cfg.head_dim, dtype=self.model_config.dtype)
+        return {f"model.transformer.blocks.{i}.attn": spec for i in range(cfg.n_layers)}
+
+    def initialize_kv_cache(self, kv_cache_config: KVCacheConfig, is_profiling: bool = False,
+                            kv_cache_allocation_context: AbstractContextManager | None = None) -> None:
+        self.kv_cache_config = kv_cache_config
+        cfg = self.model.config
+        self.block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+        slots = kv_cache_config.num_blocks * self.block_size
+        self.paged_kv = [torch.zeros(2, slots, cfg.n_kv_heads, cfg.head_dim, dtype=self.model_config.dtype)
+                         for _ in range(cfg.n_layers)]
+        self.kv_caches = self.paged_kv
+        logger.info("diffusion KV cache: %d blocks of %d tokens x %d layers", kv_cache_config.num_blocks,
+                    self.block_size, cfg.n_layers)
+
+    def warming_up_model(self) -> None:  # nothing to compile: eager PyTorch
+        pass
+
+    def profile_run(self, *args, **kwargs) -> None:
+        pass
+
+    # ---- one engine step --------------------------------------------------------------------
+
+    def _prefill(self, group: list[RequestStep]) -> None:
+        """The prompt of each new request: full attention among itself, all rows cached."""
+        ids, positions, segments, start = [], [], [], 0
+        for rs in group:
+            p = len(rs.prefill_ids)
+            ids.append(torch.tensor(rs.prefill_ids, dtype=torch.long))
+            positions.append(torch.arange(p))
+            segments.append(Segment(start, start + p, _EMPTY, request_slots(rs.block_ids, 0, p, self.block_size), None))
+            start += p
+        self.model(torch.cat(ids), torch.cat(positions), PagedSpanAttention(self.paged_kv, segments), _EMPTY)
+
+    def _step(self, group: list[RequestStep]) -> list[Tensor]:
+        """One pass over [C_{k-1} | decode masks | registers] (sparse) or prompt + canvas (dense) per request."""
+        cfg = self.model.config
+        ids, positions, segments, logits_rows, start = [], [], [], [], 0
+        for rs in group:
+            n_decode = len(rs.decode_positions)
+            if rs.sparse:
+                n_commit = len(rs.commit_ids)
+                ids.append(torch.tensor(rs.commit_ids + [cfg.mask_token_id] * n_decode
+                                        + [cfg.register_token_id] * rs.num_registers, dtype=torch.long))
+                positions.append(torch.tensor(rs.commit_positions + rs.decode_positions
+                                              + list(range(rs.register_start, rs.register_start + rs.num_registers)),
+                                              dtype=torch.long))
+                n = ids[-1].numel()
+                segments.append(Segment(
+                    start, start + n, request_slots(rs.block_ids, 0, rs.cache_len, self.block_size),
+                    request_slots(rs.block_ids, rs.cache_len, rs.cache_len + n_commit, self.block_size),
+                    inference_step_spans(rs.cache_len, n, n_commit, n_commit)))
+                logits_rows.append(torch.arange(start + n_commit, start + n_commit + n_decode))
+            else:
+                n = len(rs.dense_ids)
+                ids.append(torch.tensor(rs.dense_ids, dtype=torch.long))
+                positions.append(torch.arange(n))
+                segments.append(Segment(start, start + n, _EMPTY, _EMPTY, None))
+                logits_rows.append(start + torch.tensor(rs.decode_positions, dtype=torch.long))
+            start += n
+        logits = self.model(torch.cat(ids), torch.cat(positions), PagedSpanAttention(self.paged_kv, segments),
+                            torch.cat(logits_rows))
+        return list(torch.split(logits, [len(rs.decode_positions) for rs in group]))
+
+    @staticmethod
+    def _choose(rs: RequestStep, logits: Tensor) -> tuple[list[int], list[int]]:
+        """Exactly the reference sampler's draw: step_generator(seed, step), sample_tokens, then the policy."""
+        sampling = SamplingConfig(temperature=rs.temperature, top_k=rs.top_k, top_p=rs.top_p,
+                                  remasking=rs.remasking, confidence_threshold=rs.confidence_threshold, seed=rs.seed)
+        decode = torch.tensor(rs.decode_positions, dtype=torch.long)
+        keep, tokens = _sample_and_choose(logits, decode, None if rs.count < 0 else rs.count, sampling, rs.step)
+        return keep.tolist(), tokens.tolist()
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output, intermediate_tensors=None) -> DiffusionRunnerOutput:
+        steps: list[RequestStep] = getattr(scheduler_output, "steps", [])
+        kept: dict[str, tuple[list[int], list[int]]] = {}
+        groups = [steps] if self.flat_batch and steps else [[rs] for rs in steps]
+        for group in groups:
+            prefill = [rs for rs in group if rs.prefill_ids]
+            if prefill:
+                self._prefill(prefill)
+            for rs, logits in zip(group, self._step(group)):
+                kept[rs.req_id] = self._choose(rs, logits)
+        req_ids = [rs.req_id for rs in steps]
+        return DiffusionRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
+                                     kept=kept)
+
+    def sample_tokens(self, grammar_output) -> DiffusionRunnerOutput:
+        raise RuntimeError("the diffusion runner samples inside execute_model")

@@ -1,0 +1,74 @@
+"""Our MDM as vLLM sees it: the HF config class for model_type "llada" and a vLLM-loadable model class."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+from transformers import PretrainedConfig
+
+from sparse_lavida_vllm.model_executor.config import ARCHITECTURE, LLADA_ARCHITECTURE, MDMConfig
+from sparse_lavida_vllm.model_executor.model import LLaDAMDM
+
+ARCHITECTURES = (ARCHITECTURE, LLADA_ARCHITECTURE)
+
+
+class LLaDAHFConfig(PretrainedConfig):
+    """LLaDA's config.json under the names vLLM reads (hidden_size, num_attention_heads, ...)."""
+
+    model_type = "llada"
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_attention_heads": "n_heads",
+        "num_hidden_layers": "n_layers",
+        "num_key_value_heads": "n_kv_heads",
+        "max_position_embeddings": "max_sequence_length",
+        "intermediate_size": "mlp_hidden_size",
+    }
+
+    def __init__(self, **kwargs) -> None:
+        defaults = MDMConfig().to_dict()
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size",
+                     "rope_theta", "rms_norm_eps", "max_sequence_length", "mask_token_id", "register_token_id",
+                     "num_registers"):
+            setattr(self, name, kwargs.pop(name, defaults[name]))
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+
+    def to_mdm_config(self) -> MDMConfig:
+        return MDMConfig.from_dict(self.to_dict())
+
+
+class SparseLLaDAForVLLM(LLaDAMDM):
+    """LLaDAMDM built and loaded by vLLM's model loader; the diffusion model runner drives it.
+
+    vLLM's generic runner never calls forward() here: the runner passes its own attention
+    backend over the paged cache, so the model file stays the one the reference samplers use.
+    """
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config.model_config.hf_config.to_mdm_config())
+
+    def embed_input_ids(self, input_ids: Tensor) -> Tensor:
+        return self.model.transformer["wte"](input_ids)
+
+    def compute_logits(self, hidden_states: Tensor) -> Tensor:
+        t = self.model.transformer
+        return t["ff_out"](t["ln_f"](hidden_states))
+
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        loaded = set()
+        for name, tensor in weights:
+            if name not in params:
+                raise ValueError(f"unexpected weight {name!r} in the checkpoint")
+            with torch.no_grad():
+                params[name].copy_(tensor.to(params[name].dtype))
+            loaded.add(name)
+        missing = set(params) - loaded
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}")
+        return loaded

@@ -1,0 +1,82 @@
+"""Smoke test: every benchmark runs with --quick and writes JSON with the keys the report reads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMON = {"benchmark", "date_utc", "command", "machine", "versions", "model"}
+RATIO_KEYS = {"dense_s", "sparse_s", "speedup", "token_bound", "fraction_of_bound", "forward_tokens"}
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("results")
+
+
+def run_quick(name: str, tmp_path: Path) -> dict:
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick", "--repeats", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert COMMON <= data.keys()
+    assert {"cpu", "cores", "load_avg_start", "load_avg_end"} <= data["machine"].keys()
+    assert data["quick"] is True
+    return data
+
+
+def test_sparse_vs_dense(results_dir):
+    data = run_quick("sparse_vs_dense", results_dir)
+    for name in ("text_64", "image_64", "image_64_cfg"):
+        w = data[name]
+        assert RATIO_KEYS <= w.keys()
+        assert w["forward_tokens"]["sparse"] < w["forward_tokens"]["dense"]  # the sparse path feeds fewer rows
+        assert w["token_bound"] == pytest.approx(w["forward_tokens"]["dense"] / w["forward_tokens"]["sparse"],
+                                                 rel=1e-2)
+        assert w["fraction_of_bound"] == pytest.approx(w["speedup"] / w["token_bound"], rel=2e-2)
+    combos = data["table6_ablation"]["combinations"]
+    assert len({(c["cache_prompt"], c["cache_response"], c["truncate"]) for c in combos}) == 8
+    assert combos[0]["speedup_vs_all_off"] == 1.0
+    assert data["bf16"]["token_match_bf16_vs_fp32_sparse"] >= 0
+
+
+def test_peers(results_dir):
+    data = run_quick("peers", results_dir)
+    rows = data["text"]
+    assert {"llada_reference", "ours_dense", "ours_sparse", "fastdllm_prefix_fixed", "fastdllm_dual_fixed"} \
+        <= rows.keys()
+    # the LLaDA re-implementation is the same greedy algorithm as our dense sampler: same tokens
+    assert rows["llada_reference"]["token_match_vs_dense"] == 1.0
+    # caching feeds fewer rows than the no-cache reference
+    assert rows["fastdllm_dual_fixed"]["forward_tokens"] < rows["llada_reference"]["forward_tokens"]
+    assert rows["ours_sparse"]["forward_tokens"] < rows["ours_dense"]["forward_tokens"]
+
+
+def test_floor(results_dir):
+    data = run_quick("floor", results_dir)
+    assert data["machine_rates"]["peak_mm_gflops"] > 0 and data["machine_rates"]["copy_gbps"] > 0
+    for cfg in data["configs"].values():
+        assert cfg["gflop_per_step"] > 0 and 0 < cfg["fraction_of_peak_mm"] < 1.5
+    dense, sparse = data["configs"]["image_64_dense"], data["configs"]["image_64_sparse"]
+    assert sparse["gflop_per_step"] < dense["gflop_per_step"]
+
+
+def test_report_renders_tables_and_plots(results_dir, tmp_path):
+    pytest.importorskip("matplotlib")  # the plots need it (the `train` extra brings it)
+    for name in ("sparse_vs_dense", "peers", "floor"):
+        if not (results_dir / f"{name}.json").exists():
+            run_quick(name, results_dir)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), "--results", str(results_dir),
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (tmp_path / "RESULTS.md").read_text()
+    for heading in ("## Sparse vs dense", "### Table 6 ablation", "## Peers", "## Floor", "## Machine and versions"):
+        assert heading in text
+    for png in ("sparse_vs_dense.png", "ablation.png", "peers.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

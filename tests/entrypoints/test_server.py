@@ -1,0 +1,174 @@
+"""A real `sparse-lavida serve` on 127.0.0.1 and the official openai client: I4, streaming, 400s, batching, I5."""
+
+import threading
+import time
+
+import pytest
+
+from tests.serving_helpers import Server, make_checkpoint, reference_tokens
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = make_checkpoint(tmp_path_factory.mktemp("served"))
+    srv = Server(folder)
+    yield srv, folder
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server[0].base_url + "/v1", api_key="unused", max_retries=0)
+
+
+def complete(client, folder, prompt, knobs, **kw):
+    knobs = dict(knobs)
+    standard = {k: knobs.pop(k) for k in ("temperature", "top_p", "seed") if k in knobs}
+    return client.completions.create(
+        model=str(folder), prompt=prompt, max_tokens=knobs["gen_length"], temperature=standard.get("temperature", 0),
+        top_p=standard.get("top_p", 1.0), seed=standard.get("seed", 0),
+        extra_body={"vllm_xargs": knobs, "ignore_eos": True, "return_token_ids": True}, **kw)
+
+
+def expected(folder, prompt_ids, knobs):
+    knobs = dict(knobs)
+    sampling = {k: knobs.pop(k) for k in ("temperature", "top_p", "seed", "sparse", "remasking") if k in knobs}
+    return reference_tokens(folder, prompt_ids, knobs["gen_length"], knobs["block_length"], knobs["steps"],
+                            knobs["num_registers"], **sampling)
+
+
+@pytest.mark.parametrize("knobs", [
+    dict(gen_length=16, block_length=8, steps=8, num_registers=4),
+    dict(gen_length=16, block_length=4, steps=8, num_registers=0),
+    dict(gen_length=16, block_length=8, steps=8, num_registers=0, sparse=False),
+    dict(gen_length=12, block_length=4, steps=6, num_registers=2, temperature=0.8, seed=5),
+], ids=["registers", "no_registers", "dense", "sampled"])
+def test_completions_match_reference(server, client, knobs):
+    _, folder = server
+    r = complete(client, folder, "The cat sat", knobs)
+    choice = r.choices[0]
+    assert choice.token_ids == expected(folder, choice.prompt_token_ids, knobs)
+    assert r.usage.completion_tokens == knobs["gen_length"]
+    assert r.usage.prompt_tokens == len(choice.prompt_token_ids)
+
+
+def test_chat_streams_one_chunk_per_block_in_order(server, client):
+    _, folder = server
+    knobs = dict(gen_length=24, block_length=8, steps=12, num_registers=2)
+    messages = [{"role": "user", "content": "hi there"}]
+    full = client.chat.completions.create(model=str(folder), messages=messages, max_tokens=24, temperature=0,
+                                          extra_body={"vllm_xargs": knobs, "ignore_eos": True,
+                                                      "return_token_ids": True})
+    stream = client.chat.completions.create(model=str(folder), messages=messages, max_tokens=24, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"vllm_xargs": knobs, "ignore_eos": True})
+    pieces, usage, reason = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+            reason = choice.finish_reason or reason
+    assert len(pieces) >= 2  # blocks arrive as they complete (the server may merge chunks a slow reader missed)
+    assert "".join(pieces) == full.choices[0].message.content
+    assert usage.completion_tokens == 24 and reason == "length"
+    # the chat template was applied: the prompt holds the role markers
+    assert full.usage.prompt_tokens == len("<user>hi there\n<assistant>")
+
+
+def test_completion_stream_chunks_are_whole_blocks_in_order(server):
+    import json
+
+    import httpx
+
+    srv, folder = server
+    knobs = dict(gen_length=32, block_length=8, steps=32, num_registers=2)
+    chunks = []
+    with httpx.stream("POST", srv.base_url + "/v1/completions", timeout=120, json={
+            "model": str(folder), "prompt": "stream me", "max_tokens": 32, "stream": True, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True, "vllm_xargs": knobs}) as response:
+        prompt_ids = None
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                prompt_ids = choice.get("prompt_token_ids") or prompt_ids
+                if choice.get("token_ids"):
+                    chunks.append(choice["token_ids"])
+    assert len(chunks) >= 2 and all(len(c) % 8 == 0 for c in chunks)  # whole blocks only
+    assert sum(chunks, []) == expected(folder, prompt_ids, knobs)  # in position order
+
+
+BAD = [
+    (dict(steps=0), "steps"),
+    (dict(steps=32, gen_length=16), "steps"),
+    (dict(block_length=5, gen_length=16), "block_length"),
+    (dict(num_registers=-1), "num_registers"),
+    (dict(remasking="greedy"), "remasking"),
+    (dict(gen_length=400), "gen_length"),
+]
+
+
+@pytest.mark.parametrize("knobs, field", BAD, ids=[f for _, f in BAD])
+def test_bad_knobs_are_400_and_the_server_keeps_serving(server, client, knobs, field):
+    from openai import BadRequestError
+
+    _, folder = server
+    with pytest.raises(BadRequestError) as info:
+        client.completions.create(model=str(folder), prompt="x", max_tokens=16, extra_body={"vllm_xargs": knobs})
+    assert info.value.status_code == 400
+    assert field in str(info.value)
+    good = complete(client, folder, "x", dict(gen_length=4, block_length=4, steps=2, num_registers=1))
+    assert len(good.choices[0].token_ids) == 4
+
+
+def test_eight_concurrent_requests_batch_and_match_alone(server, client):
+    srv, folder = server
+    jobs = [(f"prompt {i} " * (1 + i % 3), dict(gen_length=8 * (1 + i % 3), block_length=8, steps=4 * (1 + i % 3),
+                                                 num_registers=i % 4)) for i in range(8)]
+    results, running = {}, []
+
+    def worker(i):
+        prompt, knobs = jobs[i]
+        results[i] = complete(client, folder, prompt, knobs).choices[0]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        running.append(srv.metric("vllm:num_requests_running"))
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    for i, (_, knobs) in enumerate(jobs):
+        assert results[i].token_ids == expected(folder, results[i].prompt_token_ids, knobs), i
+    assert max(running) >= 2  # the scheduler ran several requests in the same engine steps
+
+
+def test_aborted_streams_free_every_block(server, client):
+    import httpx
+
+    srv, folder = server
+    knobs = dict(gen_length=64, block_length=8, steps=64, num_registers=2)
+    for i in range(3):  # the client hangs up after the first block
+        with httpx.stream("POST", srv.base_url + "/v1/completions", timeout=60, json={
+                "model": str(folder), "prompt": f"abort {i}", "max_tokens": 64, "stream": True, "temperature": 0,
+                "ignore_eos": True, "vllm_xargs": knobs}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    break
+    finished = complete(client, folder, "after the aborts", dict(gen_length=8, block_length=8, steps=4,
+                                                                  num_registers=1))
+    assert len(finished.choices[0].token_ids) == 8
+    deadline = time.time() + 20
+    while time.time() < deadline and (srv.metric("vllm:num_requests_running") > 0
+                                      or srv.metric("vllm:kv_cache_usage_perc") > 0):
+        time.sleep(0.2)
+    assert srv.metric("vllm:num_requests_running") == 0
+    assert srv.metric("vllm:kv_cache_usage_perc") == 0.0  # I5
+    log = srv.log.read_text()  # per-request diffusion metrics, including the aborted ones
+    assert "FINISHED_ABORTED" in log and "forward tokens (sparse, 2 registers)" in log

@@ -1,0 +1,75 @@
+"""Demo data: captions follow the pixels, edits are deterministic, held-out sums never reach training."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from sparse_lavida_vllm.training.data import (
+    DIGIT_WORDS,
+    EDITS,
+    TEXT_GEN_LENGTH,
+    DemoData,
+    apply_edit,
+    arithmetic_problem,
+    captions,
+    final_number,
+    is_held_out,
+    load_digit_images,
+    tokenizer_corpus,
+)
+from sparse_lavida_vllm.training.tokenizer import IMAGE_TOKEN_OFFSET, SPECIAL_TOKENS, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def data() -> DemoData:
+    return DemoData(train_tokenizer(tokenizer_corpus(num_sums=500)))
+
+
+def test_digits_are_16x16_with_16_levels() -> None:
+    levels, labels = load_digit_images()
+    assert levels.shape == (1797, 16, 16) and levels.min() == 0 and levels.max() == 15
+    assert sorted(set(labels.tolist())) == list(range(10))
+
+
+def test_captions_name_the_digit_and_style() -> None:
+    levels, labels = load_digit_images()
+    caps = captions(levels[:200], labels[:200])
+    assert all(DIGIT_WORDS[y] in c.split() for c, y in zip(caps, labels[:200]))
+    assert any("thick" in c for c in caps) and any("thin" in c for c in caps)
+    assert any("slanted" in c for c in caps)
+
+
+def test_edits_are_deterministic_and_change_the_image() -> None:
+    levels, _ = load_digit_images()
+    src = levels[0]
+    for instruction in EDITS:
+        out = apply_edit(src, instruction)
+        assert out.shape == src.shape and np.array_equal(out, apply_edit(src, instruction))
+        assert not np.array_equal(out, src)
+    assert np.array_equal(apply_edit(apply_edit(src, "invert the colours"), "invert the colours"), src)
+    with pytest.raises(ValueError, match="instruction"):
+        apply_edit(src, "rotate it")
+
+
+def test_held_out_sums_are_disjoint_from_training() -> None:
+    rng = random.Random(0)
+    train = {arithmetic_problem(rng)[0] for _ in range(3000)}
+    held = {arithmetic_problem(rng, held_out=True)[0] for _ in range(300)}
+    assert train.isdisjoint(held)
+    q, r, answer = arithmetic_problem(random.Random(5))
+    terms = tuple(int(x) for x in q.rstrip("=?").split("+"))
+    assert not is_held_out(terms) and sum(terms) == answer and final_number(r) == str(answer)
+
+
+def test_examples_have_fixed_shapes(data: DemoData) -> None:
+    rng = random.Random(0)
+    t2i, edit, text = (data.sample(t, rng) for t in ("t2i", "edit", "text"))
+    assert t2i.response.shape == (256,) and int(t2i.response.min()) >= IMAGE_TOKEN_OFFSET
+    assert edit.prompt.numel() > 256 and edit.response.shape == (256,)
+    assert text.response.shape == (TEXT_GEN_LENGTH,) and int(text.response[-1]) == data.eos
+    body = text.response[text.response != data.eos].tolist()
+    assert final_number(data.tok.decode(body)) == str(text.label)
+    assert [data.tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))

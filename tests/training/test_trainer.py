@@ -1,0 +1,113 @@
+"""The trainer: its batched mask is Algorithm 1, and one step of each kind lowers the loss on a fixed batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparse_lavida_vllm.diffusion.masks import step_causal_mask, step_causal_spans
+from sparse_lavida_vllm.model_executor.attention import SpanAttention
+from sparse_lavida_vllm.model_executor.config import MDMConfig
+from sparse_lavida_vllm.model_executor.weights import random_model
+from sparse_lavida_vllm.training.data import Example
+from sparse_lavida_vllm.training.trainer import (
+    BatchedMaskAttention,
+    TrainConfig,
+    batch_loss,
+    collate,
+    pack_dense,
+    pack_sparse,
+    random_split,
+)
+
+CONFIG = MDMConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden_size=96,
+                   mask_token_id=3, register_token_id=4, eos_token_id=2, pad_token_id=0, num_registers=4)
+
+
+def examples(n: int, seed: int = 0) -> list[Example]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        p, length = 3 + i % 4, 12 + 3 * (i % 3)
+        out.append(Example("t2i", torch.randint(5, 64, (p,), generator=gen),
+                           torch.randint(5, 64, (length,), generator=gen)))
+    return out
+
+
+def test_sparse_pack_mask_is_algorithm_1() -> None:
+    gen = torch.Generator().manual_seed(0)
+    seen_blocks = set()
+    for ex in examples(12):
+        packed = pack_sparse(ex, CONFIG, gen, num_registers=3, prompt_drop=0.0)
+        m, n = packed.num_clean_blocks, packed.num_masked_blocks
+        blocks = packed.blocks
+        seen_blocks.add((m, n))
+        p = ex.prompt.numel()
+        assert bool((blocks[:p] == 0).all()) and bool((blocks[p:] > 0).all())
+        is_mask = packed.ids == CONFIG.mask_token_id
+        is_reg = packed.ids == CONFIG.register_token_id
+        assert bool((blocks[is_mask | is_reg] > m).all()) and bool((blocks[p:][~(is_mask | is_reg)[p:]] <= m).all())
+        assert int(is_reg.sum()) == 3 * n  # one register set per masked block
+        assert torch.equal(packed.mask, step_causal_mask(blocks, m, n))
+        # the batched form carries the same mask, pads excluded
+        _, _, mask, _, _, _ = collate([packed, pack_dense(ex, CONFIG, gen, prompt_drop=0.0)], CONFIG.pad_token_id)
+        t = packed.ids.numel()
+        assert torch.equal(mask[0, :t, :t], step_causal_mask(blocks, m, n)) and not bool(mask[0, :t, t:].any())
+    assert len(seen_blocks) > 3  # M and N really vary
+
+
+def test_batched_attention_matches_per_sample_span_attention() -> None:
+    model = random_model(CONFIG, seed=1, std=0.1)
+    gen = torch.Generator().manual_seed(1)
+    samples = [pack_sparse(ex, CONFIG, gen, num_registers=2, prompt_drop=0.0) for ex in examples(3)]
+    ids, positions, mask, rows, _, _ = collate(samples, CONFIG.pad_token_id)
+    batched = model(ids, positions, BatchedMaskAttention(mask), rows)
+    n = mask.shape[1]
+    offset = 0
+    for i, s in enumerate(samples):
+        spans = step_causal_spans(s.blocks, s.num_clean_blocks)  # the core backend as the reference
+        single = model(s.ids, s.positions, SpanAttention(spans), s.loss_rows)
+        k = s.loss_rows.numel()
+        torch.testing.assert_close(batched[offset:offset + k], single, atol=1e-5, rtol=1e-5)
+        assert bool((rows[offset:offset + k] // n == i).all())
+        offset += k
+
+
+def test_random_split_covers_positions() -> None:
+    gen = torch.Generator().manual_seed(0)
+    pos = torch.arange(20)
+    parts = random_split(pos, 4, gen)
+    assert len(parts) == 4 and all(p.numel() for p in parts)
+    assert torch.equal(torch.cat(parts).sort().values, pos)
+    with pytest.raises(ValueError, match="parts"):
+        random_split(pos, 21, gen)
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse", "sparse_full"])
+def test_one_step_reduces_loss_on_fixed_batch(mode: str) -> None:
+    torch.manual_seed(0)
+    model = random_model(CONFIG, seed=0, std=0.05).train()
+    gen = torch.Generator().manual_seed(3)
+    exs = examples(8)
+    if mode == "dense":
+        samples = [pack_dense(ex, CONFIG, gen, prompt_drop=0.0) for ex in exs]
+    else:
+        samples = [pack_sparse(ex, CONFIG, gen, 4, step_causal=mode == "sparse", prompt_drop=0.0) for ex in exs]
+    if mode == "sparse":
+        assert any(s.mask is not None and not bool(s.mask.all()) for s in samples)
+    else:
+        assert all(s.mask is None for s in samples)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    before = batch_loss(model, samples, CONFIG.pad_token_id)
+    opt.zero_grad()
+    before.backward()
+    opt.step()
+    after = batch_loss(model, samples, CONFIG.pad_token_id)
+    assert float(after) < float(before) - 1e-3
+
+
+def test_train_config_names_bad_field() -> None:
+    with pytest.raises(ValueError, match="mode"):
+        TrainConfig(mode="causal")
+    with pytest.raises(ValueError, match="num_registers"):
+        TrainConfig(num_registers=-1)
