@@ -75,8 +75,12 @@ def _prepare(model: LLaDAMDM, prompt_ids: Tensor, plan: UnmaskPlan, sampling: Sa
     return prompts, response
 
 
-def _sample_and_choose(logits: Tensor, decode: Tensor, count: int | None, sampling: SamplingConfig,
-                       step: int) -> tuple[Tensor, Tensor]:
+def sample_and_choose(logits: Tensor, decode: Tensor, count: int | None, sampling: SamplingConfig,
+                      step: int) -> tuple[Tensor, Tensor]:
+    """Sample the decode rows with the (seed, step) noise, then let the policy keep some: (kept indices, tokens).
+
+    Shared by the reference samplers and the vLLM runner so both draw exactly the same numbers (I4).
+    """
     gen = step_generator(sampling.seed, step, logits.device)
     tokens, confidence = sample_tokens(logits, sampling, gen)
     if count is not None and count >= decode.numel():
@@ -87,8 +91,11 @@ def _sample_and_choose(logits: Tensor, decode: Tensor, count: int | None, sampli
     return keep, tokens[keep]
 
 
-class _Stepper:
-    """Walks the plan: holds the response canvas and the still-masked positions of the current stage."""
+class PlanWalker:
+    """Walks the plan: holds the response canvas and the still-masked positions of the current stage.
+
+    The vLLM scheduler walks requests with this same class, so decode sets and counts match the reference.
+    """
 
     def __init__(self, plan: UnmaskPlan, sampling: SamplingConfig, response: Tensor) -> None:
         self.plan = plan
@@ -122,13 +129,13 @@ def generate_dense(model: LLaDAMDM, prompt_ids: Tensor, plan: UnmaskPlan, sampli
     prompts, response = _prepare(model, prompt_ids, plan, sampling, uncond_prompt_ids, response_init)
     p = prompt_ids.numel()
     positions = torch.arange(p + plan.length, device=prompt_ids.device)
-    stepper = _Stepper(plan, sampling, response)
+    stepper = PlanWalker(plan, sampling, response)
     result = GenerateResult(response)
     for step, (decode, count) in enumerate(stepper.decode_sets()):
         branch_logits = [model(torch.cat([pr, response]), positions, SpanAttention(None), p + decode)
                          for pr in prompts]
         logits = branch_logits[0] if len(prompts) == 1 else cfg_combine(*branch_logits, sampling.cfg_scale)
-        keep, tokens = _sample_and_choose(logits, decode, count, sampling, step)
+        keep, tokens = sample_and_choose(logits, decode, count, sampling, step)
         chosen = stepper.commit(decode, keep, tokens)
         result.steps.append(StepTrace(decode.clone(), chosen, positions.numel() * len(prompts),
                                       logits if record_logits else None))
@@ -169,7 +176,7 @@ def generate_sparse(model: LLaDAMDM, prompt_ids: Tensor, plan: UnmaskPlan, sampl
             cache.advance(ids.numel())
         result.prefill_tokens = prefix_positions.numel() * len(prompts)
 
-    stepper = _Stepper(plan, sampling, response)
+    stepper = PlanWalker(plan, sampling, response)
     committed = torch.empty(0, dtype=torch.long, device=device)  # response positions decoded so far
     last_chosen = torch.empty(0, dtype=torch.long, device=device)
     for step, (decode, count) in enumerate(stepper.decode_sets()):
@@ -198,7 +205,7 @@ def generate_sparse(model: LLaDAMDM, prompt_ids: Tensor, plan: UnmaskPlan, sampl
             branch_logits.append(model(ids, positions, SpanAttention(spans, cache, n_commit), rows))
             cache.advance(n_commit)
         logits = branch_logits[0] if len(prompts) == 1 else cfg_combine(*branch_logits, sampling.cfg_scale)
-        keep, tokens = _sample_and_choose(logits, decode, count, sampling, step)
+        keep, tokens = sample_and_choose(logits, decode, count, sampling, step)
         chosen = stepper.commit(decode, keep, tokens)
         result.steps.append(StepTrace(decode.clone(), chosen, ids.numel() * len(prompts),
                                       logits if record_logits else None))

@@ -112,8 +112,12 @@ class SpanAttention(AttentionBackend):
             self._planned = True
         return self._runs
 
-    def _keys_values(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """(kv_heads, keys, dim) K and V over [cache | this pass]; writes the commit rows to the cache."""
+    def keys_values(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """(kv_heads, keys, dim) K and V over [cache | this pass]; writes the commit rows to the cache.
+
+        The override point for other caches: the paged vLLM backend supplies its keys here and reuses
+        the attention arithmetic below unchanged, which keeps its logits bit-identical to the reference.
+        """
         cache, rows = self.cache, k.shape[0]
         if cache is None:
             return k.transpose(0, 1), v.transpose(0, 1)
@@ -132,7 +136,7 @@ class SpanAttention(AttentionBackend):
         return keys, values
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        keys, values = self._keys_values(layer, k, v)
+        keys, values = self.keys_values(layer, k, v)
         qt = q.transpose(0, 1)
         runs = self._runs_for(q.shape[0], keys.shape[1])
         if runs is None:

@@ -13,7 +13,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreEventType, EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
-from sparse_lavida_vllm.diffusion.reference import _Stepper
+from sparse_lavida_vllm.diffusion.reference import PlanWalker
 from sparse_lavida_vllm.scheduler.output import DiffusionRunnerOutput, DiffusionSchedulerOutput, RequestStep
 from sparse_lavida_vllm.scheduler.params import DiffusionParamError, DiffusionParams, parse_params
 
@@ -28,7 +28,7 @@ class DiffusionState:
     prompt: list[int]
     canvas: torch.Tensor  # (L,) response tokens, [mask] where not decoded yet
     decoded: torch.Tensor  # (L,) bool; not `canvas != mask`: a sampled token may be the mask id itself
-    stepper: _Stepper  # the reference sampler's plan walker: same decode sets, same counts
+    stepper: PlanWalker  # the reference sampler's plan walker: same decode sets, same counts
     decode_sets: object  # its generator of (decode set, count)
     current: tuple[torch.Tensor, int | None] | None = None
     step: int = 0
@@ -71,7 +71,7 @@ class DiffusionScheduler(Scheduler):
         params = parse_params(request.sampling_params, request.num_prompt_tokens, self.max_model_len,
                               self.mdm_config.num_registers)
         canvas = torch.full((params.gen_length,), self.mdm_config.mask_token_id, dtype=torch.long)
-        stepper = _Stepper(params.plan(), params.sampling, canvas)
+        stepper = PlanWalker(params.plan(), params.sampling, canvas)
         state = DiffusionState(params, list(request.prompt_token_ids), canvas,
                                torch.zeros(params.gen_length, dtype=torch.bool), stepper, stepper.decode_sets())
         state.current = next(state.decode_sets, None)

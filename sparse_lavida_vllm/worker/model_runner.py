@@ -11,7 +11,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCache
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
 from sparse_lavida_vllm.diffusion.masks import inference_step_spans
-from sparse_lavida_vllm.diffusion.reference import _sample_and_choose
+from sparse_lavida_vllm.diffusion.reference import sample_and_choose
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
 from sparse_lavida_vllm.scheduler.output import DiffusionRunnerOutput, RequestStep
 from sparse_lavida_vllm.worker.paged_attention import PagedSpanAttention, Segment, request_slots
@@ -110,7 +110,7 @@ class DiffusionModelRunner(CPUModelRunner):
         sampling = SamplingConfig(temperature=rs.temperature, top_k=rs.top_k, top_p=rs.top_p,
                                   remasking=rs.remasking, confidence_threshold=rs.confidence_threshold, seed=rs.seed)
         decode = torch.tensor(rs.decode_positions, dtype=torch.long)
-        keep, tokens = _sample_and_choose(logits, decode, None if rs.count < 0 else rs.count, sampling, rs.step)
+        keep, tokens = sample_and_choose(logits, decode, None if rs.count < 0 else rs.count, sampling, rs.step)
         return keep.tolist(), tokens.tolist()
 
     @torch.inference_mode()

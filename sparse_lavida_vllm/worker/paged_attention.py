@@ -44,7 +44,7 @@ class _SegmentAttention(SpanAttention):
         self.pool = pool
         self.seg = seg
 
-    def _keys_values(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def keys_values(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         cache, seg = self.pool[layer], self.seg
         cached = seg.cached_slots.numel()
         keys = torch.empty(k.shape[1], cached + k.shape[0], k.shape[2], dtype=k.dtype, device=k.device)

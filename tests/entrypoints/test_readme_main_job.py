@@ -1,0 +1,17 @@
+"""The README's main job: examples/serve_and_ask.py serves the demo model through vLLM and answers one request."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_serve_and_ask_example_answers_through_a_real_server():
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "serve_and_ask.py")], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    lines = dict(line.split(": ", 1) for line in out.stdout.splitlines() if ": " in line)
+    assert lines["prompt"] == "'Q: 37+48=? A:'"
+    assert lines["answer"].startswith("'") and "completion tokens" in lines["usage"]
+    assert int(lines["usage"].split(" prompt + ")[1].split()[0]) > 0
