@@ -99,6 +99,9 @@ def parse_params(sampling_params: Any, prompt_len: int, max_model_len: int,
     num_registers = _int(extra, "num_registers", default_num_registers)
     if num_registers < 0:
         raise DiffusionParamError("num_registers", f"num_registers must be >= 0, got {num_registers}", num_registers)
+    if num_registers > max_model_len:  # every register is a row of every step: unbounded, one request stalls all
+        raise DiffusionParamError("num_registers", f"num_registers ({num_registers}) must be <= max_model_len "
+                                  f"({max_model_len})", num_registers)
     sparse = _bool(extra, "sparse", True)
     remasking = extra.get("remasking", "low_confidence")
     if remasking not in POLICIES:

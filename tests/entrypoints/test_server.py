@@ -110,10 +110,12 @@ BAD = [
     (dict(num_registers=-1), "num_registers"),
     (dict(remasking="greedy"), "remasking"),
     (dict(gen_length=400), "gen_length"),
+    (dict(num_registers=100_000), "num_registers"),  # would stall every other request for minutes
+    (dict(steps="abc"), "steps"),
 ]
 
 
-@pytest.mark.parametrize("knobs, field", BAD, ids=[f for _, f in BAD])
+@pytest.mark.parametrize("knobs, field", BAD, ids=[f"{f}-{i}" for i, (_, f) in enumerate(BAD)])
 def test_bad_knobs_are_400_and_the_server_keeps_serving(server, client, knobs, field):
     from openai import BadRequestError
 

@@ -35,6 +35,7 @@ def test_explicit_knobs():
     (dict(block_length=5), "block_length"),  # does not divide 32
     (dict(block_length=8, steps=6), "steps"),  # not a multiple of the 4 blocks
     (dict(num_registers=-1), "num_registers"),
+    (dict(num_registers=100_000), "num_registers"),
     (dict(remasking="greedy"), "remasking"),
     (dict(confidence_threshold=1.5), "confidence_threshold"),
     (dict(gen_length=250), "gen_length"),  # 10 + 250 > 256
