@@ -70,6 +70,9 @@ def parse_params(sampling_params: Any, prompt_len: int, max_model_len: int,
     Defaults: gen_length = max_tokens, block_length = 32 when it divides gen_length (else
     gen_length), steps = half the tokens (else one per token), num_registers from the checkpoint.
     """
+    for name in ("logprobs", "prompt_logprobs"):  # the runner samples tokens only, never log-probabilities
+        if getattr(sampling_params, name, None) is not None:
+            raise DiffusionParamError(name, f"{name} is not supported by the diffusion engine", None)
     extra = dict(getattr(sampling_params, "extra_args", None) or {})
     unknown = sorted(set(extra) - set(KNOBS))
     if unknown:

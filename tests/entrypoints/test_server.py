@@ -128,6 +128,17 @@ def test_bad_knobs_are_400_and_the_server_keeps_serving(server, client, knobs, f
     assert len(good.choices[0].token_ids) == 4
 
 
+def test_logprobs_request_is_400_not_a_crash(server, client):
+    from openai import BadRequestError
+
+    _, folder = server
+    with pytest.raises(BadRequestError) as info:  # once "list index out of range", HTTP 500
+        client.completions.create(model=str(folder), prompt="x", max_tokens=4, logprobs=2)
+    assert info.value.status_code == 400 and "logprobs" in str(info.value)
+    good = complete(client, folder, "x", dict(gen_length=4, block_length=4, steps=2, num_registers=1))
+    assert len(good.choices[0].token_ids) == 4
+
+
 def test_eight_concurrent_requests_batch_and_match_alone(server, client):
     srv, folder = server
     jobs = [(f"prompt {i} " * (1 + i % 3), dict(gen_length=8 * (1 + i % 3), block_length=8, steps=4 * (1 + i % 3),

@@ -54,3 +54,9 @@ def test_bad_standard_fields_name_the_field():
     with pytest.raises(DiffusionParamError) as info:
         parse_params(sp(top_p=0.0), 1, 256, 4)
     assert info.value.field == "top_p"
+    for name in ("logprobs", "prompt_logprobs"):  # once a 500 from the runner; now refused up front
+        params = sp()
+        setattr(params, name, 2)
+        with pytest.raises(DiffusionParamError) as info:
+            parse_params(params, 1, 256, 4)
+        assert info.value.field == name and "not supported" in str(info.value)
