@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-RECIPE = """sparse-lavida train dense --out sparse_lavida_vllm/assets/demo/dense --steps {dense_steps}
+RECIPE = """sparse-lavida train dense --tokenizer sparse_lavida_vllm/assets/demo/dense \\
+    --out sparse_lavida_vllm/assets/demo/dense --steps {dense_steps}
 sparse-lavida train sparse --init sparse_lavida_vllm/assets/demo/dense --out sparse_lavida_vllm/assets/demo/sparse \\
     --steps {sparse_steps} --lr {sparse_lr} --num-registers {num_registers}
 sparse-lavida eval sparse_lavida_vllm/assets/demo/dense --sampler dense --card

@@ -32,7 +32,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     mode = "dense" if args.kind == "dense" else ("sparse" if not args.full_attention else "sparse_full")
     cfg = TrainConfig(mode=mode, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       num_registers=args.num_registers)
-    summary = train(cfg, args.out, init=args.init)
+    summary = train(cfg, args.out, tokenizer_folder=args.tokenizer, init=args.init)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -85,6 +85,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("kind", choices=["dense", "sparse"])
     p.add_argument("--out", required=True, help="checkpoint folder to write (HF format)")
     p.add_argument("--init", help="checkpoint to fine-tune (required for sparse)")
+    p.add_argument("--tokenizer", help="folder whose tokenizer to reuse (dense; default: train a new one). The "
+                   "tokenizers library's Unigram trainer is not deterministic, so reproducing a checkpoint "
+                   "bit for bit needs its tokenizer")
     p.add_argument("--steps", type=int, default=defaults.steps)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--lr", type=float, default=defaults.lr)

@@ -111,3 +111,19 @@ def test_train_config_names_bad_field() -> None:
         TrainConfig(mode="causal")
     with pytest.raises(ValueError, match="num_registers"):
         TrainConfig(num_registers=-1)
+
+
+def test_recipe_is_deterministic_given_the_tokenizer(tmp_path) -> None:
+    # the Unigram tokenizer trainer is not deterministic; with the shipped tokenizer the weights are
+    from safetensors.torch import load_file
+
+    from sparse_lavida_vllm.training.data import DEMO_ROOT
+    from sparse_lavida_vllm.training.trainer import train
+
+    torch.set_num_threads(1)
+    cfg = TrainConfig(mode="dense", steps=2, batch_size=2, warmup=1)
+    for run in ("a", "b"):
+        train(cfg, tmp_path / run, tokenizer_folder=DEMO_ROOT / "dense", progress=False)
+    a, b = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "tokenizer.json").read_text() == (DEMO_ROOT / "dense" / "tokenizer.json").read_text()
