@@ -73,6 +73,8 @@ the synthetic corpus; Metaspace word marks, digits always single tokens) plus fi
 `[PAD]`=0, `[UNK]`=1, `[EOS]`=2, `[M]`=3 (mask_token_id), `[reg]`=4 (register_token_id), `<t2i>`, `<edit>`,
 `<image>`, `<img_0>`..`<img_15>` = 8..23. `AutoTokenizer.from_pretrained(folder)` loads it offline; the chat
 template turns user turns into `Q: ...` and adds the assistant header ` A:`.
+The recipe reuses this tokenizer (`--tokenizer`): the `tokenizers` Unigram trainer is not deterministic, and with the
+same tokenizer, seed and one torch thread a fresh run reproduces these weights bit for bit (checked: 7.8 min for both).
 
 ## Recipe (seed {tc['seed']})
 ```
