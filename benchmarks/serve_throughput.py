@@ -116,6 +116,7 @@ def child(folder: Path, flat: bool, repeats: int) -> dict:
     return {"step_ms": best(engine_s, 0) / STEPS * 1000, "reference_step_ms": best(reference_s, 0) / STEPS * 1000,
             "step_cpu_ms": best(engine_s, 1) / STEPS * 1000,
             "reference_step_cpu_ms": best(reference_s, 1) / STEPS * 1000,
+            "engine_torch_threads": torch.get_num_threads(),  # the engine runs in this process
             "engine_step_ms": {n: low(t) * 1000 for n, t in step_s.items()},
             "tokens_per_s": {n: n * tokens_per_step / low(t) for n, t in step_s.items()}}
 

@@ -160,8 +160,9 @@ def generate_sparse(model: LLaDAMDM, prompt_ids: Tensor, plan: UnmaskPlan, sampl
     p, length, m = prompt_ids.numel(), plan.length, options.num_registers
     mask_id = cfg.mask_token_id
     given = (response != mask_id).nonzero().flatten()  # infilling context, known before step 1
-    # room for every row of a step (at most p + L + m), so each pass writes its K/V in place
-    caches = [KVCache(cfg.n_layers, p + length + m, cfg.n_kv_heads, cfg.head_dim,
+    # room for every row of a step (at most p + L + m), so each pass writes its K/V in place;
+    # a tensor-parallel shard caches only its own K/V heads
+    caches = [KVCache(cfg.n_layers, p + length + m, model.local_kv_heads, cfg.head_dim,
                       next(model.parameters()).dtype, device) for _ in prompts]
     register_positions = torch.arange(p + length, p + length + m, device=device)
     register_ids = torch.full((m,), cfg.register_token_id, dtype=torch.long, device=device)

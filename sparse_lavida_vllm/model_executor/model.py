@@ -8,6 +8,13 @@ from torch import Tensor, nn
 
 from sparse_lavida_vllm.model_executor.attention import AttentionBackend, SpanAttention
 from sparse_lavida_vllm.model_executor.config import MDMConfig
+from sparse_lavida_vllm.model_executor.parallel import SingleRank, TensorParallel
+
+# Megatron-style split of a block's linears over tensor-parallel ranks (weights are (out, in)):
+# column-parallel layers keep a slice of their outputs (dim 0), row-parallel layers a slice of
+# their inputs (dim 1) and are followed by an all-reduce. Everything else is replicated.
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "ff_proj", "up_proj")
+ROW_PARALLEL = ("attn_out", "ff_out")
 
 
 class RMSNorm(nn.Module):
@@ -37,22 +44,64 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-class LLaDABlock(nn.Module):
-    """Pre-norm block; parameter names match LLaDA's checkpoints (q_proj, attn_out, ff_proj, up_proj, ff_out)."""
+def check_divisible(config: MDMConfig, world_size: int) -> None:
+    """A ValueError naming the field when the heads or the MLP width do not split evenly over the ranks."""
+    for name in ("n_heads", "n_kv_heads", "mlp_hidden_size"):
+        if getattr(config, name) % world_size:
+            raise ValueError(f"{name} ({getattr(config, name)}) must be divisible by the tensor-parallel "
+                             f"world size ({world_size})")
 
-    def __init__(self, config: MDMConfig) -> None:
+
+def shard_dim(name: str) -> int | None:
+    """The dim a parameter is split along over tensor-parallel ranks, or None when every rank holds all of it."""
+    parts = name.split(".")
+    if "blocks" not in parts or len(parts) < 2:  # wte, ln_f and the LM head (transformer.ff_out) are replicated
+        return None
+    if parts[-2] in COLUMN_PARALLEL:
+        return 0
+    if parts[-2] in ROW_PARALLEL:
+        return 1
+    return None
+
+
+def shard_weight(name: str, full: Tensor, rank: int, world_size: int) -> Tensor:
+    """This rank's slice of the full checkpoint tensor `name` (a view; the full tensor itself when replicated).
+
+    Contiguous slices keep GQA intact: rank r holds query heads [r*H/W, (r+1)*H/W) and K/V heads
+    [r*K/W, (r+1)*K/W), which are exactly the K/V heads those query heads read.
+    """
+    dim = shard_dim(name)
+    if dim is None or world_size == 1:
+        return full
+    size = full.shape[dim]
+    if size % world_size:
+        raise ValueError(f"{name}: dim {dim} of size {size} does not split over {world_size} ranks")
+    part = size // world_size
+    return full.narrow(dim, rank * part, part)
+
+
+class LLaDABlock(nn.Module):
+    """Pre-norm block; parameter names match LLaDA's checkpoints (q_proj, attn_out, ff_proj, up_proj, ff_out).
+
+    Under tensor parallelism the block holds n_heads/W query heads, n_kv_heads/W K/V heads and
+    mlp_hidden_size/W MLP columns; attn_out and ff_out produce partial sums that `tp.all_reduce` adds up.
+    """
+
+    def __init__(self, config: MDMConfig, tp: TensorParallel) -> None:
         super().__init__()
-        d, hd = config.d_model, config.head_dim
-        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, hd
+        d, hd, w = config.d_model, config.head_dim, tp.world_size
+        self.tp = tp
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads // w, config.n_kv_heads // w, hd
+        mlp = config.mlp_hidden_size // w
         self.attn_norm = RMSNorm(d, config.rms_norm_eps)
         self.ff_norm = RMSNorm(d, config.rms_norm_eps)
-        self.q_proj = nn.Linear(d, config.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, config.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, config.n_kv_heads * hd, bias=False)
-        self.attn_out = nn.Linear(config.n_heads * hd, d, bias=False)
-        self.ff_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
-        self.up_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
-        self.ff_out = nn.Linear(config.mlp_hidden_size, d, bias=False)
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        self.attn_out = nn.Linear(self.n_heads * hd, d, bias=False)
+        self.ff_proj = nn.Linear(d, mlp, bias=False)
+        self.up_proj = nn.Linear(d, mlp, bias=False)
+        self.ff_out = nn.Linear(mlp, d, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layer: int, attention: AttentionBackend) -> Tensor:
         rows = x.shape[0]
@@ -60,9 +109,9 @@ class LLaDABlock(nn.Module):
         q = apply_rope(self.q_proj(h).view(rows, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(h).view(rows, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(h).view(rows, self.n_kv_heads, self.head_dim)
-        x = x + self.attn_out(attention.attend(layer, q, k, v).reshape(rows, -1))
+        x = x + self.tp.all_reduce(self.attn_out(attention.attend(layer, q, k, v).reshape(rows, -1)))
         h = self.ff_norm(x)
-        return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
+        return x + self.tp.all_reduce(self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h)))
 
 
 class LLaDAMDM(nn.Module):
@@ -71,18 +120,34 @@ class LLaDAMDM(nn.Module):
     forward() takes the rows of one pass (any mix of prompt, committed, masked and register
     tokens), an attention backend that knows the step mask and the cache, and the indices of the
     rows whose logits are wanted; the LM head runs only on those rows.
+
+    `tp` shards the blocks Megatron-style over tensor-parallel ranks (see LLaDABlock); the
+    embedding, the final norm and the LM head are replicated, so every rank returns the full
+    logits. `config` stays the whole model's; `local_kv_heads` is what this rank's KV cache holds.
     """
 
-    def __init__(self, config: MDMConfig) -> None:
+    def __init__(self, config: MDMConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
+        tp = tp if tp is not None else SingleRank()
+        check_divisible(config, tp.world_size)
         self.config = config
+        self.tp = tp
         self.model = nn.Module()
         self.model.transformer = nn.ModuleDict({
             "wte": nn.Embedding(config.vocab_size, config.d_model),
-            "blocks": nn.ModuleList(LLaDABlock(config) for _ in range(config.n_layers)),
+            "blocks": nn.ModuleList(LLaDABlock(config, tp) for _ in range(config.n_layers)),
             "ln_f": RMSNorm(config.d_model, config.rms_norm_eps),
             "ff_out": nn.Linear(config.d_model, config.vocab_size, bias=False),
         })
+
+    @property
+    def local_kv_heads(self) -> int:
+        """K/V heads this rank computes and caches (n_kv_heads // world_size)."""
+        return self.config.n_kv_heads // self.tp.world_size
+
+    def load_shard(self, name: str, full: Tensor) -> Tensor:
+        """This rank's slice of the full checkpoint tensor `name`."""
+        return shard_weight(name, full, self.tp.rank, self.tp.world_size)
 
     def hidden_states(self, input_ids: Tensor, positions: Tensor, attention: AttentionBackend) -> Tensor:
         t = self.model.transformer

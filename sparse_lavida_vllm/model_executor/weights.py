@@ -10,12 +10,15 @@ from safetensors.torch import load_file, save_file
 
 from sparse_lavida_vllm.model_executor.config import MDMConfig
 from sparse_lavida_vllm.model_executor.model import LLaDAMDM
+from sparse_lavida_vllm.model_executor.parallel import TensorParallel
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
 
 def save_pretrained(model: LLaDAMDM, folder: str | Path) -> None:
+    if model.tp.world_size > 1:
+        raise ValueError("save_pretrained needs the whole model; this one is one tensor-parallel shard")
     folder = Path(folder)
     model.config.save(folder)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -36,11 +39,19 @@ def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / WEIGHTS_NAME))
 
 
-def load_pretrained(folder: str | Path, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu") -> LLaDAMDM:
+def shard_state_dict(state: dict[str, torch.Tensor], model: LLaDAMDM) -> dict[str, torch.Tensor]:
+    """The slices of a full state dict that `model`'s tensor-parallel rank holds (the same dict on one rank)."""
+    if model.tp.world_size == 1:
+        return state
+    return {name: model.load_shard(name, tensor) for name, tensor in state.items()}
+
+
+def load_pretrained(folder: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                    tp: TensorParallel | None = None) -> LLaDAMDM:
+    """The checkpoint in `folder` as a model; with `tp`, only this rank's shard of it (Megatron-style)."""
     config = MDMConfig.load(folder)
-    model = LLaDAMDM(config)
-    state = read_state_dict(folder)
+    model = LLaDAMDM(config, tp)
+    state = shard_state_dict(read_state_dict(folder), model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"checkpoint {folder} does not match {config.architectures}: "
@@ -48,8 +59,11 @@ def load_pretrained(folder: str | Path, dtype: torch.dtype = torch.float32,
     return model.to(device=device, dtype=dtype).eval()
 
 
-def random_model(config: MDMConfig, seed: int = 0, std: float = 0.02) -> LLaDAMDM:
-    """A model with seeded random weights (tests and benchmarks of shapes that have no checkpoint)."""
+def random_model(config: MDMConfig, seed: int = 0, std: float = 0.02, tp: TensorParallel | None = None) -> LLaDAMDM:
+    """A model with seeded random weights (tests and benchmarks of shapes that have no checkpoint).
+
+    With `tp`, this rank's shard of the same weights: every rank draws the whole model, then slices it.
+    """
     gen = torch.Generator().manual_seed(seed)
     model = LLaDAMDM(config)
     with torch.no_grad():
@@ -58,4 +72,8 @@ def random_model(config: MDMConfig, seed: int = 0, std: float = 0.02) -> LLaDAMD
                 p.fill_(1.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
+    if tp is not None:
+        shard = LLaDAMDM(config, tp)
+        shard.load_state_dict(shard_state_dict(model.state_dict(), shard))
+        model = shard
     return model.eval()

@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.outputs import ModelRunnerOutput
 
+# The final output of a request carries its diffusion metrics here: kv_transfer_params is vLLM's one per-request
+# dict that travels from the engine core to the API server (and into RequestOutput); entrypoints/metrics.py
+# turns it into Prometheus counters on /metrics. See docs/serving.md ("Metrics").
+METRICS_KEY = "sparse_lavida_metrics"
+
 
 @dataclass
 class RequestStep:
@@ -39,6 +44,9 @@ class RequestStep:
     remasking: str
     confidence_threshold: float
     seed: int
+    # min_tokens: these ids get -inf logits on decode rows at absolute positions < ban_below
+    banned_ids: list[int] = field(default_factory=list)
+    ban_below: int = 0
 
     @property
     def num_rows(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ class DiffusionParams:
     sparse: bool
     stop_at_eos: bool
     stop_token_ids: frozenset[int]
+    min_tokens: int  # EOS / stop tokens are banned at response positions below this
     sampling: SamplingConfig
 
     def plan(self) -> UnmaskPlan:
@@ -68,7 +70,9 @@ def parse_params(sampling_params: Any, prompt_len: int, max_model_len: int,
     """Read the standard fields (temperature, top_p, top_k, seed, max_tokens, ignore_eos) and the knobs.
 
     Defaults: gen_length = max_tokens, block_length = 32 when it divides gen_length (else
-    gen_length), steps = half the tokens (else one per token), num_registers from the checkpoint.
+    gen_length), steps = half the tokens (else one per token), num_registers from the checkpoint,
+    seed drawn at random (as vLLM does for unseeded sampling, so n > 1 choices differ; greedy
+    low-confidence decoding draws no noise and stays deterministic).
     """
     for name in ("logprobs", "prompt_logprobs"):  # the runner samples tokens only, never log-probabilities
         if getattr(sampling_params, name, None) is not None:
@@ -115,17 +119,24 @@ def parse_params(sampling_params: Any, prompt_len: int, max_model_len: int,
         raise DiffusionParamError("confidence_threshold", f"confidence_threshold must be a number in [0, 1], "
                                   f"got {threshold!r}", threshold)
 
+    min_tokens = _int({"min_tokens": getattr(sampling_params, "min_tokens", 0)}, "min_tokens", 0) or 0
+    if not 0 <= min_tokens <= gen_length:
+        raise DiffusionParamError("min_tokens", f"min_tokens ({min_tokens}) must be in [0, gen_length = {gen_length}]",
+                                  min_tokens)
+
     top_k = int(getattr(sampling_params, "top_k", 0) or 0)
     seed = getattr(sampling_params, "seed", None)
+    if seed is None:
+        seed = secrets.randbits(62)
     try:
         sampling = SamplingConfig(temperature=float(getattr(sampling_params, "temperature", 0.0)),
                                   top_k=max(top_k, 0), top_p=float(getattr(sampling_params, "top_p", 1.0)),
                                   remasking=remasking, confidence_threshold=float(threshold),
-                                  seed=int(seed) if seed is not None else 0)
+                                  seed=int(seed))
     except ValueError as e:  # SamplingConfig's messages start with the field name
         raise DiffusionParamError(str(e).split()[0], str(e)) from None
     return DiffusionParams(gen_length=gen_length, block_length=block_length, steps=steps,
                            num_registers=num_registers, sparse=sparse,
                            stop_at_eos=not bool(getattr(sampling_params, "ignore_eos", False)),
                            stop_token_ids=frozenset(getattr(sampling_params, "stop_token_ids", None) or ()),
-                           sampling=sampling)
+                           min_tokens=min_tokens, sampling=sampling)

@@ -14,7 +14,12 @@ from vllm.v1.engine import EngineCoreEventType, EngineCoreOutput, EngineCoreOutp
 from vllm.v1.request import Request, RequestStatus
 
 from sparse_lavida_vllm.diffusion.reference import PlanWalker
-from sparse_lavida_vllm.scheduler.output import DiffusionRunnerOutput, DiffusionSchedulerOutput, RequestStep
+from sparse_lavida_vllm.scheduler.output import (
+    METRICS_KEY,
+    DiffusionRunnerOutput,
+    DiffusionSchedulerOutput,
+    RequestStep,
+)
 from sparse_lavida_vllm.scheduler.params import DiffusionParamError, DiffusionParams, parse_params
 
 logger = init_logger("vllm.sparse_lavida." + __name__)  # under "vllm": shown in vLLM's log format
@@ -130,14 +135,16 @@ class DiffusionScheduler(Scheduler):
         self._allocate(request, len(commit))
         block_ids = list(self.kv_cache_manager.get_block_ids(request.request_id)[0]) if params.sparse else []
         dense_ids = state.prompt + state.canvas.tolist() if not params.sparse else []
+        banned = sorted(self._stop_ids(params)) if params.min_tokens else []
         return RequestStep(
             req_id=request.request_id, sparse=params.sparse, block_ids=block_ids, prefill_ids=prefill_ids,
-            cache_len=cache_len, commit_ids=[int(state.canvas[i]) for i in commit],
+            cache_len=cache_len, commit_ids=state.canvas[commit].tolist(),
             commit_positions=[p + i for i in commit], decode_positions=(p + decode).tolist(),
             register_start=p + params.gen_length, num_registers=params.num_registers if params.sparse else 0,
             dense_ids=dense_ids, step=state.step, count=-1 if count is None else count,
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-            remasking=sampling.remasking, confidence_threshold=sampling.confidence_threshold, seed=sampling.seed)
+            remasking=sampling.remasking, confidence_threshold=sampling.confidence_threshold, seed=sampling.seed,
+            banned_ids=banned, ban_below=p + params.min_tokens if banned else 0)
 
     def schedule(self, throttle_prefills: bool = False) -> DiffusionSchedulerOutput:
         self.current_step += 1
@@ -164,8 +171,8 @@ class DiffusionScheduler(Scheduler):
         done -= done % params.block_length if done < params.gen_length else 0
         new = state.canvas[state.emitted:done].tolist()
         status = RequestStatus.FINISHED_LENGTH_CAPPED if state.current is None else None
-        stops = params.stop_token_ids | ({self.mdm_config.eos_token_id} if params.stop_at_eos else set())
-        hit = next((i for i, t in enumerate(new) if t in stops), None)
+        stops = self._stop_ids(params)
+        hit = next((i for i, t in enumerate(new) if t in stops and state.emitted + i >= params.min_tokens), None)
         if hit is not None:  # the rest of this block and every later block are dropped
             new = new[:hit + 1]
             status = RequestStatus.FINISHED_STOPPED
@@ -174,6 +181,17 @@ class DiffusionScheduler(Scheduler):
         for token in new:
             request.append_output_token_ids(token)
         return new, status
+
+    def _stop_ids(self, params: DiffusionParams) -> set[int]:
+        return set(params.stop_token_ids) | ({self.mdm_config.eos_token_id} if params.stop_at_eos else set())
+
+    def _metrics(self, request: Request, state: DiffusionState) -> dict[str, int | str]:
+        """Per-request diffusion metrics; dense_forward_tokens is what the dense MDM runs for the same steps."""
+        return {"mode": "sparse" if state.params.sparse else "dense", "steps": state.step,
+                "forward_tokens": state.forward_tokens,
+                "dense_forward_tokens": state.step * (request.num_prompt_tokens + state.params.gen_length),
+                "num_registers": state.params.num_registers if state.params.sparse else 0,
+                "output_tokens": state.emitted}
 
     def update_from_output(self, scheduler_output: DiffusionSchedulerOutput,
                            model_runner_output: DiffusionRunnerOutput) -> dict[int, EngineCoreOutputs]:
@@ -196,14 +214,16 @@ class DiffusionScheduler(Scheduler):
             new, status = self._emit(request, state)
             if status is None and not new:
                 continue
+            metrics = None
             if status is not None:
                 request.status = status
+                metrics = {METRICS_KEY: self._metrics(request, state)}
                 self.running.remove(request)
                 self._free_request(request)
             outputs[request.client_index].append(EngineCoreOutput(
                 request_id=request.request_id, new_token_ids=new, finish_reason=request.get_finished_reason(),
                 stop_reason=request.stop_reason, events=request.take_events(),
-                trace_headers=request.trace_headers))
+                trace_headers=request.trace_headers, kv_transfer_params=metrics))
         if self.rejected:
             for request in self.finish_requests(list(self.rejected), RequestStatus.FINISHED_ERROR):
                 logger.warning("request %s rejected: %s", request.request_id, self.rejected[request.request_id])
@@ -228,10 +248,8 @@ class DiffusionScheduler(Scheduler):
 
     def _free_request(self, request: Request, delay_free_blocks: bool = False):
         state = self.states.pop(request.request_id, None)
-        if state is not None:  # per-request diffusion metrics, in the server log
-            logger.info("request %s %s: %d steps, %d forward tokens (%s, %d registers), %d tokens out",
-                        request.request_id, request.status.name, state.step, state.forward_tokens,
-                        "sparse" if state.params.sparse else "dense", state.params.num_registers, state.emitted)
+        if state is not None:  # per-request diffusion metrics, in the server log too
+            logger.info("request %s %s: %s", request.request_id, request.status.name, self._metrics(request, state))
         return super()._free_request(request, delay_free_blocks)
 
     def num_free_blocks(self) -> int:

@@ -14,7 +14,13 @@ from sparse_lavida_vllm.diffusion.masks import inference_step_spans
 from sparse_lavida_vllm.diffusion.reference import sample_and_choose
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
 from sparse_lavida_vllm.scheduler.output import DiffusionRunnerOutput, RequestStep
-from sparse_lavida_vllm.worker.paged_attention import PagedSpanAttention, Segment, request_slots
+from sparse_lavida_vllm.worker.paged_attention import (
+    BatchedPagedAttention,
+    PagedSpanAttention,
+    Segment,
+    StepLayout,
+    request_slots,
+)
 
 logger = init_logger("vllm.sparse_lavida." + __name__)  # under "vllm": shown in vLLM's log format
 _EMPTY = torch.empty(0, dtype=torch.long)
@@ -39,7 +45,8 @@ class DiffusionModelRunner(CPUModelRunner):
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
         cfg = self.model.config
-        spec = FullAttentionSpec(block_size=self.cache_config.block_size, num_kv_heads=cfg.n_kv_heads,
+        # this rank's K/V heads only (n_kv_heads // tensor-parallel world size): the pool is per rank
+        spec = FullAttentionSpec(block_size=self.cache_config.block_size, num_kv_heads=self.model.local_kv_heads,
                                  head_size=cfg.head_dim, dtype=self.model_config.dtype)
         return {f"model.transformer.blocks.{i}.attn": spec for i in range(cfg.n_layers)}
 
@@ -49,7 +56,8 @@ class DiffusionModelRunner(CPUModelRunner):
         cfg = self.model.config
         self.block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         slots = kv_cache_config.num_blocks * self.block_size
-        self.paged_kv = [torch.zeros(2, slots, cfg.n_kv_heads, cfg.head_dim, dtype=self.model_config.dtype)
+        kv_heads = self.model.local_kv_heads  # this tensor-parallel rank's share of n_kv_heads
+        self.paged_kv = [torch.zeros(2, slots, kv_heads, cfg.head_dim, dtype=self.model_config.dtype)
                          for _ in range(cfg.n_layers)]
         self.kv_caches = self.paged_kv
         logger.info("diffusion KV cache: %d blocks of %d tokens x %d layers", kv_cache_config.num_blocks,
@@ -104,26 +112,81 @@ class DiffusionModelRunner(CPUModelRunner):
                             torch.cat(logits_rows))
         return list(torch.split(logits, [len(rs.decode_positions) for rs in group]))
 
+    def _flat_step(self, group: list[RequestStep]) -> Tensor:
+        """Flat mode: every request of the step in one forward with one batched attention call per layer.
+
+        A new request's prompt rides in the same pass as its first commit rows (cache slots [0, P),
+        attending among themselves: its first step has no C_{k-1}), so an engine step is one forward.
+        Rows are gathered into flat Python lists and turned into tensors once per step. Returns the logits
+        of every request's decode rows, stacked in `group` order.
+        """
+        cfg = self.model.config
+        ids: list[int] = []
+        positions: list[int] = []
+        wanted: list[int] = []  # the decode rows, whose logits are sampled
+        rows, cache_len, commit, tables = [], [], [], []
+        start = 0
+        for rs in group:
+            n_decode = len(rs.decode_positions)
+            if rs.sparse:
+                p = len(rs.prefill_ids)
+                if p and rs.commit_ids:
+                    raise ValueError(f"{rs.req_id}: a prefill step carries no commit rows")
+                n_commit = p + len(rs.commit_ids)
+                ids += rs.prefill_ids
+                ids += rs.commit_ids
+                ids += [cfg.mask_token_id] * n_decode
+                ids += [cfg.register_token_id] * rs.num_registers
+                positions += range(p)
+                positions += rs.commit_positions
+                positions += rs.decode_positions
+                positions += range(rs.register_start, rs.register_start + rs.num_registers)
+                wanted += range(start + n_commit, start + n_commit + n_decode)
+                n = n_commit + n_decode + rs.num_registers
+                cache_len.append(rs.cache_len - p)
+            else:  # dense: prompt + canvas, full attention, nothing cached
+                n, n_commit = len(rs.dense_ids), 0
+                ids += rs.dense_ids
+                positions += range(n)
+                wanted += [start + d for d in rs.decode_positions]
+                cache_len.append(0)
+            rows.append(n)
+            commit.append(n_commit)
+            tables.append(rs.block_ids)
+            start += n
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long).view(len(tables), width)
+        layout = StepLayout(torch.tensor(rows), torch.tensor(cache_len), torch.tensor(commit), table, self.block_size)
+        return self.model(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+                          BatchedPagedAttention(self.paged_kv, layout), torch.tensor(wanted, dtype=torch.long))
+
     @staticmethod
     def _choose(rs: RequestStep, logits: Tensor) -> tuple[list[int], list[int]]:
         """Exactly the reference sampler's draw: step_generator(seed, step), sample_tokens, then the policy."""
         sampling = SamplingConfig(temperature=rs.temperature, top_k=rs.top_k, top_p=rs.top_p,
                                   remasking=rs.remasking, confidence_threshold=rs.confidence_threshold, seed=rs.seed)
         decode = torch.tensor(rs.decode_positions, dtype=torch.long)
+        if rs.banned_ids:  # min_tokens: EOS / stop tokens cannot be drawn before it
+            early = decode < rs.ban_below
+            logits = logits.clone()
+            logits[early] = logits[early].index_fill(-1, torch.tensor(rs.banned_ids), float("-inf"))
         keep, tokens = sample_and_choose(logits, decode, None if rs.count < 0 else rs.count, sampling, rs.step)
         return keep.tolist(), tokens.tolist()
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output, intermediate_tensors=None) -> DiffusionRunnerOutput:
         steps: list[RequestStep] = getattr(scheduler_output, "steps", [])
-        kept: dict[str, tuple[list[int], list[int]]] = {}
-        groups = [steps] if self.flat_batch and steps else [[rs] for rs in steps]
-        for group in groups:
-            prefill = [rs for rs in group if rs.prefill_ids]
-            if prefill:
-                self._prefill(prefill)
-            for rs, logits in zip(group, self._step(group)):
-                kept[rs.req_id] = self._choose(rs, logits)
+        if self.flat_batch:
+            sizes = [len(rs.decode_positions) for rs in steps]
+            per_request = torch.split(self._flat_step(steps), sizes) if steps else []
+        else:  # exact mode: one forward per request, bit-identical to the reference sampler (I4)
+            per_request = []
+            for rs in steps:
+                if rs.prefill_ids:
+                    self._prefill([rs])
+                per_request.extend(self._step([rs]))
+        # sampling stays per request: batching it measured no faster (the per-row kernels dominate)
+        kept = {rs.req_id: self._choose(rs, logits) for rs, logits in zip(steps, per_request)}
         req_ids = [rs.req_id for rs in steps]
         return DiffusionRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
                                      kept=kept)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from sparse_lavida_vllm.model_executor.attention import AttentionBackend, SpanAttention
@@ -76,3 +77,83 @@ class PagedSpanAttention(AttentionBackend):
         outs = [backend.attend(layer, q[s.start:s.end], k[s.start:s.end], v[s.start:s.end])
                 for s, backend in self.segments]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+@dataclass
+class StepLayout:
+    """Where each request of a flat batch sits, as (B,) tensors; requests lie back to back in row order.
+
+    Request b owns `rows[b]` consecutive rows. Its first `num_commit[b]` rows are written to the pool
+    at its cache slots [cache_len[b], cache_len[b] + num_commit[b]) and see only the cache and the
+    commit rows (the step-causal rule); every other row sees all of the request's keys. Cache slot i
+    of request b is block_table[b, i // block_size] * block_size + i % block_size.
+    """
+
+    rows: Tensor
+    cache_len: Tensor
+    num_commit: Tensor
+    block_table: Tensor  # (B, max blocks), padded with block 0 (never read: padded keys are masked)
+    block_size: int
+
+    def slots(self, index: Tensor) -> Tensor:
+        """Pool slots of per-request cache indices (B, n) (indices past a request's blocks give block 0)."""
+        col = (index // self.block_size).clamp(max=max(self.block_table.shape[1] - 1, 0))
+        table = self.block_table if self.block_table.numel() else torch.zeros(len(index), 1, dtype=torch.long)
+        return table.gather(1, col) * self.block_size + index % self.block_size
+
+
+class BatchedPagedAttention(AttentionBackend):
+    """Every request of a flat batch in one SDPA call per layer: rows padded to (B, heads, R, d).
+
+    Keys of request b are [its cached K/V (padded to C) | its rows (padded to R)], gathered with one
+    index_select from the pool per layer; a bool mask built once per pass from the layout keeps each
+    request on its own keys and applies the step-causal rule. A batched SDPA rounds differently from
+    per-request calls, so this is the flat (throughput) mode's backend; the exact mode keeps
+    PagedSpanAttention.
+    """
+
+    def __init__(self, pool: list[Tensor], layout: StepLayout) -> None:
+        self.pool = pool
+        rows, cache_len, commit = layout.rows, layout.cache_len, layout.num_commit
+        b, r_max, c_max = rows.numel(), int(rows.max()), int(cache_len.max())
+        self.shape = (b, r_max, c_max)
+        r, c = torch.arange(r_max), torch.arange(c_max)
+        starts = torch.cumsum(rows, 0) - rows
+        row_ok = r < rows[:, None]  # (B, R)
+        # padded row index -> flat row (padding reads row 0: finite values whose outputs are dropped)
+        self.row_index = torch.where(row_ok, starts[:, None] + r, 0).flatten()
+        self.out_index = row_ok.flatten().nonzero().flatten()  # flat row -> its padded position
+        self.identity = bool(row_ok.all())  # all requests the same length: padding is a plain view
+        self.cached_slots = torch.where(c < cache_len[:, None], layout.slots(c.expand(b, c_max)), 0).flatten()
+        j = torch.arange(int(commit.max()))
+        writes = j < commit[:, None]
+        self.commit_rows = (starts[:, None] + j)[writes]
+        self.commit_slots = layout.slots(cache_len[:, None] + j)[writes]
+        commit_row = r < commit[:, None]  # query rows that will be cached: clean keys only
+        step_keys = row_ok[:, None, :] & (~commit_row[:, :, None] | commit_row[:, None, :])
+        mask = torch.cat([(c < cache_len[:, None])[:, None, :].expand(b, r_max, c_max), step_keys], dim=-1)
+        mask |= ~row_ok[:, :, None]  # a padded query row sees everything (no all-masked row, no NaN)
+        self.mask = None if bool(mask.all()) else mask.unsqueeze(1)
+
+    def _pad(self, x: Tensor) -> Tensor:
+        b, r_max, _ = self.shape
+        x = x if self.identity else x.index_select(0, self.row_index)
+        return x.view(b, r_max, *x.shape[1:])
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        cache, (b, r_max, c_max) = self.pool[layer], self.shape
+        keys, values = self._pad(k), self._pad(v)
+        if c_max:
+            cached_k = cache[0].index_select(0, self.cached_slots).view(b, c_max, *k.shape[1:])
+            cached_v = cache[1].index_select(0, self.cached_slots).view(b, c_max, *v.shape[1:])
+            keys, values = torch.cat([cached_k, keys], dim=1), torch.cat([cached_v, values], dim=1)
+        if self.commit_rows.numel():  # only C_{k-1} (or the prompt) reaches the pool; masks and registers never do
+            cache[0].index_copy_(0, self.commit_slots, k.index_select(0, self.commit_rows))
+            cache[1].index_copy_(0, self.commit_slots, v.index_select(0, self.commit_rows))
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # (B, kv_heads, keys, d)
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:
+            keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(self._pad(q).transpose(1, 2), keys, values, attn_mask=self.mask)
+        out = out.transpose(1, 2).reshape(b * r_max, *q.shape[1:])
+        return out if self.identity else out.index_select(0, self.out_index)

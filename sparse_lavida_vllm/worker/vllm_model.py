@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 
 from sparse_lavida_vllm.model_executor.config import ARCHITECTURE, LLADA_ARCHITECTURE, MDMConfig
 from sparse_lavida_vllm.model_executor.model import LLaDAMDM
+from sparse_lavida_vllm.model_executor.parallel import TensorParallel
 
 ARCHITECTURES = (ARCHITECTURE, LLADA_ARCHITECTURE)
 
@@ -42,15 +43,33 @@ class LLaDAHFConfig(PretrainedConfig):
         return MDMConfig.from_dict(self.to_dict())
 
 
+class VLLMTensorParallel(TensorParallel):
+    """The tensor-parallel group of vLLM's parallel state (set up by the worker before the model is built)."""
+
+    def __init__(self) -> None:
+        from vllm.distributed.parallel_state import get_tp_group
+
+        self.group = get_tp_group()
+        self.rank = self.group.rank_in_group
+        self.world_size = self.group.world_size
+
+    def all_reduce(self, x: Tensor) -> Tensor:
+        return self.group.all_reduce(x)  # the identity when world_size is 1
+
+    def __repr__(self) -> str:
+        return f"VLLMTensorParallel(rank={self.rank}, world_size={self.world_size})"
+
+
 class SparseLLaDAForVLLM(LLaDAMDM):
     """LLaDAMDM built and loaded by vLLM's model loader; the diffusion model runner drives it.
 
     vLLM's generic runner never calls forward() here: the runner passes its own attention
     backend over the paged cache, so the model file stays the one the reference samplers use.
+    Each tensor-parallel rank builds and loads only its shard (vLLM's TP group).
     """
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config.model_config.hf_config.to_mdm_config())
+        super().__init__(vllm_config.model_config.hf_config.to_mdm_config(), VLLMTensorParallel())
 
     def embed_input_ids(self, input_ids: Tensor) -> Tensor:
         return self.model.transformer["wte"](input_ids)
@@ -65,8 +84,12 @@ class SparseLLaDAForVLLM(LLaDAMDM):
         for name, tensor in weights:
             if name not in params:
                 raise ValueError(f"unexpected weight {name!r} in the checkpoint")
+            shard = self.load_shard(name, tensor)
+            if shard.shape != params[name].shape:  # copy_ would broadcast a wrong shape silently
+                raise ValueError(f"weight {name!r}: checkpoint shard {tuple(shard.shape)} does not fit the "
+                                 f"parameter {tuple(params[name].shape)} (tensor-parallel {self.tp})")
             with torch.no_grad():
-                params[name].copy_(tensor.to(params[name].dtype))
+                params[name].copy_(shard.to(params[name].dtype))
             loaded.add(name)
         missing = set(params) - loaded
         if missing:

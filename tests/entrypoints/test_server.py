@@ -139,6 +139,31 @@ def test_logprobs_request_is_400_not_a_crash(server, client):
     assert len(good.choices[0].token_ids) == 4
 
 
+def test_per_request_metrics_in_the_response_and_on_metrics_route(server, client):
+    srv, folder = server
+    before = {mode: _metric_or_zero(srv, "sparse_lavida:steps_total", mode) for mode in ("sparse", "dense")}
+    tokens_before = _metric_or_zero(srv, "sparse_lavida:forward_tokens_total", "sparse")
+    r = complete(client, folder, "metrics", dict(gen_length=16, block_length=8, steps=8, num_registers=4))
+    metrics = r.model_extra["kv_transfer_params"]["sparse_lavida_metrics"]
+    prompt_len = len(r.choices[0].prompt_token_ids)
+    assert metrics["mode"] == "sparse" and metrics["steps"] == 8 and metrics["num_registers"] == 4
+    # prefill + 8 steps x (4 registers + the block's remaining masks) + the 14 commit rows of steps 2..8
+    assert metrics["forward_tokens"] == prompt_len + 8 * 4 + (8 + 6 + 4 + 2) * 2 + 14
+    assert metrics["dense_forward_tokens"] == 8 * (prompt_len + 16)
+    complete(client, folder, "metrics", dict(gen_length=8, block_length=8, steps=4, num_registers=0, sparse=False))
+    assert _metric_or_zero(srv, "sparse_lavida:steps_total", "sparse") - before["sparse"] == 8
+    assert _metric_or_zero(srv, "sparse_lavida:steps_total", "dense") - before["dense"] == 4
+    assert (_metric_or_zero(srv, "sparse_lavida:forward_tokens_total", "sparse") - tokens_before
+            == metrics["forward_tokens"])
+
+
+def _metric_or_zero(srv, name, mode):
+    try:
+        return srv.metric(f'{name}{{mode="{mode}"}}')
+    except KeyError:
+        return 0.0
+
+
 def test_eight_concurrent_requests_batch_and_match_alone(server, client):
     srv, folder = server
     jobs = [(f"prompt {i} " * (1 + i % 3), dict(gen_length=8 * (1 + i % 3), block_length=8, steps=4 * (1 + i % 3),
@@ -184,4 +209,49 @@ def test_aborted_streams_free_every_block(server, client):
     assert srv.metric("vllm:num_requests_running") == 0
     assert srv.metric("vllm:kv_cache_usage_perc") == 0.0  # I5
     log = srv.log.read_text()  # per-request diffusion metrics, including the aborted ones
-    assert "FINISHED_ABORTED" in log and "forward tokens (sparse, 2 registers)" in log
+    assert "FINISHED_ABORTED: {'mode': 'sparse'" in log and "'num_registers': 2" in log
+
+
+def test_flood_of_good_bad_and_abandoned_requests_leaves_the_pool_empty(server, client):
+    """48 requests at once: good ones, 400s, clients that hang up mid-stream; after it nothing runs or holds a block."""
+    import httpx
+    from openai import BadRequestError
+
+    srv, folder = server
+    good, bad, abandoned = {}, {}, []
+
+    def send(i):
+        kind = i % 3
+        if kind == 0:
+            knobs = dict(gen_length=16, block_length=8, steps=8, num_registers=i % 5)
+            good[i] = (knobs, complete(client, folder, f"flood {i}", knobs).choices[0])
+        elif kind == 1:
+            try:
+                client.completions.create(model=str(folder), prompt="x", max_tokens=16,
+                                          extra_body={"vllm_xargs": {"steps": -i}})
+            except BadRequestError as e:
+                bad[i] = e.status_code
+        else:
+            with httpx.stream("POST", srv.base_url + "/v1/completions", timeout=60, json={
+                    "model": str(folder), "prompt": f"gone {i}", "max_tokens": 32, "stream": True,
+                    "ignore_eos": True, "vllm_xargs": dict(gen_length=32, block_length=8, steps=32)}) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: {"):
+                        abandoned.append(i)
+                        break
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(48)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(good) == 16 and len(abandoned) == 16 and list(bad.values()) == [400] * 16
+    for knobs, choice in good.values():
+        assert choice.token_ids == expected(folder, choice.prompt_token_ids, knobs)
+    deadline = time.time() + 20
+    while time.time() < deadline and (srv.metric("vllm:num_requests_running") > 0
+                                      or srv.metric("vllm:kv_cache_usage_perc") > 0):
+        time.sleep(0.2)
+    assert srv.metric("vllm:num_requests_running") == 0
+    assert srv.metric("vllm:num_requests_waiting") == 0
+    assert srv.metric("vllm:kv_cache_usage_perc") == 0.0  # I5 under load

@@ -60,3 +60,16 @@ def test_bad_standard_fields_name_the_field():
         with pytest.raises(DiffusionParamError) as info:
             parse_params(params, 1, 256, 4)
         assert info.value.field == name and "not supported" in str(info.value)
+
+
+def test_min_tokens_bounded_by_gen_length_and_unseeded_requests_get_their_own_seed():
+    params = sp(gen_length=16)
+    params.min_tokens = 17
+    with pytest.raises(DiffusionParamError) as info:
+        parse_params(params, 1, 256, 4)
+    assert info.value.field == "min_tokens"
+    params.min_tokens = 16
+    assert parse_params(params, 1, 256, 4).min_tokens == 16
+    seeds = {parse_params(sp(), 1, 256, 4).sampling.seed for _ in range(4)}
+    assert len(seeds) == 4  # seed=None: a fresh seed per request (n > 1 choices must differ)
+    assert parse_params(sp(seed=3), 1, 256, 4).sampling.seed == 3

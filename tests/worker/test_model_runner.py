@@ -83,3 +83,56 @@ def test_bad_knob_raises_naming_the_field():
     assert info.value.parameter == "block_length"
     ok = llm.generate(["Hello"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)
     assert len(ok[0].outputs[0].token_ids) == 4
+
+
+# Flat mode in its own process (vLLM keeps process-wide state): requests of different prompt lengths, knobs and
+# kinds, one joining while the others are mid-generation, all through one forward per engine step.
+FLAT_SCRIPT = """
+import json, sys
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+
+llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=256, seed=0, block_size=16,
+          additional_config={"flat_batch": True})
+engine, out = llm.llm_engine, {}
+for i, (prompt, knobs) in enumerate(json.loads(sys.argv[2])):
+    knobs = dict(knobs)
+    std = {"temperature": 0.0, "seed": 0, **{k: knobs.pop(k) for k in ("temperature", "top_k", "top_p", "seed")
+                                             if k in knobs}}
+    engine.add_request(str(i), TokensPrompt(prompt_token_ids=prompt),
+                       SamplingParams(max_tokens=knobs["gen_length"], ignore_eos=True, **std, extra_args=knobs))
+    for _ in range(3 if i == 2 else 0):  # the last one joins (its prompt rides along) three steps in
+        for o in engine.step():
+            out[o.request_id] = list(o.outputs[0].token_ids)
+while engine.has_unfinished_requests():
+    for o in engine.step():
+        out[o.request_id] = list(o.outputs[0].token_ids)
+batch = engine.engine_core.engine_core.scheduler.batch_sizes  # requests per engine step
+print(json.dumps({"tokens": [out[str(i)] for i in range(len(out))], "max_batch": max(batch)}))
+"""
+FLAT_REQUESTS = [
+    (PROMPT, dict(gen_length=16, block_length=8, steps=8, num_registers=4)),
+    ([3, 9, 27, 81, 50, 12, 7, 7, 1, 44, 60], dict(gen_length=12, block_length=4, steps=6, num_registers=1,
+                                                    remasking="random", temperature=0.7, top_p=0.9, seed=3)),
+    (PROMPT[:4], dict(gen_length=16, block_length=8, steps=8, num_registers=0, sparse=False)),
+    ([11, 22, 33], dict(gen_length=16, block_length=8, steps=4, num_registers=3, temperature=0.9, top_k=20, seed=11)),
+]
+
+
+@pytest.mark.slow
+def test_flat_batch_mode_gives_the_exact_mode_tokens(tmp_path):
+    """Flat mode may differ from the reference only by GEMM rounding; on the tiny model its tokens are the same."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.serving_helpers import VLLM_ENV, make_checkpoint
+
+    folder = make_checkpoint(tmp_path)
+    run = subprocess.run([sys.executable, "-c", FLAT_SCRIPT, str(folder), json.dumps(FLAT_REQUESTS)],
+                         env={**os.environ, **VLLM_ENV}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["max_batch"] == len(FLAT_REQUESTS)  # they really shared engine steps
+    assert result["tokens"] == [expected(folder, prompt, knobs) for prompt, knobs in FLAT_REQUESTS]

@@ -5,7 +5,13 @@ import torch
 from sparse_lavida_vllm.diffusion.masks import inference_step_spans
 from sparse_lavida_vllm.model_executor.attention import KVCache, SpanAttention
 from sparse_lavida_vllm.model_executor.weights import random_model
-from sparse_lavida_vllm.worker.paged_attention import PagedSpanAttention, Segment, request_slots
+from sparse_lavida_vllm.worker.paged_attention import (
+    BatchedPagedAttention,
+    PagedSpanAttention,
+    Segment,
+    StepLayout,
+    request_slots,
+)
 from tests.serving_helpers import TINY
 
 BLOCK = 4
@@ -71,3 +77,71 @@ def test_two_requests_in_one_flat_batch_attend_only_to_their_own_cache():
         alone = model(masks, torch.arange(len(prompt), len(prompt) + 2),
                       SpanAttention(inference_step_spans(len(prompt), 2, 0, 0), cache, 0), torch.arange(2))
         assert torch.allclose(out, alone, atol=1e-5)
+
+
+def test_batched_backend_equals_each_request_alone_and_writes_only_commit_rows():
+    """The flat mode's one-SDPA-per-layer backend: three unequal requests padded into one call.
+
+    A: new request, its prompt folded in as commit rows (cache empty) + 2 masks + 1 register;
+    B: mid-generation, 6 cached tokens, 2 commit rows + 3 masks + 2 registers;
+    C: no cache, no commit rows (full attention over its 4 rows, as a dense request).
+    """
+    model = random_model(TINY, seed=3, std=0.3)
+    cfg = model.config
+    mask, reg = cfg.mask_token_id, cfg.register_token_id
+    kv = [torch.zeros(2, 8 * BLOCK, cfg.n_kv_heads, cfg.head_dim) for _ in range(cfg.n_layers)]
+    b_prompt = torch.tensor([7, 8, 9, 10, 11, 12])
+    b_blocks = [5, 0, 3]
+    model(b_prompt, torch.arange(6), PagedSpanAttention(kv, [Segment(0, 6, EMPTY, request_slots(b_blocks, 0, 6, BLOCK),
+                                                                     None)]), EMPTY)
+    kv_before = [t.clone() for t in kv]
+    a_ids, a_pos = torch.tensor([4, 5, 6, mask, mask, reg]), torch.tensor([0, 1, 2, 3, 4, 9])
+    b_ids, b_pos = torch.tensor([30, 31, mask, mask, mask, reg, reg]), torch.tensor([8, 6, 7, 9, 10, 14, 15])
+    c_ids, c_pos = torch.tensor([1, 2, mask, mask]), torch.arange(4)
+    layout = StepLayout(rows=torch.tensor([6, 7, 4]), cache_len=torch.tensor([0, 6, 0]),
+                        num_commit=torch.tensor([3, 2, 0]), block_table=torch.tensor([[2, 0, 0], b_blocks, [0, 0, 0]]),
+                        block_size=BLOCK)
+    rows = torch.tensor([3, 4, 8, 9, 10, 15, 16])  # the decode rows of A, B, C
+    both = model(torch.cat([a_ids, b_ids, c_ids]), torch.cat([a_pos, b_pos, c_pos]),
+                 BatchedPagedAttention(kv, layout), rows)
+
+    # each request alone through the reference cache (A: prefill then step; B: its prompt cached first)
+    cache_a = KVCache(cfg.n_layers, 16, cfg.n_kv_heads, cfg.head_dim)
+    model(a_ids[:3], a_pos[:3], SpanAttention(None, cache_a, 3), EMPTY)
+    cache_a.advance(3)
+    alone_a = model(a_ids[3:], a_pos[3:], SpanAttention(inference_step_spans(3, 3, 0, 0), cache_a, 0),
+                    torch.arange(2))
+    cache_b = KVCache(cfg.n_layers, 16, cfg.n_kv_heads, cfg.head_dim)
+    model(b_prompt, torch.arange(6), SpanAttention(None, cache_b, 6), EMPTY)
+    cache_b.advance(6)
+    alone_b = model(b_ids, b_pos, SpanAttention(inference_step_spans(6, 7, 2, 2), cache_b, 2), torch.arange(2, 5))
+    cache_b.advance(2)
+    alone_c = model(c_ids, c_pos, SpanAttention(None), torch.arange(2, 4))
+    assert torch.allclose(both, torch.cat([alone_a, alone_b, alone_c]), atol=1e-5)
+
+    # the pool gains exactly A's prompt (slots of block 2) and B's two commit rows, with the reference's K/V
+    a_slots, b_slots = request_slots([2], 0, 3, BLOCK), request_slots(b_blocks, 6, 8, BLOCK)
+    for layer in range(cfg.n_layers):
+        changed = (kv[layer] != kv_before[layer]).flatten(2).any(-1).any(0).nonzero().flatten()
+        assert changed.tolist() == sorted(torch.cat([a_slots, b_slots]).tolist())  # I1: no mask or register
+        for plane, ref in ((0, cache_a.k), (1, cache_a.v)):
+            assert torch.allclose(kv[layer][plane, a_slots], ref[layer, :, :3].transpose(0, 1), atol=1e-5)
+        for plane, ref in ((0, cache_b.k), (1, cache_b.v)):
+            assert torch.allclose(kv[layer][plane, b_slots], ref[layer, :, 6:8].transpose(0, 1), atol=1e-5)
+
+
+def test_batched_backend_one_request_equals_the_reference():
+    """Batch of one (the flat mode at concurrency 1): same logits as the reference sampler's step, to rounding."""
+    model = random_model(TINY, seed=4, std=0.3)
+    cfg = model.config
+    kv = [torch.zeros(2, 4 * BLOCK, cfg.n_kv_heads, cfg.head_dim) for _ in range(cfg.n_layers)]
+    prompt = torch.tensor([5, 9, 11, 3, 8])
+    ids = torch.cat([prompt, torch.full((3,), cfg.mask_token_id), torch.full((2,), cfg.register_token_id)])
+    positions = torch.tensor([0, 1, 2, 3, 4, 6, 5, 7, 8, 9])
+    layout = StepLayout(torch.tensor([10]), torch.tensor([0]), torch.tensor([5]), torch.tensor([[3, 1]]), BLOCK)
+    flat = model(ids, positions, BatchedPagedAttention(kv, layout), torch.arange(5, 8))
+    cache = KVCache(cfg.n_layers, 16, cfg.n_kv_heads, cfg.head_dim)
+    model(prompt, torch.arange(5), SpanAttention(None, cache, 5), EMPTY)
+    cache.advance(5)
+    ref = model(ids[5:], positions[5:], SpanAttention(inference_step_spans(5, 5, 0, 0), cache, 0), torch.arange(3))
+    assert torch.allclose(flat, ref, atol=1e-5)
