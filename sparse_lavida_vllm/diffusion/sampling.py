@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +59,28 @@ def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix with mass >= top_p
         drop_unsorted = torch.zeros_like(drop).scatter(-1, order, drop)
         logits = logits.masked_fill(drop_unsorted, float("-inf"))
+    return logits
+
+
+def constrain_logits(logits: Tensor, allowed_token_ids: Sequence[int] = (),
+                     logit_bias: Mapping[int, float] | None = None, min_p: float = 0.0,
+                     temperature: float = 0.0) -> Tensor:
+    """The OpenAI/vLLM token constraints, in vLLM's order: allowed ids, logit bias, then min_p.
+
+    min_p keeps the tokens whose probability at this temperature is >= min_p x the top one's, i.e.
+    logit >= max logit + temperature * log(min_p); it cannot change a greedy (T = 0) choice.
+    """
+    if allowed_token_ids:
+        keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        keep[list(allowed_token_ids)] = True
+        logits = logits.masked_fill(~keep, float("-inf"))
+    if logit_bias:
+        bias = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+        bias[list(logit_bias)] = torch.tensor(list(logit_bias.values()), dtype=logits.dtype)
+        logits = logits + bias
+    if min_p > 0 and temperature > 0:
+        floor = logits.amax(-1, keepdim=True) + temperature * math.log(min_p)
+        logits = logits.masked_fill(logits < floor, float("-inf"))
     return logits
 
 

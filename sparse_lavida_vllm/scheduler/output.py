@@ -47,6 +47,10 @@ class RequestStep:
     # min_tokens: these ids get -inf logits on decode rows at absolute positions < ban_below
     banned_ids: list[int] = field(default_factory=list)
     ban_below: int = 0
+    # token constraints on every decode row (diffusion.sampling.constrain_logits)
+    allowed_token_ids: list[int] = field(default_factory=list)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_p: float = 0.0
 
     @property
     def num_rows(self) -> int:

@@ -12,6 +12,14 @@ from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
 # The keys a client may put in `vllm_xargs` / `extra_body["vllm_xargs"]` / SamplingParams.extra_args.
 KNOBS = ("steps", "block_length", "gen_length", "num_registers", "sparse", "remasking", "confidence_threshold")
 DEFAULT_BLOCK_LENGTH = 32
+# Standard fields the diffusion engine refuses when set (with their neutral values): log-probabilities (the
+# runner samples tokens only), penalties over "tokens generated so far" (an autoregressive notion: a canvas
+# has no order of generation to penalise), multi-token constraints and structured output (they need a
+# left-to-right decoder).
+UNSUPPORTED = (("logprobs", None), ("prompt_logprobs", None), ("logprob_token_ids", None),
+               ("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0),
+               ("bad_words", None), ("structured_outputs", None), ("thinking_token_budget", None),
+               ("repetition_detection", None), ("watermarking", None))
 
 
 class DiffusionParamError(ValueError):
@@ -33,6 +41,9 @@ class DiffusionParams:
     stop_at_eos: bool
     stop_token_ids: frozenset[int]
     min_tokens: int  # EOS / stop tokens are banned at response positions below this
+    allowed_token_ids: tuple[int, ...]  # empty: every token
+    logit_bias: tuple[tuple[int, float], ...]  # (token id, bias) pairs, already clamped by vLLM
+    min_p: float
     sampling: SamplingConfig
 
     def plan(self) -> UnmaskPlan:
@@ -74,9 +85,12 @@ def parse_params(sampling_params: Any, prompt_len: int, max_model_len: int,
     seed drawn at random (as vLLM does for unseeded sampling, so n > 1 choices differ; greedy
     low-confidence decoding draws no noise and stays deterministic).
     """
-    for name in ("logprobs", "prompt_logprobs"):  # the runner samples tokens only, never log-probabilities
-        if getattr(sampling_params, name, None) is not None:
-            raise DiffusionParamError(name, f"{name} is not supported by the diffusion engine", None)
+    for name, default in UNSUPPORTED:  # refused, not silently ignored
+        value = getattr(sampling_params, name, default)
+        if value is None or value is False or value == default or (isinstance(value, list | dict) and not value):
+            continue
+        what = "structured_outputs (response_format, guided decoding)" if name == "structured_outputs" else name
+        raise DiffusionParamError(name, f"{what} is not supported by the diffusion engine", value)
     extra = dict(getattr(sampling_params, "extra_args", None) or {})
     unknown = sorted(set(extra) - set(KNOBS))
     if unknown:
@@ -124,6 +138,12 @@ def parse_params(sampling_params: Any, prompt_len: int, max_model_len: int,
         raise DiffusionParamError("min_tokens", f"min_tokens ({min_tokens}) must be in [0, gen_length = {gen_length}]",
                                   min_tokens)
 
+    min_p = getattr(sampling_params, "min_p", 0.0) or 0.0
+    if isinstance(min_p, bool) or not isinstance(min_p, int | float) or not 0 <= min_p <= 1:
+        raise DiffusionParamError("min_p", f"min_p must be a number in [0, 1], got {min_p!r}", min_p)
+    allowed = tuple(int(t) for t in getattr(sampling_params, "allowed_token_ids", None) or ())
+    bias = tuple((int(t), float(b)) for t, b in (getattr(sampling_params, "logit_bias", None) or {}).items())
+
     top_k = int(getattr(sampling_params, "top_k", 0) or 0)
     seed = getattr(sampling_params, "seed", None)
     if seed is None:
@@ -139,4 +159,5 @@ def parse_params(sampling_params: Any, prompt_len: int, max_model_len: int,
                            num_registers=num_registers, sparse=sparse,
                            stop_at_eos=not bool(getattr(sampling_params, "ignore_eos", False)),
                            stop_token_ids=frozenset(getattr(sampling_params, "stop_token_ids", None) or ()),
-                           min_tokens=min_tokens, sampling=sampling)
+                           min_tokens=min_tokens, allowed_token_ids=allowed, logit_bias=bias, min_p=float(min_p),
+                           sampling=sampling)

@@ -144,7 +144,8 @@ class DiffusionScheduler(Scheduler):
             dense_ids=dense_ids, step=state.step, count=-1 if count is None else count,
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
             remasking=sampling.remasking, confidence_threshold=sampling.confidence_threshold, seed=sampling.seed,
-            banned_ids=banned, ban_below=p + params.min_tokens if banned else 0)
+            banned_ids=banned, ban_below=p + params.min_tokens if banned else 0,
+            allowed_token_ids=list(params.allowed_token_ids), logit_bias=dict(params.logit_bias), min_p=params.min_p)
 
     def schedule(self, throttle_prefills: bool = False) -> DiffusionSchedulerOutput:
         self.current_step += 1

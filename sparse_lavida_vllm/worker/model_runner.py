@@ -12,7 +12,7 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
 from sparse_lavida_vllm.diffusion.masks import inference_step_spans
 from sparse_lavida_vllm.diffusion.reference import sample_and_choose
-from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
+from sparse_lavida_vllm.diffusion.sampling import SamplingConfig, constrain_logits
 from sparse_lavida_vllm.scheduler.output import DiffusionRunnerOutput, RequestStep
 from sparse_lavida_vllm.worker.paged_attention import (
     BatchedPagedAttention,
@@ -166,6 +166,8 @@ class DiffusionModelRunner(CPUModelRunner):
         sampling = SamplingConfig(temperature=rs.temperature, top_k=rs.top_k, top_p=rs.top_p,
                                   remasking=rs.remasking, confidence_threshold=rs.confidence_threshold, seed=rs.seed)
         decode = torch.tensor(rs.decode_positions, dtype=torch.long)
+        if rs.allowed_token_ids or rs.logit_bias or rs.min_p:
+            logits = constrain_logits(logits, rs.allowed_token_ids, rs.logit_bias, rs.min_p, rs.temperature)
         if rs.banned_ids:  # min_tokens: EOS / stop tokens cannot be drawn before it
             early = decode < rs.ban_below
             logits = logits.clone()

@@ -6,6 +6,7 @@ import torch
 from sparse_lavida_vllm.diffusion.sampling import (
     SamplingConfig,
     cfg_combine,
+    constrain_logits,
     filter_logits,
     sample_tokens,
     step_generator,
@@ -53,3 +54,17 @@ def test_cfg_combination():
 def test_bad_sampling_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingConfig(**kwargs)
+
+
+def test_constrain_logits_allowed_ids_bias_and_min_p():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    only = constrain_logits(logits, allowed_token_ids=[0, 2])
+    assert torch.isinf(only[0, [1, 3]]).all() and only[0, 0] == 0 and only[0, 2] == 2
+    biased = constrain_logits(logits, logit_bias={0: 10.0})
+    assert biased[0].argmax() == 0 and torch.equal(biased[0, 1:], logits[0, 1:])
+    # min_p at T = 1: keep p >= min_p * p_max  <=>  logit >= 3 + log(min_p); log(0.3) = -1.2 keeps ids 2 and 3
+    kept = ~torch.isinf(constrain_logits(logits, min_p=0.3, temperature=1.0))
+    assert kept.tolist() == [[False, False, True, True]]
+    probs = torch.softmax(logits, -1)
+    assert kept.tolist() == (probs >= 0.3 * probs.max()).tolist()
+    assert torch.equal(constrain_logits(logits, min_p=0.3, temperature=0.0), logits)  # greedy: no effect

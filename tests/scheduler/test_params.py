@@ -73,3 +73,29 @@ def test_min_tokens_bounded_by_gen_length_and_unseeded_requests_get_their_own_se
     seeds = {parse_params(sp(), 1, 256, 4).sampling.seed for _ in range(4)}
     assert len(seeds) == 4  # seed=None: a fresh seed per request (n > 1 choices must differ)
     assert parse_params(sp(seed=3), 1, 256, 4).sampling.seed == 3
+
+
+@pytest.mark.parametrize("name, value", [
+    ("presence_penalty", 0.5), ("frequency_penalty", -0.3), ("repetition_penalty", 1.2), ("bad_words", ["no"]),
+    ("logprob_token_ids", [3]), ("logprobs", 0),
+])
+def test_autoregressive_only_fields_are_refused_naming_the_field(name, value):
+    params = sp()
+    setattr(params, name, value)
+    with pytest.raises(DiffusionParamError) as info:
+        parse_params(params, 1, 256, 4)
+    assert info.value.field == name and "not supported" in str(info.value)
+    neutral = sp()
+    neutral.presence_penalty, neutral.repetition_penalty, neutral.bad_words = 0.0, 1.0, []
+    parse_params(neutral, 1, 256, 4)  # neutral values pass
+
+
+def test_token_constraints_are_carried():
+    params = sp()
+    params.allowed_token_ids, params.logit_bias, params.min_p = [5, 6], {7: -2.5}, 0.1
+    p = parse_params(params, 1, 256, 4)
+    assert (p.allowed_token_ids, p.logit_bias, p.min_p) == ((5, 6), ((7, -2.5),), 0.1)
+    params.min_p = 1.5
+    with pytest.raises(DiffusionParamError) as info:
+        parse_params(params, 1, 256, 4)
+    assert info.value.field == "min_p"

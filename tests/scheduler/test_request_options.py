@@ -1,4 +1,4 @@
-"""Standard request fields through a real engine: per-request metrics, min_tokens, n > 1 with and without a seed."""
+"""Standard request fields through a real engine: metrics, min_tokens, n > 1, allowed ids, logit bias, refusals."""
 
 import torch
 
@@ -82,3 +82,28 @@ def test_n_choices_differ_without_a_seed_and_follow_seed_plus_index_with_one():
     for choice in seeded.outputs:  # vLLM gives child i the seed 7 + i
         assert list(choice.token_ids) == reference_tokens(folder, PROMPT, 16, 8, 8, 2, temperature=1.0,
                                                           seed=7 + choice.index)
+
+
+def test_allowed_token_ids_and_logit_bias_steer_every_decoded_token():
+    from vllm import SamplingParams
+
+    llm, _ = shared_llm()
+    knobs = dict(gen_length=16, block_length=8, steps=8, num_registers=2)
+    allowed = [65, 66, 67]
+    out = generate(llm, SamplingParams(max_tokens=16, temperature=1.0, seed=1, ignore_eos=True,
+                                       allowed_token_ids=allowed, extra_args=knobs)).outputs[0]
+    assert len(out.token_ids) == 16 and set(out.token_ids) <= set(allowed)
+    out = generate(llm, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logit_bias={70: 100.0},
+                                       extra_args=knobs)).outputs[0]
+    assert list(out.token_ids) == [70] * 16
+
+
+def test_penalties_are_refused_naming_the_field():
+    import pytest
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+
+    llm, _ = shared_llm()
+    with pytest.raises(VLLMValidationError) as info:
+        generate(llm, SamplingParams(max_tokens=8, repetition_penalty=1.3))
+    assert info.value.parameter == "repetition_penalty"
