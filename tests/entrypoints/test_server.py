@@ -139,6 +139,20 @@ def test_logprobs_request_is_400_not_a_crash(server, client):
     assert len(good.choices[0].token_ids) == 4
 
 
+@pytest.mark.parametrize("fields, name", [
+    (dict(presence_penalty=0.5), "presence_penalty"),
+    (dict(extra_body={"repetition_penalty": 1.3}), "repetition_penalty"),
+    (dict(extra_body={"response_format": {"type": "json_object"}}), "structured_outputs"),
+])
+def test_left_to_right_only_fields_are_400_naming_the_field(server, client, fields, name):
+    from openai import BadRequestError
+
+    _, folder = server
+    with pytest.raises(BadRequestError) as info:  # once silently ignored
+        client.completions.create(model=str(folder), prompt="x", max_tokens=4, **fields)
+    assert info.value.status_code == 400 and name in str(info.value)
+
+
 def test_per_request_metrics_in_the_response_and_on_metrics_route(server, client):
     srv, folder = server
     before = {mode: _metric_or_zero(srv, "sparse_lavida:steps_total", mode) for mode in ("sparse", "dense")}
