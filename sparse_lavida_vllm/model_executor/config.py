@@ -32,6 +32,9 @@ class MDMConfig:
     eos_token_id: int = 2
     pad_token_id: int = 0
     num_registers: int = 64  # the register count the checkpoint was trained with
+    # How image requests are laid out for this checkpoint (codec, grid, prompt prefixes, sampler defaults);
+    # None: a text-only model. Read by multimodal.layout.ImageLayout; kept as plain JSON in config.json.
+    image_generation: dict | None = None
     model_type: str = "llada"
     architectures: tuple[str, ...] = (ARCHITECTURE,)
 
@@ -56,6 +59,8 @@ class MDMConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["architectures"] = list(self.architectures)
+        if self.image_generation is None:
+            del d["image_generation"]
         d["embedding_size"] = self.vocab_size
         d["weight_tying"] = False
         d["include_bias"] = False

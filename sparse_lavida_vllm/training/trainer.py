@@ -186,6 +186,18 @@ class TrainConfig:
             raise ValueError(f"task_weights must be {len(TASKS)} non-negative numbers, got {self.task_weights}")
 
 
+def demo_image_generation() -> dict:
+    """The demo checkpoints' image layout (config.json "image_generation"; see multimodal/layout.py)."""
+    from sparse_lavida_vllm.training.data import SIDE
+    from sparse_lavida_vllm.training.tokenizer import EDIT, IMAGE, IMAGE_TOKEN_OFFSET, NUM_LEVELS, T2I
+
+    return {"codec": {"type": "pixel", "height": SIDE, "width": SIDE, "levels": NUM_LEVELS,
+                      "token_offset": IMAGE_TOKEN_OFFSET},
+            "t2i_prefix": [T2I], "edit_prefix": [EDIT, IMAGE],
+            "defaults": {"steps": 16, "temperature": 0.8, "guidance_scale": 1.0, "image_guidance_scale": 0.0,
+                         "schedule": "shift", "order": "stratified"}}
+
+
 def demo_model_config(vocab_size: int, num_registers: int = 64) -> MDMConfig:
     """The demo shape: head_dim 32 (vLLM CPU supports it), ~1M parameters."""
     from sparse_lavida_vllm.training.tokenizer import EOS, MASK, PAD, REG, SPECIAL_TOKENS
@@ -194,7 +206,8 @@ def demo_model_config(vocab_size: int, num_registers: int = 64) -> MDMConfig:
     return MDMConfig(vocab_size=vocab, d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, mlp_hidden_size=384,
                      max_sequence_length=1024, mask_token_id=SPECIAL_TOKENS.index(MASK),
                      register_token_id=SPECIAL_TOKENS.index(REG), eos_token_id=SPECIAL_TOKENS.index(EOS),
-                     pad_token_id=SPECIAL_TOKENS.index(PAD), num_registers=num_registers)
+                     pad_token_id=SPECIAL_TOKENS.index(PAD), num_registers=num_registers,
+                     image_generation=demo_image_generation())
 
 
 def make_batch(cfg: TrainConfig, data: DemoData, config: MDMConfig, rng: random.Random,
