@@ -51,6 +51,7 @@ class DiffusionParams:
 
 
 def _int(extra: dict, name: str, default: int | None) -> int | None:
+    """An integer knob: ints, integral floats and numeric strings; booleans, NaN and infinities are refused."""
     value = extra.get(name, default)
     if value is None:
         return None
@@ -58,11 +59,20 @@ def _int(extra: dict, name: str, default: int | None) -> int | None:
         raise DiffusionParamError(name, f"{name} must be an integer, got {value!r}", value)
     try:
         as_int = int(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # int('x'), int(nan): ValueError; int(inf): OverflowError
         raise DiffusionParamError(name, f"{name} must be an integer, got {value!r}", value) from None
-    if float(value) != as_int:
+    if isinstance(value, float) and value != as_int:
         raise DiffusionParamError(name, f"{name} must be an integer, got {value!r}", value)
+    if not -(2**63) <= as_int < 2**63:  # no knob is meaningful out here; keeps messages short
+        raise DiffusionParamError(name, f"{name} is out of range, got {str(value)[:24]}...", value)
     return as_int
+
+
+def _number(value: Any, name: str, low: float, high: float) -> float:
+    """A finite real number in [low, high] (booleans refused), for knobs and standard fields alike."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise DiffusionParamError(name, f"{name} must be a number in [{low:g}, {high:g}], got {value!r}", value)
+    return float(value)
 
 
 def _bool(extra: dict, name: str, default: bool) -> bool:
@@ -76,14 +86,71 @@ def _bool(extra: dict, name: str, default: bool) -> bool:
     raise DiffusionParamError(name, f"{name} must be true or false, got {value!r}", value)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Server-side caps on the work of one request (operator flags: `--additional-config '{"max_steps": 256}'`).
+
+    Step rows are what one request adds to every engine step: block_length + num_registers when sparse (the
+    decode set and the registers), prompt + gen_length when dense. Request rows bound its whole forward work:
+    steps x step rows + prompt + gen_length (prefill and commits). A request over a cap is refused (HTTP 400)
+    instead of slowing every other request down for minutes.
+    """
+
+    max_steps: int = 1024
+    max_num_registers: int = 256
+    max_step_rows: int = 4096
+    max_request_rows: int = 262_144
+
+    @classmethod
+    def from_config(cls, additional_config: dict | None) -> Limits:
+        """The caps set in vLLM's additional_config (a bad value is a ValueError naming the key, at startup)."""
+        config = additional_config or {}
+        values = {}
+        for name in LIMIT_KEYS:
+            if name in config:
+                value = config[name]
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"additional_config {name} must be an integer >= 1, got {value!r}")
+                values[name] = value
+        return cls(**values)
+
+
+LIMIT_KEYS = ("max_steps", "max_num_registers", "max_step_rows", "max_request_rows")
+
+
+def _over(name: str, value: int, cap: str, limit: int, what: str = "") -> DiffusionParamError:
+    return DiffusionParamError(name, f"{name} ({value}{what}) exceeds the server limit {cap} = {limit} (an "
+                               f"operator sets it with --additional-config '{{\"{cap}\": N}}')", value)
+
+
+def check_limits(params: DiffusionParams, prompt_len: int, limits: Limits) -> None:
+    """Refuse a request over one of the operator's caps; the error names the knob and the cap."""
+    if params.steps > limits.max_steps:
+        raise _over("steps", params.steps, "max_steps", limits.max_steps)
+    if params.sparse and params.num_registers > limits.max_num_registers:
+        raise _over("num_registers", params.num_registers, "max_num_registers", limits.max_num_registers)
+    if params.sparse:
+        name, step_rows = "block_length", params.block_length + params.num_registers
+        what = f"; + num_registers = {step_rows} rows per step"
+    else:
+        name, step_rows = "gen_length", prompt_len + params.gen_length
+        what = f"; + the prompt = {step_rows} rows per dense step"
+    if step_rows > limits.max_step_rows:
+        raise _over(name, getattr(params, name), "max_step_rows", limits.max_step_rows, what)
+    request_rows = params.steps * step_rows + prompt_len + params.gen_length
+    if request_rows > limits.max_request_rows:
+        raise _over("steps", params.steps, "max_request_rows", limits.max_request_rows,
+                    f"; x {step_rows} rows per step = about {request_rows} rows in all")
+
+
 def parse_params(sampling_params: Any, prompt_len: int, max_model_len: int,
-                 default_num_registers: int) -> DiffusionParams:
+                 default_num_registers: int, limits: Limits | None = None) -> DiffusionParams:
     """Read the standard fields (temperature, top_p, top_k, seed, max_tokens, ignore_eos) and the knobs.
 
     Defaults: gen_length = max_tokens, block_length = 32 when it divides gen_length (else
     gen_length), steps = half the tokens (else one per token), num_registers from the checkpoint,
     seed drawn at random (as vLLM does for unseeded sampling, so n > 1 choices differ; greedy
-    low-confidence decoding draws no noise and stays deterministic).
+    low-confidence decoding draws no noise and stays deterministic). With `limits`, the operator's caps apply too.
     """
     for name, default in UNSUPPORTED:  # refused, not silently ignored
         value = getattr(sampling_params, name, default)
@@ -128,19 +195,14 @@ def parse_params(sampling_params: Any, prompt_len: int, max_model_len: int,
     if remasking not in POLICIES:
         raise DiffusionParamError("remasking", f"remasking must be one of {', '.join(POLICIES)}, got {remasking!r}",
                                   remasking)
-    threshold = extra.get("confidence_threshold", 0.9)
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 <= threshold <= 1:
-        raise DiffusionParamError("confidence_threshold", f"confidence_threshold must be a number in [0, 1], "
-                                  f"got {threshold!r}", threshold)
+    threshold = _number(extra.get("confidence_threshold", 0.9), "confidence_threshold", 0, 1)
 
     min_tokens = _int({"min_tokens": getattr(sampling_params, "min_tokens", 0)}, "min_tokens", 0) or 0
     if not 0 <= min_tokens <= gen_length:
         raise DiffusionParamError("min_tokens", f"min_tokens ({min_tokens}) must be in [0, gen_length = {gen_length}]",
                                   min_tokens)
 
-    min_p = getattr(sampling_params, "min_p", 0.0) or 0.0
-    if isinstance(min_p, bool) or not isinstance(min_p, int | float) or not 0 <= min_p <= 1:
-        raise DiffusionParamError("min_p", f"min_p must be a number in [0, 1], got {min_p!r}", min_p)
+    min_p = _number(getattr(sampling_params, "min_p", 0.0) or 0.0, "min_p", 0, 1)
     allowed = tuple(int(t) for t in getattr(sampling_params, "allowed_token_ids", None) or ())
     bias = tuple((int(t), float(b)) for t, b in (getattr(sampling_params, "logit_bias", None) or {}).items())
 
@@ -155,9 +217,12 @@ def parse_params(sampling_params: Any, prompt_len: int, max_model_len: int,
                                   seed=int(seed))
     except ValueError as e:  # SamplingConfig's messages start with the field name
         raise DiffusionParamError(str(e).split()[0], str(e)) from None
-    return DiffusionParams(gen_length=gen_length, block_length=block_length, steps=steps,
+    params = DiffusionParams(gen_length=gen_length, block_length=block_length, steps=steps,
                            num_registers=num_registers, sparse=sparse,
                            stop_at_eos=not bool(getattr(sampling_params, "ignore_eos", False)),
                            stop_token_ids=frozenset(getattr(sampling_params, "stop_token_ids", None) or ()),
                            min_tokens=min_tokens, allowed_token_ids=allowed, logit_bias=bias, min_p=float(min_p),
                            sampling=sampling)
+    if limits is not None:
+        check_limits(params, prompt_len, limits)
+    return params
