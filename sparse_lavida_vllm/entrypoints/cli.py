@@ -12,6 +12,9 @@ DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo" / "spars
 
 # vLLM on CPU needs these (see DESIGN.md); a value the user set wins.
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1"}
+# Seconds a SIGTERM lets running requests finish (vLLM's drain mode) before they are aborted; vLLM's default, 0,
+# aborts them at once. `--shutdown-timeout N` overrides it.
+DEFAULT_SHUTDOWN_TIMEOUT = 30
 
 
 def set_cpu_env() -> None:
@@ -24,13 +27,16 @@ def _has_flag(args: list[str], *names: str) -> bool:
 
 
 def vllm_serve_argv(args: list[str]) -> list[str]:
-    """`vllm serve` argv: MODEL defaults to the bundled demo; float32 unless --dtype is given (exact I4)."""
+    """`vllm serve` argv: MODEL defaults to the bundled demo; float32 unless --dtype is given (exact I4); SIGTERM
+    drains for DEFAULT_SHUTDOWN_TIMEOUT seconds unless --shutdown-timeout is given."""
     if not args or args[0].startswith("-"):
         if not DEMO_MODEL.exists() and not _has_flag(args, "--help", "-h"):
             raise SystemExit(f"no MODEL given and the bundled demo model is missing ({DEMO_MODEL})")
         args = [str(DEMO_MODEL), *args]
     if not _has_flag(args, "--dtype"):
         args = [*args, "--dtype", "float32"]
+    if not _has_flag(args, "--shutdown-timeout"):
+        args = [*args, "--shutdown-timeout", str(DEFAULT_SHUTDOWN_TIMEOUT)]
     return ["vllm", "serve", *args]
 
 

@@ -13,8 +13,18 @@ from tests.serving_helpers import VLLM_ENV, make_checkpoint, reference_tokens
 
 def test_serve_passes_vllm_flags_through_and_defaults_to_float32(tmp_path):
     argv = cli.vllm_serve_argv([str(tmp_path), "--port", "8123", "-tp", "1"])
-    assert argv == ["vllm", "serve", str(tmp_path), "--port", "8123", "-tp", "1", "--dtype", "float32"]
-    assert cli.vllm_serve_argv([str(tmp_path), "--dtype=bfloat16"])[-1] == "--dtype=bfloat16"
+    assert argv == ["vllm", "serve", str(tmp_path), "--port", "8123", "-tp", "1", "--dtype", "float32",
+                    "--shutdown-timeout", str(cli.DEFAULT_SHUTDOWN_TIMEOUT)]
+    assert "--dtype=bfloat16" in cli.vllm_serve_argv([str(tmp_path), "--dtype=bfloat16"])
+
+
+def test_serve_drains_on_sigterm_by_default_and_the_user_flag_wins(tmp_path):
+    argv = cli.vllm_serve_argv([str(tmp_path)])
+    assert argv[argv.index("--shutdown-timeout") + 1] == str(cli.DEFAULT_SHUTDOWN_TIMEOUT)
+    assert cli.DEFAULT_SHUTDOWN_TIMEOUT > 0  # 0 is vLLM's abort mode
+    for flag in (["--shutdown-timeout", "5"], ["--shutdown-timeout=0"]):
+        argv = cli.vllm_serve_argv([str(tmp_path), *flag])
+        assert sum(a.startswith("--shutdown-timeout") for a in argv) == 1 and flag[-1] in argv
 
 
 def test_serve_defaults_to_the_bundled_demo_model(monkeypatch, tmp_path):
