@@ -7,6 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import Counter, Histogram
+from vllm.v1.engine import FinishReason
+from vllm.v1.metrics.stats import PrefillStats
 
 from sparse_lavida_vllm.scheduler.output import METRICS_KEY
 
@@ -33,8 +35,24 @@ def record(metrics: dict[str, Any]) -> None:
     REQUEST_STEPS.labels(mode).observe(metrics["steps"])
 
 
+def _fill_prefill_stats(request_states: dict, output: Any) -> None:
+    """vLLM counts vllm:prompt_tokens_total from the PrefillStats on a request's first output, which its own
+    scheduler fills when it schedules the prefill. The diffusion scheduler admits and prefills its own way and
+    leaves them unset, so the API server fills them here: the whole prompt computed, nothing from a cache (prefix
+    caching is off for diffusion checkpoints)."""
+    state = request_states.get(output.request_id)
+    if state is None or not state.is_prefilling or output.prefill_stats is not None:
+        return
+    if output.finish_reason == FinishReason.ERROR:  # refused before its prefill ran
+        return
+    output.prefill_stats = PrefillStats()
+    output.prefill_stats.set(num_prompt_tokens=state.prompt_len, num_local_cached_tokens=0,
+                             num_external_cached_tokens=0)
+
+
 def count_diffusion_metrics(process_outputs: Callable) -> Callable:
-    """Wrap OutputProcessor.process_outputs (API-server side): record the metrics a finished request carries."""
+    """Wrap OutputProcessor.process_outputs (API-server side): record the metrics a finished request carries and
+    fill in the prompt-token stats vLLM's standard series need."""
 
     @functools.wraps(process_outputs)
     def wrapper(self, engine_core_outputs, *args, **kwargs):
@@ -42,6 +60,7 @@ def count_diffusion_metrics(process_outputs: Callable) -> Callable:
             params = output.kv_transfer_params
             if params and METRICS_KEY in params:
                 record(params[METRICS_KEY])
+            _fill_prefill_stats(self.request_states, output)
         return process_outputs(self, engine_core_outputs, *args, **kwargs)
 
     wrapper.__sparse_lavida__ = True

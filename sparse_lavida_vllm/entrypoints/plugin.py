@@ -16,6 +16,18 @@ WORKER_CLS = "sparse_lavida_vllm.worker.worker.DiffusionWorker"
 _registered = False
 
 
+def _check_checkpoint_files(model: str) -> None:
+    """A local checkpoint's broken .safetensors file stops the server at startup with a message naming it."""
+    from pathlib import Path
+
+    from sparse_lavida_vllm.model_executor.weights import check_safetensors
+
+    folder = Path(model)
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.safetensors")):
+            check_safetensors(path)
+
+
 class DiffusionEngineConfig:
     """A vLLM per-architecture config hook: our checkpoints get the diffusion scheduler and worker."""
 
@@ -25,6 +37,7 @@ class DiffusionEngineConfig:
         from sparse_lavida_vllm.scheduler.params import Limits
 
         Limits.from_config(vllm_config.additional_config)  # a bad cap stops the server at startup
+        _check_checkpoint_files(vllm_config.model_config.model)
         _serving = True
         _patch_request_path()
         scheduler_config, parallel_config = vllm_config.scheduler_config, vllm_config.parallel_config

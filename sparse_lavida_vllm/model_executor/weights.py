@@ -25,6 +25,40 @@ def save_pretrained(model: LLaDAMDM, folder: str | Path) -> None:
     save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
 
+def check_safetensors(path: str | Path) -> None:
+    """Read a .safetensors file's header only; a file that is not one is a ValueError naming it.
+
+    The safetensors reader itself fails on such a file with messages like "cannot fit 'int' into an index-sized
+    integer" (the first 8 bytes are the header's length) that do not say which file is broken.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 2 <= header_len <= size - 8:
+            raise ValueError(f"{path} is not a safetensors file (its header length field reads {header_len} for a "
+                             f"file of {size} bytes); re-download or re-save the checkpoint")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not a safetensors file (its header is not JSON: {e}); re-download or "
+                             f"re-save the checkpoint") from None
+    data = size - 8 - header_len
+    for name, info in header.items() if isinstance(header, dict) else [("header", None)]:
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] <= data):
+            raise ValueError(f"{path} is truncated or not a safetensors file (tensor {name!r} lies outside its "
+                             f"{data} data bytes); re-download or re-save the checkpoint")
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    check_safetensors(path)
+    return load_file(str(path))
+
+
 def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder, following model.safetensors.index.json when sharded."""
     folder = Path(folder)
@@ -32,11 +66,11 @@ def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
         shards = sorted(set(json.loads((folder / INDEX_NAME).read_text())["weight_map"].values()))
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
-            state.update(load_file(str(folder / shard)))
+            state.update(_load(folder / shard))
         return state
     if not (folder / WEIGHTS_NAME).exists():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {folder}")
-    return load_file(str(folder / WEIGHTS_NAME))
+    return _load(folder / WEIGHTS_NAME)
 
 
 def shard_state_dict(state: dict[str, torch.Tensor], model: LLaDAMDM) -> dict[str, torch.Tensor]:

@@ -206,8 +206,11 @@ def parse_params(sampling_params: Any, prompt_len: int, max_model_len: int,
     allowed = tuple(int(t) for t in getattr(sampling_params, "allowed_token_ids", None) or ())
     bias = tuple((int(t), float(b)) for t, b in (getattr(sampling_params, "logit_bias", None) or {}).items())
 
-    top_k = int(getattr(sampling_params, "top_k", 0) or 0)
-    seed = getattr(sampling_params, "seed", None)
+    # vLLM bounds none of these; an integer past 64 bits would fail in the engine's transport (an empty HTTP 500)
+    top_k = _int({"top_k": getattr(sampling_params, "top_k", 0) or 0}, "top_k", 0)
+    seed = _int({"seed": getattr(sampling_params, "seed", None)}, "seed", None)
+    stop_token_ids = frozenset(_int({"stop_token_ids": t}, "stop_token_ids", None)
+                               for t in getattr(sampling_params, "stop_token_ids", None) or ())
     if seed is None:
         seed = secrets.randbits(62)
     try:
@@ -220,7 +223,7 @@ def parse_params(sampling_params: Any, prompt_len: int, max_model_len: int,
     params = DiffusionParams(gen_length=gen_length, block_length=block_length, steps=steps,
                            num_registers=num_registers, sparse=sparse,
                            stop_at_eos=not bool(getattr(sampling_params, "ignore_eos", False)),
-                           stop_token_ids=frozenset(getattr(sampling_params, "stop_token_ids", None) or ()),
+                           stop_token_ids=stop_token_ids,
                            min_tokens=min_tokens, allowed_token_ids=allowed, logit_bias=bias, min_p=float(min_p),
                            sampling=sampling)
     if limits is not None:
