@@ -1,4 +1,4 @@
-"""The `vllm.general_plugins` entry point: our config, architectures, engine classes, request validation, metrics."""
+"""The `vllm.general_plugins` entry point: config, architectures, engine classes, validation, metrics, shutdown."""
 
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ SCHEDULER_CLS = "sparse_lavida_vllm.scheduler.scheduler.DiffusionScheduler"
 WORKER_CLS = "sparse_lavida_vllm.worker.worker.DiffusionWorker"
 
 _registered = False
+# Set in every process whose vLLM config serves one of our architectures (the API server included).
+_serving = False
+# Set in the API server when a SIGTERM / SIGINT starts the shutdown: new requests get 503, running ones drain.
+_draining = False
+SHUTTING_DOWN = "the server is shutting down and admits no new requests"
 
 
 def _check_checkpoint_files(model: str) -> None:
@@ -55,13 +60,6 @@ class DiffusionEngineConfig:
         return
 
 
-# Set in every process whose vLLM config serves one of our architectures (the API server included).
-_serving = False
-# Set in the API server when a SIGTERM / SIGINT starts the shutdown: new requests get 503, running ones drain.
-_draining = False
-SHUTTING_DOWN = "the server is shutting down and admits no new requests"
-
-
 def _check_request(vllm_config, prompt_len: int, params) -> None:
     """Validate a request for our architectures: the knobs, the standard fields and the operator's caps.
 
@@ -86,8 +84,10 @@ def _check_request(vllm_config, prompt_len: int, params) -> None:
 
 def _prompt_len(prompt) -> int | None:
     """The token count of a rendered prompt (what the OpenAI routes hand the engine), None if not known yet."""
-    token_ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else getattr(prompt, "prompt_token_ids",
-                                                                                         None)
+    if isinstance(prompt, dict):
+        token_ids = prompt.get("prompt_token_ids")
+    else:
+        token_ids = getattr(prompt, "prompt_token_ids", None)
     return None if token_ids is None else len(token_ids)
 
 
