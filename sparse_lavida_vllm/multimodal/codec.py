@@ -36,6 +36,12 @@ class ImageCodec(ABC):
         h, w = self.grid
         return h * w
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(width, height) in pixels of the images it encodes and decodes; one pixel per token by default."""
+        h, w = self.grid
+        return w, h
+
 
 class PixelCodec(ImageCodec):
     """One token per pixel: the grey level quantized to `levels` values, ids `token_offset + level`.

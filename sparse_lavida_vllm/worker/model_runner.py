@@ -12,7 +12,7 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
 from sparse_lavida_vllm.diffusion.masks import inference_step_spans
 from sparse_lavida_vllm.diffusion.reference import sample_and_choose
-from sparse_lavida_vllm.diffusion.sampling import SamplingConfig, constrain_logits
+from sparse_lavida_vllm.diffusion.sampling import SamplingConfig, constrain_logits, guide_logits
 from sparse_lavida_vllm.scheduler.output import DiffusionRunnerOutput, RequestStep
 from sparse_lavida_vllm.worker.paged_attention import (
     BatchedPagedAttention,
@@ -24,6 +24,7 @@ from sparse_lavida_vllm.worker.paged_attention import (
 
 logger = init_logger("vllm.sparse_lavida." + __name__)  # under "vllm": shown in vLLM's log format
 _EMPTY = torch.empty(0, dtype=torch.long)
+_EMPTY_LOGITS = torch.empty(0, 0)
 
 
 class DiffusionModelRunner(CPUModelRunner):
@@ -77,7 +78,7 @@ class DiffusionModelRunner(CPUModelRunner):
         for rs in group:
             p = len(rs.prefill_ids)
             ids.append(torch.tensor(rs.prefill_ids, dtype=torch.long))
-            positions.append(torch.arange(p))
+            positions.append(torch.tensor(rs.prefill_positions, dtype=torch.long))
             segments.append(Segment(start, start + p, _EMPTY, request_slots(rs.block_ids, 0, p, self.block_size), None))
             start += p
         self.model(torch.cat(ids), torch.cat(positions), PagedSpanAttention(self.paged_kv, segments), _EMPTY)
@@ -137,7 +138,7 @@ class DiffusionModelRunner(CPUModelRunner):
                 ids += rs.commit_ids
                 ids += [cfg.mask_token_id] * n_decode
                 ids += [cfg.register_token_id] * rs.num_registers
-                positions += range(p)
+                positions += rs.prefill_positions
                 positions += rs.commit_positions
                 positions += rs.decode_positions
                 positions += range(rs.register_start, rs.register_start + rs.num_registers)
@@ -161,10 +162,13 @@ class DiffusionModelRunner(CPUModelRunner):
                           BatchedPagedAttention(self.paged_kv, layout), torch.tensor(wanted, dtype=torch.long))
 
     @staticmethod
-    def _choose(rs: RequestStep, logits: Tensor) -> tuple[list[int], list[int]]:
-        """Exactly the reference sampler's draw: step_generator(seed, step), sample_tokens, then the policy."""
+    def _choose(rs: RequestStep, branch_logits: list[Tensor]) -> tuple[list[int], list[int]]:
+        """Exactly the reference sampler's draw: guidance, step_generator(seed, step), sample_tokens, the policy."""
         sampling = SamplingConfig(temperature=rs.temperature, top_k=rs.top_k, top_p=rs.top_p,
-                                  remasking=rs.remasking, confidence_threshold=rs.confidence_threshold, seed=rs.seed)
+                                  remasking=rs.remasking, confidence_threshold=rs.confidence_threshold, seed=rs.seed,
+                                  cfg_scale=rs.cfg_scale, image_cfg_scale=rs.image_cfg_scale,
+                                  token_range=rs.token_range)
+        logits = guide_logits(branch_logits, sampling)
         decode = torch.tensor(rs.decode_positions, dtype=torch.long)
         if rs.allowed_token_ids or rs.logit_bias or rs.min_p:
             logits = constrain_logits(logits, rs.allowed_token_ids, rs.logit_bias, rs.min_p, rs.temperature)
@@ -186,10 +190,19 @@ class DiffusionModelRunner(CPUModelRunner):
             for rs in steps:
                 if rs.prefill_ids:
                     self._prefill([rs])
-                per_request.extend(self._step([rs]))
+                if rs.num_step_rows:  # a guidance companion's first step may be its prefill alone
+                    per_request.extend(self._step([rs]))
+                else:
+                    per_request.append(_EMPTY_LOGITS)
+        # guidance companions join the request they guide, in branch order, when they decoded this step
+        branch_logits = {rs.req_id: [logits] for rs, logits in zip(steps, per_request) if rs.guides is None}
+        for rs, logits in sorted(zip(steps, per_request), key=lambda x: x[0].branch):
+            if rs.guides is not None and rs.decode_positions:
+                branch_logits[rs.guides].append(logits)
         # sampling stays per request: batching it measured no faster (the per-row kernels dominate)
-        kept = {rs.req_id: self._choose(rs, logits) for rs, logits in zip(steps, per_request)}
-        req_ids = [rs.req_id for rs in steps]
+        primaries = [rs for rs in steps if rs.guides is None]
+        kept = {rs.req_id: self._choose(rs, branch_logits[rs.req_id]) for rs in primaries}
+        req_ids = [rs.req_id for rs in primaries]
         return DiffusionRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
                                      kept=kept)
 
