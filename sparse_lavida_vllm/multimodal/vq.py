@@ -93,6 +93,11 @@ class VQCodec(ImageCodec):
         return self.height // self.downsample, self.width // self.downsample
 
     @property
+    def image_size(self) -> tuple[int, int]:
+        # One token covers a downsample x downsample patch, not one pixel as the seam's default assumes.
+        return self.width, self.height
+
+    @property
     def vocab_size(self) -> int:
         return int(self.vqvae.config.num_vq_embeddings)
 

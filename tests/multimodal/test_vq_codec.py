@@ -66,6 +66,7 @@ def codec(checkpoint: Path) -> VQCodec:
 def test_loads_with_config_geometry(codec: VQCodec) -> None:
     assert isinstance(codec, ImageCodec)
     assert codec.downsample == 4 and codec.grid == (GRID, GRID) and codec.num_tokens == N and codec.vocab_size == CODES
+    assert codec.image_size == (SIZE, SIZE)
 
 
 def test_encode_is_lavida_o_call_on_unit_range_pixels(codec: VQCodec) -> None:
@@ -135,7 +136,8 @@ def test_resizes_and_crops_or_pads_any_input(checkpoint: Path, codec: VQCodec) -
     pixels = np.asarray(padded)
     assert padded.size == (SIZE, SIZE) and pixels[0].max() == 0 and pixels[SIZE // 2].min() == 255
     tall = VQCodec(checkpoint, resolution=(16, 8))
-    assert tall.grid == (4, 2) and tall.encode(wide).shape == (8,) and tall.decode(torch.zeros(8)).size == (8, 16)
+    assert tall.image_size == (8, 16) and tall.grid == (4, 2)
+    assert tall.encode(wide).shape == (8,) and tall.decode(torch.zeros(8)).size == (8, 16)
 
 
 def test_errors_name_the_problem(tmp_path: Path, checkpoint: Path, codec: VQCodec) -> None:
