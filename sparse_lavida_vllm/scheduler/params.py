@@ -66,7 +66,7 @@ def _int(extra: dict, name: str, default: int | None) -> int | None:
         raise DiffusionParamError(name, f"{name} must be an integer, got {value!r}", value)
     try:
         as_int = int(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: int(inf)
         raise DiffusionParamError(name, f"{name} must be an integer, got {value!r}", value) from None
     if float(value) != as_int:
         raise DiffusionParamError(name, f"{name} must be an integer, got {value!r}", value)
