@@ -75,7 +75,9 @@ class PixelCodec(ImageCodec):
         if isinstance(image, Image.Image):
             image = image.convert("L")
             if image.size != (self.width, self.height):
-                image = image.resize((self.width, self.height), Image.BILINEAR)
+                # BOX averages each token's pixels: an image upscaled by an integer factor (what the images
+                # routes return) maps back to exactly its own tokens
+                image = image.resize((self.width, self.height), Image.BOX)
             pixels = np.asarray(image, dtype=np.float64) / 255.0
         else:
             pixels = np.asarray(image, dtype=np.float64)
