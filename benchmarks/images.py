@@ -88,7 +88,7 @@ def engine_child(quick: bool, repeats: int, flat: bool) -> dict:
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=str(DEMO), dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=64, seed=0,
-              additional_config={"flat_batch": flat})
+              additional_config={"batch_invariant": not flat})
     layout = json.loads((DEMO / "config.json").read_text())["image_generation"]
     codec, d = layout["codec"], layout["defaults"]
     tokenizer = llm.get_tokenizer()
@@ -136,10 +136,10 @@ def engine_child(quick: bool, repeats: int, flat: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     add_common_args(parser)
-    parser.add_argument("--engine-child", choices=("exact", "flat"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--engine-child", choices=("invariant", "unconstrained"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine_child:
-        print(json.dumps(engine_child(args.quick, args.repeats, args.engine_child == "flat")))
+        print(json.dumps(engine_child(args.quick, args.repeats, args.engine_child == "unconstrained")))
         return
     setup(args)
     run = Run("images", args.quick)
@@ -150,9 +150,10 @@ def main() -> None:
               flush=True)
     engine: dict = {"note": "vLLM engine in process (LLMEngine.step), bundled demo model, its default knobs; "
                             "images/s = n / (20th-percentile engine-step seconds x steps), each engine step timed. "
-                            "exact: one forward per sequence (the default runner); "
-                            "flat: one forward per engine step for every request and CFG companion"}
-    for runner in ("exact", "flat"):
+                            "Both runners run one forward per engine step for every request and CFG companion: "
+                            "invariant (the default: tiled GEMMs, per-request attention, batch-invariant), "
+                            "unconstrained (batch_invariant: false: plain GEMMs, one batched attention call)"}
+    for runner in ("invariant", "unconstrained"):
         cmd = [sys.executable, __file__, "--engine-child", runner, "--repeats", str(args.repeats)]
         cmd += ["--quick"] if args.quick else []
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **VLLM_ENV}, timeout=3600)

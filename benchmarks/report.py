@@ -193,7 +193,7 @@ def section_images(data: dict) -> list[str]:
     engine = data.get("engine", {})
     if engine:
         out += ["Through vLLM's engine (bundled demo model): " + engine.get("note", ""), ""]
-        for runner in ("exact", "flat"):
+        for runner in ("invariant", "unconstrained", "exact", "flat"):
             if runner not in engine:
                 continue
             e = engine[runner]

@@ -24,23 +24,29 @@ from sparse_lavida_vllm.worker.paged_attention import (
 
 logger = init_logger("vllm.sparse_lavida." + __name__)  # under "vllm": shown in vLLM's log format
 _EMPTY = torch.empty(0, dtype=torch.long)
-_EMPTY_LOGITS = torch.empty(0, 0)
 
 
 class DiffusionModelRunner(CPUModelRunner):
     """Keeps vLLM's CPU runner for loading and config; replaces the KV layout and execute_model.
 
-    By default every request runs its own forward pass (the flat batch of one request), which
-    keeps the vLLM path bit-identical to the reference sampler (I4): a GEMM over a longer batch
-    rounds differently. `--additional-config '{"flat_batch": true}'` runs all requests of a step
-    in one forward (per-request attention over the paged cache), trading that for throughput.
+    Every engine step is one forward over every request's rows (prefills, commit rows, decode rows,
+    registers, guidance companions). By default it is batch-invariant: a request's tokens do not depend
+    on what it shares the pass with, and equal the reference sampler's (I4). `--additional-config
+    '{"batch_invariant": false}'` trades that for throughput: plain GEMMs over all rows and one batched
+    attention call per layer (a longer GEMM rounds differently, which can flip a near-tie).
     """
 
     def __init__(self, vllm_config, device: torch.device) -> None:
         super().__init__(vllm_config, device)
         extra = vllm_config.additional_config or {}
-        self.flat_batch = bool(extra.get("flat_batch", False))
+        # "flat_batch": true is the earlier name of the unconstrained mode
+        self.batch_invariant = bool(extra.get("batch_invariant", not extra.get("flat_batch", False)))
         self.paged_kv: list[Tensor] = []
+
+    def load_model(self, *args, **kwargs) -> None:
+        super().load_model(*args, **kwargs)
+        if not self.batch_invariant:
+            self.model.row_tile = None  # plain GEMMs: each is one call over all rows of the step
 
     # ---- KV cache: one (2, slots, kv_heads, head_dim) tensor per layer ----------------------
 
@@ -72,45 +78,44 @@ class DiffusionModelRunner(CPUModelRunner):
 
     # ---- one engine step --------------------------------------------------------------------
 
-    def _prefill(self, group: list[RequestStep]) -> None:
-        """The prompt of each new request: full attention among itself, all rows cached."""
-        ids, positions, segments, start = [], [], [], 0
-        for rs in group:
-            p = len(rs.prefill_ids)
-            ids.append(torch.tensor(rs.prefill_ids, dtype=torch.long))
-            positions.append(torch.tensor(rs.prefill_positions, dtype=torch.long))
-            segments.append(Segment(start, start + p, _EMPTY, request_slots(rs.block_ids, 0, p, self.block_size), None))
-            start += p
-        self.model(torch.cat(ids), torch.cat(positions), PagedSpanAttention(self.paged_kv, segments), _EMPTY)
-
     def _step(self, group: list[RequestStep]) -> list[Tensor]:
-        """One pass over [C_{k-1} | decode masks | registers] (sparse) or prompt + canvas (dense) per request."""
+        """Every request of the step in one forward; each attends to its own keys with the reference's arithmetic.
+
+        Sparse rows per request: [prompt on its first step | C_{k-1} | decode masks | registers]; the prompt
+        and C_{k-1} are the commit rows (written to the pool, seeing only the cache and each other), so a new
+        request's prefill rides in the same pass. Dense: prompt + canvas, full attention, nothing cached.
+        Batch invariance: attention runs per request (PagedSpanAttention), and the model's GEMMs run in
+        fixed row tiles (model.row_tile), so no row's arithmetic depends on which rows share the pass.
+        """
         cfg = self.model.config
-        ids, positions, segments, logits_rows, start = [], [], [], [], 0
+        ids: list[int] = []
+        positions: list[int] = []
+        segments, logits_rows, start = [], [], 0
         for rs in group:
             n_decode = len(rs.decode_positions)
             if rs.sparse:
-                n_commit = len(rs.commit_ids)
-                ids.append(torch.tensor(rs.commit_ids + [cfg.mask_token_id] * n_decode
-                                        + [cfg.register_token_id] * rs.num_registers, dtype=torch.long))
-                positions.append(torch.tensor(rs.commit_positions + rs.decode_positions
-                                              + list(range(rs.register_start, rs.register_start + rs.num_registers)),
-                                              dtype=torch.long))
-                n = ids[-1].numel()
+                p = len(rs.prefill_ids)
+                n_commit = p + len(rs.commit_ids)
+                cached = rs.cache_len - p  # the prompt's slots were allocated with this step
+                ids += rs.prefill_ids + rs.commit_ids + [cfg.mask_token_id] * n_decode
+                ids += [cfg.register_token_id] * rs.num_registers
+                positions += rs.prefill_positions + rs.commit_positions + rs.decode_positions
+                positions += range(rs.register_start, rs.register_start + rs.num_registers)
+                n = n_commit + n_decode + rs.num_registers
                 segments.append(Segment(
-                    start, start + n, request_slots(rs.block_ids, 0, rs.cache_len, self.block_size),
-                    request_slots(rs.block_ids, rs.cache_len, rs.cache_len + n_commit, self.block_size),
-                    inference_step_spans(rs.cache_len, n, n_commit, n_commit)))
+                    start, start + n, request_slots(rs.block_ids, 0, cached, self.block_size),
+                    request_slots(rs.block_ids, cached, cached + n_commit, self.block_size),
+                    inference_step_spans(cached, n, n_commit, n_commit)))
                 logits_rows.append(torch.arange(start + n_commit, start + n_commit + n_decode))
             else:
                 n = len(rs.dense_ids)
-                ids.append(torch.tensor(rs.dense_ids, dtype=torch.long))
-                positions.append(torch.arange(n))
+                ids += rs.dense_ids
+                positions += range(n)
                 segments.append(Segment(start, start + n, _EMPTY, _EMPTY, None))
                 logits_rows.append(start + torch.tensor(rs.decode_positions, dtype=torch.long))
             start += n
-        logits = self.model(torch.cat(ids), torch.cat(positions), PagedSpanAttention(self.paged_kv, segments),
-                            torch.cat(logits_rows))
+        logits = self.model(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+                            PagedSpanAttention(self.paged_kv, segments), torch.cat(logits_rows))
         return list(torch.split(logits, [len(rs.decode_positions) for rs in group]))
 
     def _flat_step(self, group: list[RequestStep]) -> Tensor:
@@ -182,18 +187,12 @@ class DiffusionModelRunner(CPUModelRunner):
     @torch.inference_mode()
     def execute_model(self, scheduler_output, intermediate_tensors=None) -> DiffusionRunnerOutput:
         steps: list[RequestStep] = getattr(scheduler_output, "steps", [])
-        if self.flat_batch:
-            sizes = [len(rs.decode_positions) for rs in steps]
-            per_request = torch.split(self._flat_step(steps), sizes) if steps else []
-        else:  # exact mode: one forward per request, bit-identical to the reference sampler (I4)
+        if not steps:
             per_request = []
-            for rs in steps:
-                if rs.prefill_ids:
-                    self._prefill([rs])
-                if rs.num_step_rows:  # a guidance companion's first step may be its prefill alone
-                    per_request.extend(self._step([rs]))
-                else:
-                    per_request.append(_EMPTY_LOGITS)
+        elif self.batch_invariant:  # the default: one forward, batch-invariant, bit-identical to the reference
+            per_request = self._step(steps)
+        else:  # one forward with plain GEMMs and one batched attention call per layer: fastest, not invariant
+            per_request = torch.split(self._flat_step(steps), [len(rs.decode_positions) for rs in steps])
         # guidance companions join the request they guide, in branch order, when they decoded this step
         branch_logits = {rs.req_id: [logits] for rs, logits in zip(steps, per_request) if rs.guides is None}
         for rs, logits in sorted(zip(steps, per_request), key=lambda x: x[0].branch):
