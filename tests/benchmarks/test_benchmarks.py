@@ -91,7 +91,7 @@ def test_images(results_dir):
     for r in data["samplers"].values():
         assert r["forward_tokens"]["sparse"] < r["forward_tokens"]["dense"]
         assert r["token_bound"] == pytest.approx(r["forward_tokens"]["dense"] / r["forward_tokens"]["sparse"], rel=1e-2)
-    for runner in ("exact", "flat"):
+    for runner in ("invariant", "unconstrained"):
         rates = data["engine"][runner]["images_per_s"]
         assert set(rates) == {"sparse", "sparse_cfg", "dense", "dense_cfg"}
         assert all(v > 0 for r in rates.values() for v in r.values())
