@@ -14,6 +14,7 @@ from sparse_lavida_vllm.diffusion.masks import inference_step_spans
 from sparse_lavida_vllm.diffusion.reference import sample_and_choose
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig, constrain_logits, guide_logits
 from sparse_lavida_vllm.scheduler.output import DiffusionRunnerOutput, RequestStep
+from sparse_lavida_vllm.worker.flex_attention import FlexPagedAttention, choose_backend
 from sparse_lavida_vllm.worker.paged_attention import (
     BatchedPagedAttention,
     PagedSpanAttention,
@@ -41,6 +42,9 @@ class DiffusionModelRunner(CPUModelRunner):
         extra = vllm_config.additional_config or {}
         # "flat_batch": true is the earlier name of the unconstrained mode
         self.batch_invariant = bool(extra.get("batch_invariant", not extra.get("flat_batch", False)))
+        # the unconstrained runner's attention: one batched SDPA, or FlexAttention (the default on CUDA)
+        self.attention_backend = choose_backend(str(extra.get("attention_backend", "auto")), torch.device(device),
+                                                self.batch_invariant)
         self.paged_kv: list[Tensor] = []
 
     def load_model(self, *args, **kwargs) -> None:
@@ -163,8 +167,9 @@ class DiffusionModelRunner(CPUModelRunner):
         width = max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long).view(len(tables), width)
         layout = StepLayout(torch.tensor(rows), torch.tensor(cache_len), torch.tensor(commit), table, self.block_size)
+        backend = FlexPagedAttention if self.attention_backend == "flex" else BatchedPagedAttention
         return self.model(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
-                          BatchedPagedAttention(self.paged_kv, layout), torch.tensor(wanted, dtype=torch.long))
+                          backend(self.paged_kv, layout), torch.tensor(wanted, dtype=torch.long))
 
     @staticmethod
     def _choose(rs: RequestStep, branch_logits: list[Tensor]) -> tuple[list[int], list[int]]:

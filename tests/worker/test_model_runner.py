@@ -93,7 +93,7 @@ from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
 llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=256, seed=0, block_size=16,
-          additional_config={"batch_invariant": False})
+          additional_config=json.loads(sys.argv[3]))
 engine, out = llm.llm_engine, {}
 for i, (prompt, knobs) in enumerate(json.loads(sys.argv[2])):
     knobs = dict(knobs)
@@ -120,8 +120,10 @@ FLAT_REQUESTS = [
 
 
 @pytest.mark.slow
-def test_unconstrained_mode_gives_the_reference_tokens_on_the_tiny_model(tmp_path):
-    """Plain GEMMs may differ from the reference only by rounding; on the tiny model its tokens are the same."""
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_unconstrained_mode_gives_the_reference_tokens_on_the_tiny_model(tmp_path, backend):
+    """Plain GEMMs (and the fused FlexAttention backend) may differ from the reference only by rounding; on the
+    tiny model their tokens are the same."""
     import json
     import os
     import subprocess
@@ -130,7 +132,9 @@ def test_unconstrained_mode_gives_the_reference_tokens_on_the_tiny_model(tmp_pat
     from tests.serving_helpers import VLLM_ENV, make_checkpoint
 
     folder = make_checkpoint(tmp_path)
-    run = subprocess.run([sys.executable, "-c", FLAT_SCRIPT, str(folder), json.dumps(FLAT_REQUESTS)],
+    config = {"batch_invariant": False, "attention_backend": backend}
+    run = subprocess.run([sys.executable, "-c", FLAT_SCRIPT, str(folder), json.dumps(FLAT_REQUESTS),
+                          json.dumps(config)],
                          env={**os.environ, **VLLM_ENV}, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
