@@ -1,0 +1,432 @@
+"""LaViDa-O: our flat-rows model vs a straightforward re-implementation of the published forward, the loader, I2."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers.models.resnet import Downsample2D, Upsample2D  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from sparse_lavida_vllm.diffusion.planners import image_plan  # noqa: E402
+from sparse_lavida_vllm.diffusion.sampling import SamplingConfig  # noqa: E402
+from sparse_lavida_vllm.model_executor.lavida_o import (  # noqa: E402
+    LaViDaOConfig,
+    codes_to_patches,
+    generate_image_sparse,
+    image_step_causal_logits,
+    load_config,
+    load_lavida_o,
+    patches_to_codes,
+    random_lavida_o,
+    write_tiny_checkpoint,
+)
+
+CODES = 16  # tiny codebook; the image mask code is CODES + 1 as 8193 is for 8192 codes
+IMG = 50  # the image placeholder id in the tiny vocabulary (126089 in the published one)
+GRID = 8  # 8x8 codes -> 4x4 transformer positions
+
+
+def tiny_config(**kw) -> LaViDaOConfig:
+    base = dict(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, mlp_hidden_size=48,
+                rope_theta=500000.0, mask_token_id=60, eos_token_id=1, pad_token_id=1, d_model_gen=16,
+                mlp_hidden_size_gen=24, dual_tower=True, dual_tower_layers=0, downsample=True,
+                num_vq_embeddings=CODES, image_token_id=IMG, num_register_tokens=(2, 3),
+                num_register_groups=(25, 25), block_causal=True, register_token_id=61, register_code=CODES + 2)
+    base.update(kw)
+    return LaViDaOConfig(**base)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls on a shared CPU: thread wake-ups cost more than the math
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- an independent implementation of the published forward (llava_llada / modeling_llada / u_vit) ---------
+
+class PubRMS(nn.Module):
+    """modeling_llada.RMSLayerNorm: normalise in fp32, cast back, then weight * x."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+        return self.weight * x
+
+
+def pub_rope(t: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """RotaryEmbedding with explicit position ids: t (B, nh, T, hs)."""
+    hs = t.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, hs, 2, dtype=torch.float) / hs))
+    freqs = torch.einsum("i,j->ij", pos.float(), inv)
+    emb = torch.cat([freqs, freqs], -1)
+    sin, cos = emb.sin()[None, None], emb.cos()[None, None]
+    x1, x2 = t.view(*t.shape[:-1], 2, hs // 2).unbind(-2)
+    return t * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class PubBlock(nn.Module):
+    def __init__(self, layer_id: int, c: LaViDaOConfig) -> None:
+        super().__init__()
+        d, dg, hd = c.d_model, c.d_model_gen, c.d_model // c.n_heads
+        self.c, self.split = c, layer_id > (c.dual_tower_layers if c.dual_tower_layers is not None else 9999)
+        self.attn_norm, self.ff_norm = PubRMS(d, c.rms_norm_eps), PubRMS(d, c.rms_norm_eps)
+        self.q_proj, self.attn_out = nn.Linear(d, d, bias=False), nn.Linear(d, d, bias=False)
+        self.k_proj, self.v_proj = nn.Linear(d, c.n_kv_heads * hd, bias=False), nn.Linear(d, c.n_kv_heads * hd,
+                                                                                         bias=False)
+        self.ff_proj, self.up_proj = nn.Linear(d, c.mlp_hidden_size, bias=False), nn.Linear(d, c.mlp_hidden_size,
+                                                                                            bias=False)
+        self.ff_out = nn.Linear(c.mlp_hidden_size, d, bias=False)
+        self.attn_norm_vision, self.ff_norm_vision = PubRMS(dg, c.rms_norm_eps), PubRMS(dg, c.rms_norm_eps)
+        self.q_proj_vision = nn.Linear(dg, d, bias=False)
+        self.k_proj_vision = nn.Linear(dg, c.n_kv_heads * hd, bias=False)
+        self.v_proj_vision = nn.Linear(dg, c.n_kv_heads * hd, bias=False)
+        self.ff_proj_vision = nn.Linear(dg, c.mlp_hidden_size_gen, bias=False)
+        self.up_proj_vision = nn.Linear(dg, c.mlp_hidden_size_gen, bias=False)
+        self.ff_out_vision = nn.Linear(c.mlp_hidden_size_gen, dg, bias=False)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """LLaDABlock.attention for one sequence (T, C): heads, RoPE at `pos`, SDPA (GQA by repeat), attn_out."""
+        c, T = self.c, q.shape[0]
+        hd = c.d_model // c.n_heads
+        q = q.view(1, T, c.n_heads, hd).transpose(1, 2)
+        k = k.view(1, T, c.n_kv_heads, hd).transpose(1, 2)
+        v = v.view(1, T, c.n_kv_heads, hd).transpose(1, 2)
+        q, k = pub_rope(q, pos, c.rope_theta), pub_rope(k, pos, c.rope_theta)
+        rep = c.n_heads // c.n_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        att = F.scaled_dot_product_attention(q, k, v)
+        return self.attn_out(att.transpose(1, 2).reshape(T, -1))
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        """x (T, d_model) with image rows zero-padded beyond d_model_gen; mod (T,) the modality_indices."""
+        dg, d = self.c.d_model_gen, self.c.d_model
+        x_raw = x
+        x_t, x_v = x[~mod], x[mod][:, :dg]
+        h_t, h_v = self.attn_norm(x_t), self.attn_norm_vision(x_v)
+        qt, kt, vt = self.q_proj(h_t), self.k_proj(h_t), self.v_proj(h_t)
+        qv, kv, vv = self.q_proj_vision(h_v), self.k_proj_vision(h_v), self.v_proj_vision(h_v)
+        pos = torch.arange(x.shape[0])
+        att = torch.zeros(x.shape[0], d)
+        if self.split:  # each modality packed and attended alone, at its raw positions
+            att[~mod] = self.attention(qt, kt, vt, pos[~mod])
+            att[mod] = self.attention(qv, kv, vv, pos[mod])
+        else:
+            def merge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+                out = torch.zeros(x.shape[0], a.shape[-1])
+                out[~mod], out[mod] = a, b
+                return out
+            att = self.attention(merge(qt, qv), merge(kt, kv), merge(vt, vv), pos)
+        x = x_raw + att
+        x_t, x_v = x[~mod], x[mod][:, :dg]
+        x_t = x_t + self.ff_out(F.silu(self.ff_proj(self.ff_norm(x_t))) * self.up_proj(self.ff_norm(x_t)))
+        hv = self.ff_norm_vision(x_v)
+        x_v = x_v + self.ff_out_vision(F.silu(self.ff_proj_vision(hv)) * self.up_proj_vision(hv))
+        out = torch.zeros_like(x)
+        out[~mod] = x_t
+        out[mod] = F.pad(x_v, (0, d - dg))  # merge_qkv(..., pad=True)
+        return out
+
+
+class PubUVit(nn.Module):
+    """u_vit.Simple_UVitBlock without the MLP: diffusers' Down/Upsample2D with the publishers' arguments."""
+
+    def __init__(self, channels: int, down: bool) -> None:
+        super().__init__()
+        if down:
+            self.downsample = Downsample2D(channels, use_conv=True, padding=0, name="Conv2d_0", kernel_size=2,
+                                           norm_type="rms_norm", eps=1e-6, elementwise_affine=True, bias=False)
+        else:
+            self.upsample = Upsample2D(channels, use_conv_transpose=True, kernel_size=2, padding=0, name="conv",
+                                       norm_type="rms_norm", eps=1e-6, elementwise_affine=True, bias=False,
+                                       interpolate=False)
+        self.down = down
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        x = x.view(1, h, w, -1).permute(0, 3, 1, 2)
+        x = self.downsample(x) if self.down else self.upsample(x)
+        return x.flatten(2).transpose(1, 2)[0]
+
+
+class Published(nn.Module):
+    """LlavaLladaForMaskedDiffusion's parameter tree and t2i forward (wte + gen embedding, blocks, ln_f, heads)."""
+
+    def __init__(self, c: LaViDaOConfig) -> None:
+        super().__init__()
+        self.c = c
+        self.model = nn.Module()
+        self.model.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(c.vocab_size, c.d_model),
+            "blocks": nn.ModuleList(PubBlock(i, c) for i in range(c.n_layers)),
+            "ln_f": PubRMS(c.d_model, c.rms_norm_eps),
+            "ff_out": nn.Linear(c.d_model, c.vocab_size, bias=False),
+        })
+        self.model.gen_embedding = nn.Embedding(c.num_vq_embeddings + 256, c.d_model_gen)
+        self.model.gen_predictor = nn.Linear(c.d_model_gen, c.num_vq_embeddings, bias=False)
+        if c.downsample:
+            self.model.downsample_gen = PubUVit(c.d_model_gen, down=True)
+            self.model.upsample_gen = PubUVit(c.d_model_gen, down=False)
+
+    def forward(self, ids: torch.Tensor, codes: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (T,) with IMG placeholders; codes (h*w,). Returns text logits (T, V) and code logits (h*w, codebook)."""
+        c, t = self.c, self.model.transformer
+        mod = ids == c.image_token_id
+        x = t["wte"](ids.masked_fill(mod, 0))
+        gen = self.model.gen_embedding(codes)
+        if c.downsample:
+            gen = self.model.downsample_gen(gen, h, w)
+        x[mod] = F.pad(gen, (0, c.d_model - c.d_model_gen))
+        for block in t["blocks"]:
+            x = block(x, mod)
+        hidden = t["ln_f"](x)  # hidden_states[-1]: post ln_f, image rows still zero-padded
+        gen_h = hidden[mod][:, :c.d_model_gen]
+        if c.downsample:
+            gen_h = self.model.upsample_gen(gen_h, h // 2, w // 2)
+        return t["ff_out"](hidden), self.model.gen_predictor(gen_h)
+
+
+def sequence(seed: int, prompt: int = 7, suffix: int = 3, per_position: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """A t2i-shaped sequence: prompt text | image placeholders | trailing text; and an 8x8 code grid, some masked."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cat([torch.randint(2, 45, (prompt,), generator=g), torch.full((GRID * GRID // per_position,), IMG),
+                     torch.randint(2, 45, (suffix,), generator=g)])
+    codes = torch.randint(0, CODES, (GRID * GRID,), generator=g)
+    codes[torch.rand(GRID * GRID, generator=g) < 0.4] = CODES + 1  # the mask code
+    return ids, codes
+
+
+@pytest.mark.parametrize("dual_tower_layers, downsample", [(0, True), (1, True), (None, True), (0, False)])
+def test_forward_equals_the_published_forward(dual_tower_layers: int | None, downsample: bool) -> None:
+    config = tiny_config(dual_tower_layers=dual_tower_layers, downsample=downsample)
+    ours = random_lavida_o(config, seed=1)
+    published = Published(config)
+    published.load_state_dict(ours.state_dict(), strict=True)  # same parameter names, nothing left over
+    ids, codes = sequence(2, per_position=config.codes_per_position)
+    want_text, want_codes = published(ids, codes, GRID, GRID)
+    image_rows = (ids == IMG).nonzero().flatten()
+    if downsample:
+        patches, to_codes = codes_to_patches(codes, GRID, GRID), lambda x: patches_to_codes(x, GRID, GRID)
+    else:
+        patches, to_codes = codes.view(-1, 1), lambda x: x[:, 0]
+    positions = torch.arange(ids.numel())
+    got_text = ours(ids, positions, image_rows=image_rows, image_codes=patches)
+    got_codes = to_codes(ours.image_logits(ids, positions, image_rows=image_rows, image_codes=patches))
+    text_rows = (ids != IMG).nonzero().flatten()
+    assert (got_text - want_text[text_rows]).abs().max().item() <= 1e-5
+    assert (got_codes - want_codes).abs().max().item() <= 1e-5
+    # rows are packable in any order: explicit positions carry the layout
+    perm = torch.randperm(ids.numel(), generator=torch.Generator().manual_seed(0))
+    inv = torch.argsort(perm)
+    shuffled = ours.image_logits(ids[perm], positions[perm], image_rows=inv[image_rows], image_codes=patches)
+    assert (to_codes(shuffled) - want_codes).abs().max().item() <= 1e-5
+
+
+def test_per_modality_layers_change_the_logits() -> None:
+    """The split layers matter (the comparison above is not blind to them)."""
+    ids, codes = sequence(3)
+    image_rows = (ids == IMG).nonzero().flatten()
+    patches = codes_to_patches(codes, GRID, GRID)
+    outs = []
+    for layers in (0, None):
+        model = random_lavida_o(tiny_config(dual_tower_layers=layers), seed=4)
+        outs.append(model.image_logits(ids, torch.arange(ids.numel()), image_rows=image_rows, image_codes=patches))
+    assert (outs[0] - outs[1]).abs().max().item() > 1e-3
+
+
+def test_patch_layout_is_the_2x2_grid() -> None:
+    codes = torch.arange(GRID * GRID)
+    patches = codes_to_patches(codes, GRID, GRID)
+    assert patches[0].tolist() == [0, 1, 8, 9] and patches[1].tolist() == [2, 3, 10, 11]
+    assert patches[4].tolist() == [16, 17, 24, 25]
+    assert torch.equal(patches_to_codes(patches, GRID, GRID), codes)
+
+
+# ---- I2 on the sparse image path ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_registers", [0, 3])
+def test_i2_sparse_image_logits_equal_one_algorithm1_forward(num_registers: int) -> None:
+    model = random_lavida_o(tiny_config(), seed=5)
+    prompt = torch.randint(2, 45, (6,), generator=torch.Generator().manual_seed(6))
+    plan = image_plan(GRID // 2, GRID // 2, 5, "cosine", "stratified", generator=torch.Generator().manual_seed(7))
+    sampling = SamplingConfig(temperature=0.9, seed=8)
+    result = generate_image_sparse(model, prompt, plan, sampling, num_registers)
+    assert bool((result.patches < CODES).all())  # every code decoded, from the codebook
+    clean: list[torch.Tensor] = []
+    for step in result.steps:
+        oracle = image_step_causal_logits(model, prompt, result.patches, clean, [step.decode], num_registers)[0]
+        assert (step.logits - oracle).abs().max().item() <= 1e-5
+        clean.append(step.decode)
+    # several masked blocks in one Algorithm 1 forward == each alone (multi-path training sequences)
+    blocks = [s.decode for s in result.steps]
+    together = image_step_causal_logits(model, prompt, result.patches, blocks[:2], blocks[2:], num_registers)
+    for block, logits in zip(blocks[2:], together):
+        alone = image_step_causal_logits(model, prompt, result.patches, blocks[:2], [block], num_registers)[0]
+        assert (alone - logits).abs().max().item() <= 1e-5
+
+
+def test_sparse_image_path_feeds_fewer_rows_than_positions_times_steps() -> None:
+    model = random_lavida_o(tiny_config(), seed=9)
+    prompt = torch.randint(2, 45, (6,), generator=torch.Generator().manual_seed(1))
+    plan = image_plan(GRID // 2, GRID // 2, 4, "linear", "raster")
+    result = generate_image_sparse(model, prompt, plan, SamplingConfig(seed=2), num_registers=3)
+    dense_rows = plan.num_steps * (prompt.numel() + plan.length)
+    assert result.forward_rows < dense_rows
+    with pytest.raises(ValueError, match="register_code"):
+        generate_image_sparse(random_lavida_o(tiny_config(register_code=None)), prompt, plan, SamplingConfig(), 2)
+
+
+# ---- config and loader ---------------------------------------------------------------------------------------
+
+def published_like_config() -> dict:
+    """The shape of a LaViDa-O config.json: LLaDA keys, llava keys, dual-tower keys, Sparse-LaViDa flags."""
+    return {
+        "architectures": ["LlavaLladaForMaskedDiffusion"], "model_type": "llava_llada", "d_model": 4096,
+        "n_heads": 32, "n_kv_heads": 32, "n_layers": 32, "mlp_hidden_size": 12288, "mlp_ratio": 4,
+        "vocab_size": 126464, "embedding_size": 126464, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+        "max_sequence_length": 4096, "mask_token_id": 126336, "eos_token_id": 126081, "pad_token_id": 126081,
+        "include_bias": False, "weight_tying": False, "block_type": "llama", "layer_norm_type": "rms",
+        "activation_type": "silu", "rope": True, "d_model_gen": 2048, "mlp_hidden_size_gen": 8192,
+        "dual_tower": True, "dual_tower_layers": 16, "downsample": True, "enc_use_image_branch": True,
+        "mm_vqvae": "/mnt/localssd/Meissonic/vqvae", "mm_vision_tower": "google/siglip-so400m-patch14-384",
+        "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 1152, "block_causal": True,
+        "num_register_tokens": "64,64", "num_register_groups": "25,25", "gen_enc_add_pos_emb": True,
+    }
+
+
+def test_config_reads_the_published_keys() -> None:
+    c = LaViDaOConfig.from_dict(published_like_config(), num_vq_embeddings=8192)
+    assert (c.d_model, c.d_model_gen, c.mlp_hidden_size_gen, c.dual_tower_layers) == (4096, 2048, 8192, 16)
+    assert c.first_split_layer == 17  # the code splits when layer_id > dual_tower_layers
+    assert c.mask_code == 8193 and c.codes_per_position == 4 and c.image_token_id == 126089
+    assert c.num_register_tokens == (64, 64) and c.registers("image") == 64 and c.num_register_groups == (25, 25)
+    assert c.register_token_id is None and c.register_code is None  # never invented
+    assert c.extra["mm_projector_type"] == "mlp2x_gelu"
+    back = c.to_dict()
+    assert back["num_register_tokens"] == "64,64" and back["mm_vision_tower"] == "google/siglip-so400m-patch14-384"
+    assert LaViDaOConfig.from_dict(back, num_vq_embeddings=8192) == c
+    # the publishers' defaults: d_model_gen / mlp_hidden_size_gen < 0 mean "as the text tower"
+    plain = LaViDaOConfig.from_dict({**published_like_config(), "d_model_gen": -1, "mlp_hidden_size_gen": -1,
+                                     "dual_tower": False}, num_vq_embeddings=8192)
+    assert plain.d_model_gen == 4096 and plain.mlp_hidden_size_gen == 12288 and plain.first_split_layer == 32
+    for key, value in (("gen_mlp_type", "dit"), ("extra_gen_dit", True), ("weight_tying", True)):
+        with pytest.raises(ValueError, match=key):
+            LaViDaOConfig.from_dict({**published_like_config(), key: value}, num_vq_embeddings=8192)
+
+
+@pytest.fixture()
+def checkpoint(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    model = write_tiny_checkpoint(tmp_path / "ckpt", tiny_config(), seed=3, max_shard_tensors=20)
+    return tmp_path / "ckpt", model
+
+
+def test_loader_round_trip_in_the_published_layout(checkpoint) -> None:
+    folder, written = checkpoint
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert "model.transformer.blocks.0.q_proj_vision.weight" in index["weight_map"]
+    assert "model.downsample_gen.downsample.conv.weight" in index["weight_map"]
+    assert json.loads((folder / "vqvae" / "config.json").read_text())["num_vq_embeddings"] == CODES
+    raw = json.loads((folder / "config.json").read_text())
+    assert raw["model_type"] == "llava_llada" and raw["num_register_tokens"] == "2,3"
+    assert "num_vq_embeddings" not in raw  # that belongs to vqvae/config.json
+    loaded = load_lavida_o(folder)
+    assert loaded.config == written.config
+    for name, tensor in written.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    # namespaces this file does not model (understanding tower, projector, the VQ copy) are skipped
+    shard = folder / index["weight_map"]["model.transformer.wte.weight"]
+    extra = load_file(str(shard))
+    extra["model.mm_projector.0.weight"] = torch.zeros(2, 2)
+    save_file(extra, str(shard))
+    load_lavida_o(folder)
+
+
+def _rewrite(folder: Path, name: str, tensor: torch.Tensor | None) -> str:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"][name]
+    state = load_file(str(folder / shard))
+    if tensor is None:
+        del state[name]
+    else:
+        state[name] = tensor
+    save_file(state, str(folder / shard))
+    return shard
+
+
+def test_loader_errors_name_the_file_or_tensor(checkpoint) -> None:
+    folder, _ = checkpoint
+    name = "model.transformer.blocks.1.ff_out_vision.weight"
+    shard = _rewrite(folder, name, torch.zeros(3, 3))
+    with pytest.raises(ValueError, match=rf"{name} in .*{shard} has shape \(3, 3\).*\(16, 24\)"):
+        load_lavida_o(folder)
+    _rewrite(folder, name, None)
+    with pytest.raises(ValueError, match=rf"tensor {name}: .*maps it to {shard}"):
+        load_lavida_o(folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    del index["weight_map"][name]
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"tensor {name} is missing"):
+        load_lavida_o(folder)
+    _rewrite(folder, "model.gen_predictor.weight", None)  # keep the index consistent for the next case
+    other = sorted(set(index["weight_map"].values()))[-1]
+    (folder / other).unlink()
+    with pytest.raises(ValueError, match=rf"shard .*{other} .*missing"):
+        load_lavida_o(folder)
+
+
+def test_loader_refuses_unknown_tensors_and_wrong_folders(tmp_path: Path) -> None:
+    folder = tmp_path / "one"
+    write_tiny_checkpoint(folder, tiny_config(), seed=1)
+    state = load_file(str(folder / "model.safetensors"))
+    state["model.transformer.blocks.0.attn_out_vision.weight"] = torch.zeros(2, 2)
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match="attn_out_vision.weight in .* is not a parameter"):
+        load_lavida_o(folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="no model.safetensors or model.safetensors.index.json"):
+        load_lavida_o(folder)
+    (folder / "vqvae" / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"vqvae/config.json is missing"):
+        load_config(folder)
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, "model_type": "llada", "architectures": ["LLaDAModelLM"]}))
+    with pytest.raises(ValueError, match="not a LaViDa-O checkpoint"):
+        load_config(folder)
+    (folder / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"config.json is missing"):
+        load_config(folder)
+
+
+# ---- a text-to-image request end to end on the reference path -------------------------------------------------
+
+def test_text_to_image_decodes_through_the_checkpoints_vq(tmp_path: Path) -> None:
+    from sparse_lavida_vllm.multimodal.vq import VQCodec
+
+    folder = tmp_path / "ckpt"
+    write_tiny_checkpoint(folder, tiny_config(), seed=2)
+    model = load_lavida_o(folder)
+    codec = VQCodec(folder, resolution=GRID * 4)  # the tiny VQ downsamples 4x: 32 px -> 8x8 codes
+    assert codec.grid == (GRID, GRID) and codec.vocab_size == CODES
+    prompt = torch.randint(2, 45, (5,), generator=torch.Generator().manual_seed(3))
+    plan = image_plan(GRID // 2, GRID // 2, 4, "shift", "stratified", generator=torch.Generator().manual_seed(4))
+    result = generate_image_sparse(model, prompt, plan, SamplingConfig(temperature=1.0, seed=5))
+    codes = patches_to_codes(result.patches, GRID, GRID)
+    image = codec.decode(codes)
+    assert image.size == (GRID * 4, GRID * 4) and image.mode == "RGB"
+    again = generate_image_sparse(model, prompt, plan, SamplingConfig(temperature=1.0, seed=5))
+    assert torch.equal(again.patches, result.patches)  # (seed, step) noise: reproducible
