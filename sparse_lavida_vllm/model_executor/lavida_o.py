@@ -465,6 +465,12 @@ class LaViDaOMDM(nn.Module):
         split = self.config.first_split_layer
         if split >= self.config.n_layers or isinstance(attention, ModalityAttention):
             return attention
+        if (not image_rows.numel() and isinstance(attention, SpanAttention)
+                and not isinstance(attention.cache, ModalKVCache)):
+            # A text pass over a plain KVCache is a text-only sequence (the caller's contract: image sequences
+            # use a ModalKVCache), where per-modality layers are ordinary ones. This is what lets text requests
+            # on this checkpoint run through diffusion.reference unchanged.
+            return attention
         if not isinstance(attention, SpanAttention):
             raise TypeError(f"layers >= {split} attend per modality: pass a SpanAttention or a ModalityAttention, "
                             f"got {type(attention).__name__}")

@@ -15,10 +15,15 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers.models.resnet import Downsample2D, Upsample2D  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from sparse_lavida_vllm.diffusion.planners import image_plan  # noqa: E402
+from sparse_lavida_vllm.diffusion.check import consistency_error  # noqa: E402
+from sparse_lavida_vllm.diffusion.masks import inference_step_spans  # noqa: E402
+from sparse_lavida_vllm.diffusion.planners import image_plan, text_plan  # noqa: E402
+from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_sparse  # noqa: E402
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig  # noqa: E402
+from sparse_lavida_vllm.model_executor.attention import SpanAttention  # noqa: E402
 from sparse_lavida_vllm.model_executor.lavida_o import (  # noqa: E402
     LaViDaOConfig,
+    ModalKVCache,
     codes_to_patches,
     generate_image_sparse,
     image_step_causal_logits,
@@ -277,6 +282,44 @@ def test_i2_sparse_image_logits_equal_one_algorithm1_forward(num_registers: int)
     for block, logits in zip(blocks[2:], together):
         alone = image_step_causal_logits(model, prompt, result.patches, blocks[:2], [block], num_registers)[0]
         assert (alone - logits).abs().max().item() <= 1e-5
+
+
+def test_i1_cached_image_kv_never_depends_on_masks_or_registers() -> None:
+    model = random_lavida_o(tiny_config(), seed=10)
+    cfg = model.config
+    prompt = torch.randint(2, 45, (5,), generator=torch.Generator().manual_seed(11))
+    committed = torch.randint(0, CODES, (3, 4), generator=torch.Generator().manual_seed(12))
+
+    def cache_after_step(decode: torch.Tensor, decode_codes: torch.Tensor, registers: int) -> torch.Tensor:
+        cache = ModalKVCache(cfg.n_layers, 40, cfg.n_kv_heads, cfg.head_dim)
+        model(prompt, torch.arange(5), SpanAttention(None, cache, 5), logits_rows=torch.empty(0, dtype=torch.long))
+        cache.advance(5)
+        codes = torch.cat([committed, decode_codes, torch.full((registers, 4), cfg.register_code)])
+        positions = torch.cat([5 + torch.tensor([0, 5, 9]), 5 + decode, torch.arange(21, 21 + registers)])
+        rows = torch.arange(codes.shape[0])
+        spans = inference_step_spans(cache.length, rows.numel(), num_commit=3)
+        model.image_logits(torch.zeros_like(rows), positions, SpanAttention(spans, cache, 3), rows[3:4], rows, codes)
+        cache.advance(3)
+        return torch.stack([cache.k[:, :, :8], cache.v[:, :, :8]])
+
+    mask = torch.full((4, 4), cfg.mask_code)
+    base = cache_after_step(torch.tensor([1, 2, 3, 4]), mask, 3)
+    for decode, codes, registers in [
+        (torch.tensor([1, 2, 3, 4]), torch.randint(0, CODES, (4, 4)), 3),  # other contents in the decode rows
+        (torch.tensor([7, 8]), mask[:2], 0),  # another decode set, no registers
+        (torch.tensor([1, 2, 3, 4, 6, 10]), torch.full((6, 4), cfg.mask_code), 5),  # more rows, more registers
+    ]:
+        assert torch.allclose(cache_after_step(decode, codes, registers), base, atol=1e-6)
+
+
+def test_text_requests_run_through_the_reference_samplers() -> None:
+    """Text rows only: the engine's own sparse sampler and Algorithm 1 oracle apply unchanged (I2 for text)."""
+    model = random_lavida_o(tiny_config(), seed=13)
+    prompt = torch.randint(2, 45, (5,), generator=torch.Generator().manual_seed(14))
+    sampling = SamplingConfig(temperature=0.7, seed=3)
+    assert consistency_error(model, prompt, text_plan(8, 4, 4), sampling, num_registers=2) <= 1e-5
+    result = generate_sparse(model, prompt, text_plan(8, 4, 4), sampling, SparseOptions(num_registers=2))
+    assert bool((result.tokens != model.config.mask_token_id).all())
 
 
 def test_sparse_image_path_feeds_fewer_rows_than_positions_times_steps() -> None:
