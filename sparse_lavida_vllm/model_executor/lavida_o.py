@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from sparse_lavida_vllm.diffusion.masks import build_step_causal_sequence, inference_step_spans, spans_to_mask
 from sparse_lavida_vllm.diffusion.planners import UnmaskPlan
-from sparse_lavida_vllm.diffusion.sampling import SamplingConfig, sample_tokens, step_generator
+from sparse_lavida_vllm.diffusion.sampling import SamplingConfig, guide_logits, sample_tokens, step_generator
 from sparse_lavida_vllm.model_executor.attention import AttentionBackend, KVCache, SpanAttention, sdpa_with_mask
 from sparse_lavida_vllm.model_executor.model import RMSNorm, apply_rope, rope_cos_sin
 
@@ -448,7 +448,7 @@ class LaViDaOMDM(nn.Module):
         if cfg.downsample:
             up = self.model.upsample_gen.upsample
             h = up.conv(up.norm(h).view(-1, h.shape[-1], 1, 1))  # (n, d, 2, 2)
-            h = h.permute(0, 2, 3, 1).reshape(h.shape[0], 4, -1)
+            h = h.permute(0, 2, 3, 1).reshape(h.shape[0], 4, h.shape[1])
         else:
             h = h.unsqueeze(1)
         return self.model.gen_predictor(h)
@@ -561,44 +561,66 @@ def _register_patch(config: LaViDaOConfig, count: int, device: torch.device) -> 
 
 @torch.no_grad()
 def generate_image_sparse(model: LaViDaOMDM, prompt_ids: Tensor, plan: UnmaskPlan, sampling: SamplingConfig,
-                          num_registers: int | None = None, record_logits: bool = True) -> ImageResult:
+                          num_registers: int | None = None, record_logits: bool = True,
+                          uncond_prompt_ids: Tensor | None = None) -> ImageResult:
     """Sparse-LaViDa text-to-image over positions: prompt prefilled into the cache, then per step
     [C_{k-1} (cached after the pass) | decode positions as mask patches | image registers].
 
     `plan` is over the (H/2) x (W/2) position grid (planners.image_plan); each decode position samples its 4 codes
-    with the (seed, step) noise; the plan's stages fix which positions are kept (all of the stage).
+    with the (seed, step) noise; the plan's stages fix which positions are kept (all of the stage). With
+    `sampling.cfg_scale` > 0 the unconditional branch (LaViDa-O's: the prompt replaced by mask tokens, unless
+    `uncond_prompt_ids` is given) is a companion sequence with a cache of its own; at steps outside
+    `cfg_interval` it runs only its commit rows, so its cache stays in step with the canvas.
     """
     cfg = model.config
     device = prompt_ids.device
     m = cfg.registers("image") if num_registers is None else num_registers
     p, length, k = prompt_ids.numel(), plan.length, cfg.codes_per_position
+    prompts = [prompt_ids]
+    if sampling.cfg_scale > 0:
+        if sampling.image_cfg_scale > 0:
+            raise ValueError("image_cfg_scale (edits) is not supported by this driver yet")
+        uncond = torch.full_like(prompt_ids, cfg.mask_token_id) if uncond_prompt_ids is None else uncond_prompt_ids
+        if uncond.shape != prompt_ids.shape:
+            raise ValueError("uncond_prompt_ids must have the prompt's length (positions are shared)")
+        prompts.append(uncond)
     mask_patch = torch.full((k,), cfg.mask_code, dtype=torch.long, device=device)
     patches = mask_patch.repeat(length, 1)
-    cache = ModalKVCache(cfg.n_layers, p + length + m, model.local_kv_heads, cfg.head_dim,
-                         next(model.parameters()).dtype, device)
-    model(prompt_ids, torch.arange(p, device=device), SpanAttention(None, cache, p),
-          logits_rows=torch.empty(0, dtype=torch.long, device=device))
-    cache.advance(p)
+    dtype = next(model.parameters()).dtype
+    caches = [ModalKVCache(cfg.n_layers, p + length + m, model.local_kv_heads, cfg.head_dim, dtype, device)
+              for _ in prompts]
+    for pr, cache in zip(prompts, caches):
+        model(pr, torch.arange(p, device=device), SpanAttention(None, cache, p),
+              logits_rows=torch.empty(0, dtype=torch.long, device=device))
+        cache.advance(p)
     registers = _register_patch(cfg, m, device)
     register_positions = torch.arange(p + length, p + length + m, device=device)
     last = torch.empty(0, dtype=torch.long, device=device)
     steps: list[ImageStep] = []
-    rows_run = p
+    rows_run = p * len(prompts)
     for step, stage in enumerate(plan.stages):
         decode = stage.positions.to(device)
-        n_img = last.numel() + decode.numel() + m
-        codes = torch.cat([patches[last], mask_patch.repeat(decode.numel(), 1), registers])
-        positions = torch.cat([p + last, p + decode, register_positions])
-        ids = torch.zeros(n_img, dtype=torch.long, device=device)  # every row is an image row
-        spans = inference_step_spans(cache.length, n_img, last.numel())
-        rows = torch.arange(n_img, device=device)
-        logits = model.image_logits(ids, positions, SpanAttention(spans, cache, last.numel()),
-                                    logits_rows=rows[last.numel():last.numel() + decode.numel()],
-                                    image_rows=rows, image_codes=codes)
-        cache.advance(last.numel())
-        rows_run += n_img
-        step_sampling = sampling.at_step(step, plan.num_steps)
-        tokens, _ = sample_tokens(logits.reshape(-1, logits.shape[-1]), step_sampling,
+        guided = sampling.guided_at(step, plan.num_steps)
+        branch_logits = []
+        for b, cache in enumerate(caches):
+            decodes = b == 0 or guided  # an unguided companion only writes its commit rows
+            n_dec, n_reg = (decode.numel(), m) if decodes else (0, 0)
+            n_img = last.numel() + n_dec + n_reg
+            if n_img == 0:
+                continue
+            codes = torch.cat([patches[last], mask_patch.repeat(n_dec, 1), registers[:n_reg]])
+            positions = torch.cat([p + last, p + decode[:n_dec], register_positions[:n_reg]])
+            spans = inference_step_spans(cache.length, n_img, last.numel())
+            rows = torch.arange(n_img, device=device)
+            logits = model.image_logits(torch.zeros_like(rows), positions, SpanAttention(spans, cache, last.numel()),
+                                        logits_rows=rows[last.numel():last.numel() + n_dec],
+                                        image_rows=rows, image_codes=codes)
+            cache.advance(last.numel())
+            rows_run += n_img
+            if decodes:
+                branch_logits.append(logits)
+        logits = guide_logits(branch_logits, sampling)
+        tokens, _ = sample_tokens(logits.reshape(-1, logits.shape[-1]), sampling.at_step(step, plan.num_steps),
                                   step_generator(sampling.seed, step, device))
         patches[decode] = tokens.view(-1, k)
         steps.append(ImageStep(decode.clone(), logits if record_logits else logits[:0]))

@@ -19,7 +19,7 @@ from sparse_lavida_vllm.diffusion.check import consistency_error  # noqa: E402
 from sparse_lavida_vllm.diffusion.masks import inference_step_spans  # noqa: E402
 from sparse_lavida_vllm.diffusion.planners import image_plan, text_plan  # noqa: E402
 from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_sparse  # noqa: E402
-from sparse_lavida_vllm.diffusion.sampling import SamplingConfig  # noqa: E402
+from sparse_lavida_vllm.diffusion.sampling import SamplingConfig, guide_logits  # noqa: E402
 from sparse_lavida_vllm.model_executor.attention import SpanAttention  # noqa: E402
 from sparse_lavida_vllm.model_executor.lavida_o import (  # noqa: E402
     LaViDaOConfig,
@@ -282,6 +282,29 @@ def test_i2_sparse_image_logits_equal_one_algorithm1_forward(num_registers: int)
     for block, logits in zip(blocks[2:], together):
         alone = image_step_causal_logits(model, prompt, result.patches, blocks[:2], [block], num_registers)[0]
         assert (alone - logits).abs().max().item() <= 1e-5
+
+
+def test_i2_holds_per_cfg_branch() -> None:
+    """Guided step logits == the guidance formula over one Algorithm 1 forward per branch prompt."""
+    model = random_lavida_o(tiny_config(), seed=15)
+    prompt = torch.randint(2, 45, (6,), generator=torch.Generator().manual_seed(16))
+    plan = image_plan(GRID // 2, GRID // 2, 6, "shift", "stratified", generator=torch.Generator().manual_seed(17))
+    sampling = SamplingConfig(temperature=0.8, cfg_scale=4.0, cfg_interval=(0.2, 0.8), seed=18)
+    result = generate_image_sparse(model, prompt, plan, sampling, num_registers=3)
+    uncond = torch.full_like(prompt, model.config.mask_token_id)
+    clean: list[torch.Tensor] = []
+    guided = 0
+    for k, step in enumerate(result.steps):
+        branches = [prompt, uncond] if sampling.guided_at(k, plan.num_steps) else [prompt]
+        guided += len(branches) == 2
+        per_branch = [image_step_causal_logits(model, pr, result.patches, clean, [step.decode], 3)[0]
+                      for pr in branches]
+        expected = guide_logits(per_branch, sampling)
+        assert (step.logits - expected).abs().max().item() <= 1e-5 * (1 + 2 * sampling.cfg_scale)
+        clean.append(step.decode)
+    assert 0 < guided < plan.num_steps  # the interval both applied and skipped guidance
+    plain = generate_image_sparse(model, prompt, plan, SamplingConfig(temperature=0.8, seed=18), num_registers=3)
+    assert plain.forward_rows < result.forward_rows
 
 
 def test_i1_cached_image_kv_never_depends_on_masks_or_registers() -> None:
