@@ -562,7 +562,7 @@ def _register_patch(config: LaViDaOConfig, count: int, device: torch.device) -> 
 @torch.no_grad()
 def generate_image_sparse(model: LaViDaOMDM, prompt_ids: Tensor, plan: UnmaskPlan, sampling: SamplingConfig,
                           num_registers: int | None = None, record_logits: bool = True,
-                          uncond_prompt_ids: Tensor | None = None) -> ImageResult:
+                          uncond_prompt_ids: Tensor | None = None, suffix_ids: Tensor | None = None) -> ImageResult:
     """Sparse-LaViDa text-to-image over positions: prompt prefilled into the cache, then per step
     [C_{k-1} (cached after the pass) | decode positions as mask patches | image registers].
 
@@ -570,12 +570,16 @@ def generate_image_sparse(model: LaViDaOMDM, prompt_ids: Tensor, plan: UnmaskPla
     with the (seed, step) noise; the plan's stages fix which positions are kept (all of the stage). With
     `sampling.cfg_scale` > 0 the unconditional branch (LaViDa-O's: the prompt replaced by mask tokens, unless
     `uncond_prompt_ids` is given) is a companion sequence with a cache of its own; at steps outside
-    `cfg_interval` it runs only its commit rows, so its cache stays in step with the canvas.
+    `cfg_interval` it runs only its commit rows, so its cache stays in step with the canvas. `suffix_ids` is the
+    text after the image placeholders (LaViDa-O's closing <|eot_id|>): prefilled with the prompt at positions
+    after the image; registers follow the whole sequence.
     """
     cfg = model.config
     device = prompt_ids.device
     m = cfg.registers("image") if num_registers is None else num_registers
     p, length, k = prompt_ids.numel(), plan.length, cfg.codes_per_position
+    suffix_ids = prompt_ids[:0] if suffix_ids is None else suffix_ids
+    s = suffix_ids.numel()
     prompts = [prompt_ids]
     if sampling.cfg_scale > 0:
         if sampling.image_cfg_scale > 0:
@@ -587,17 +591,18 @@ def generate_image_sparse(model: LaViDaOMDM, prompt_ids: Tensor, plan: UnmaskPla
     mask_patch = torch.full((k,), cfg.mask_code, dtype=torch.long, device=device)
     patches = mask_patch.repeat(length, 1)
     dtype = next(model.parameters()).dtype
-    caches = [ModalKVCache(cfg.n_layers, p + length + m, model.local_kv_heads, cfg.head_dim, dtype, device)
+    caches = [ModalKVCache(cfg.n_layers, p + s + length + m, model.local_kv_heads, cfg.head_dim, dtype, device)
               for _ in prompts]
-    for pr, cache in zip(prompts, caches):
-        model(pr, torch.arange(p, device=device), SpanAttention(None, cache, p),
+    prefix_positions = torch.cat([torch.arange(p, device=device), p + length + torch.arange(s, device=device)])
+    for pr, cache in zip(prompts, caches):  # the uncond branch masks the prompt only (LaViDa-O's is_prompt)
+        model(torch.cat([pr, suffix_ids]), prefix_positions, SpanAttention(None, cache, p + s),
               logits_rows=torch.empty(0, dtype=torch.long, device=device))
-        cache.advance(p)
+        cache.advance(p + s)
     registers = _register_patch(cfg, m, device)
-    register_positions = torch.arange(p + length, p + length + m, device=device)
+    register_positions = torch.arange(p + s + length, p + s + length + m, device=device)
     last = torch.empty(0, dtype=torch.long, device=device)
     steps: list[ImageStep] = []
-    rows_run = p * len(prompts)
+    rows_run = (p + s) * len(prompts)
     for step, stage in enumerate(plan.stages):
         decode = stage.positions.to(device)
         guided = sampling.guided_at(step, plan.num_steps)
@@ -630,19 +635,25 @@ def generate_image_sparse(model: LaViDaOMDM, prompt_ids: Tensor, plan: UnmaskPla
 
 @torch.no_grad()
 def image_step_causal_logits(model: LaViDaOMDM, prompt_ids: Tensor, patches: Tensor, clean_blocks: Sequence[Tensor],
-                             masked_blocks: Sequence[Tensor], num_registers: int) -> list[Tensor]:
-    """One forward under Algorithm 1 (prompt | clean position blocks | masked blocks + image registers): the
-    per-code logits of each masked block. The I2 oracle of generate_image_sparse."""
+                             masked_blocks: Sequence[Tensor], num_registers: int,
+                             suffix_ids: Tensor | None = None) -> list[Tensor]:
+    """One forward under Algorithm 1 (prompt + suffix | clean position blocks | masked blocks + image registers):
+    the per-code logits of each masked block. The I2 oracle of generate_image_sparse."""
     cfg = model.config
     device = prompt_ids.device
     length = patches.shape[0]
-    # The packing is the engine's (build_step_causal_sequence): response "ids" are position indices, so the
-    # packed rows say which patch each image row carries.
-    seq = build_step_causal_sequence(prompt_ids, torch.arange(length, device=device), list(clean_blocks),
-                                     list(masked_blocks), num_registers, -1, -2)
     p = prompt_ids.numel()
-    ids, positions = seq["ids"], seq["positions"]
-    is_image = torch.arange(ids.numel(), device=device) >= p
+    suffix_ids = prompt_ids[:0] if suffix_ids is None else suffix_ids
+    s = suffix_ids.numel()
+    # The packing is the engine's (build_step_causal_sequence): the suffix rides in block 0 with the prompt, and the
+    # response "ids" are position indices, so the packed rows say which patch each image row carries.
+    seq = build_step_causal_sequence(torch.cat([prompt_ids, suffix_ids]), torch.arange(length, device=device),
+                                     list(clean_blocks), list(masked_blocks), num_registers, -1, -2)
+    ids, positions = seq["ids"], seq["positions"].clone()
+    # true positions: suffix after the image, image rows right after the prompt (registers already follow all)
+    positions[p:p + s] = p + length + torch.arange(s, device=device)
+    positions[p + s:] -= s * (positions[p + s:] < p + s + length)
+    is_image = torch.arange(ids.numel(), device=device) >= p + s
     image_rows = is_image.nonzero().flatten()
     img_ids = ids[image_rows]
     codes = torch.empty(image_rows.numel(), cfg.codes_per_position, dtype=torch.long, device=device)

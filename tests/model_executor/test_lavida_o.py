@@ -263,25 +263,30 @@ def test_patch_layout_is_the_2x2_grid() -> None:
 
 # ---- I2 on the sparse image path ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("num_registers", [0, 3])
-def test_i2_sparse_image_logits_equal_one_algorithm1_forward(num_registers: int) -> None:
+@pytest.mark.parametrize("num_registers, suffix", [(0, 0), (3, 0), (3, 2)])
+def test_i2_sparse_image_logits_equal_one_algorithm1_forward(num_registers: int, suffix: int) -> None:
     model = random_lavida_o(tiny_config(), seed=5)
     prompt = torch.randint(2, 45, (6,), generator=torch.Generator().manual_seed(6))
+    tail = torch.randint(2, 45, (suffix,), generator=torch.Generator().manual_seed(9))  # e.g. the closing eot
     plan = image_plan(GRID // 2, GRID // 2, 5, "cosine", "stratified", generator=torch.Generator().manual_seed(7))
     sampling = SamplingConfig(temperature=0.9, seed=8)
-    result = generate_image_sparse(model, prompt, plan, sampling, num_registers)
+    result = generate_image_sparse(model, prompt, plan, sampling, num_registers, suffix_ids=tail)
     assert bool((result.patches < CODES).all())  # every code decoded, from the codebook
     clean: list[torch.Tensor] = []
     for step in result.steps:
-        oracle = image_step_causal_logits(model, prompt, result.patches, clean, [step.decode], num_registers)[0]
+        oracle = image_step_causal_logits(model, prompt, result.patches, clean, [step.decode], num_registers,
+                                          suffix_ids=tail)[0]
         assert (step.logits - oracle).abs().max().item() <= 1e-5
         clean.append(step.decode)
     # several masked blocks in one Algorithm 1 forward == each alone (multi-path training sequences)
     blocks = [s.decode for s in result.steps]
-    together = image_step_causal_logits(model, prompt, result.patches, blocks[:2], blocks[2:], num_registers)
+    together = image_step_causal_logits(model, prompt, result.patches, blocks[:2], blocks[2:], num_registers, tail)
     for block, logits in zip(blocks[2:], together):
-        alone = image_step_causal_logits(model, prompt, result.patches, blocks[:2], [block], num_registers)[0]
+        alone = image_step_causal_logits(model, prompt, result.patches, blocks[:2], [block], num_registers, tail)[0]
         assert (alone - logits).abs().max().item() <= 1e-5
+    if suffix:  # the suffix is really read: other text after the image changes the first step
+        other = generate_image_sparse(model, prompt, plan, sampling, num_registers, suffix_ids=tail.flip(0) + 1)
+        assert (other.steps[0].logits - result.steps[0].logits).abs().max().item() > 1e-4
 
 
 def test_i2_holds_per_cfg_branch() -> None:
