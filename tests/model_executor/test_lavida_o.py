@@ -241,6 +241,22 @@ def test_forward_equals_the_published_forward(dual_tower_layers: int | None, dow
     assert (to_codes(shuffled) - want_codes).abs().max().item() <= 1e-5
 
 
+def test_text_rows_can_come_as_embeddings() -> None:
+    """Embeddings in place of ids (understanding features, LaViDa-O's mask-embedding CFG prompt) feed text rows."""
+    model = random_lavida_o(tiny_config(), seed=6)
+    ids, codes = sequence(4)
+    image_rows = (ids == IMG).nonzero().flatten()
+    patches = codes_to_patches(codes, GRID, GRID)
+    positions = torch.arange(ids.numel())
+    wte = model.model.transformer["wte"]
+    masked = torch.where(ids == IMG, ids, torch.full_like(ids, model.config.mask_token_id))
+    want = model.image_logits(masked, positions, image_rows=image_rows, image_codes=patches)
+    embeds = wte(masked)  # all rows; image rows' entries are ignored
+    got = model.image_logits(ids, positions, image_rows=image_rows, image_codes=patches, text_embeds=embeds)
+    assert torch.equal(got, want)
+    assert not torch.allclose(got, model.image_logits(ids, positions, image_rows=image_rows, image_codes=patches))
+
+
 def test_per_modality_layers_change_the_logits() -> None:
     """The split layers matter (the comparison above is not blind to them)."""
     ids, codes = sequence(3)
