@@ -559,50 +559,107 @@ def _register_patch(config: LaViDaOConfig, count: int, device: torch.device) -> 
     return torch.full((count, config.codes_per_position), config.register_code or 0, dtype=torch.long, device=device)
 
 
+@dataclass(frozen=True)
+class ImageContext:
+    """One guidance branch's context around the image: text before it (with an edit's source-image positions among
+    them, as 2x2 code patches) and text after it."""
+
+    prompt_ids: Tensor  # (p,) ids; entries at source_rows are ignored
+    suffix_ids: Tensor  # (s,) text after the image placeholders (LaViDa-O's closing <|eot_id|>)
+    source_rows: Tensor  # (n,) indices into prompt_ids of the source image's positions (edits), else empty
+    source_codes: Tensor  # (n, codes_per_position)
+
+
+def image_context(config: LaViDaOConfig, prompt_ids: Tensor, suffix_ids: Tensor | None = None,
+                  source_rows: Tensor | None = None, source_codes: Tensor | None = None) -> ImageContext:
+    empty = torch.empty(0, dtype=torch.long, device=prompt_ids.device)
+    rows = empty if source_rows is None else source_rows.to(prompt_ids.device)
+    codes = empty.view(0, config.codes_per_position) if source_codes is None else source_codes
+    if codes.shape != (rows.numel(), config.codes_per_position):
+        raise ValueError(f"source_codes must have shape ({rows.numel()}, {config.codes_per_position}), "
+                         f"got {tuple(codes.shape)}")
+    if rows.numel() and config.gen_enc_add_pos_emb:
+        raise ValueError("gen_enc_add_pos_emb=true (Sparse-LaViDa) changes how an edit's source image is embedded "
+                         "and that code is not published: edits are not supported on this checkpoint")
+    return ImageContext(prompt_ids, empty if suffix_ids is None else suffix_ids, rows, codes)
+
+
+def edit_branches(config: LaViDaOConfig, cond: ImageContext) -> tuple[ImageContext, ImageContext]:
+    """LaViDa-O's guidance companions (predict_t2i_edit, edit_mode 0): uncond = the prompt all mask tokens (the
+    source image too, as text rows), text after the image kept; image-only = every text row masked, the source
+    image kept."""
+    mask = config.mask_token_id
+    none = cond.source_rows[:0]
+    uncond = ImageContext(torch.full_like(cond.prompt_ids, mask), cond.suffix_ids, none, cond.source_codes[:0])
+    image_only = ImageContext(torch.full_like(cond.prompt_ids, mask), torch.full_like(cond.suffix_ids, mask),
+                              cond.source_rows, cond.source_codes)
+    return uncond, image_only
+
+
+def _context_kwargs(model: LaViDaOMDM, ctx: ImageContext, extra_ids: Tensor, extra_image_rows: Tensor,
+                    extra_codes: Tensor) -> dict[str, Tensor]:
+    """Model inputs for rows [prompt | suffix | extra...]: source rows in the image stream when the checkpoint says
+    enc_use_image_branch, else as text rows carrying the zero-padded patch embedding (the publishers' two paths)."""
+    cfg = model.config
+    ids = torch.cat([ctx.prompt_ids, ctx.suffix_ids, extra_ids])
+    if cfg.enc_use_image_branch or not ctx.source_rows.numel():
+        return {"input_ids": ids, "image_rows": torch.cat([ctx.source_rows, extra_image_rows]),
+                "image_codes": torch.cat([ctx.source_codes, extra_codes])}
+    embeds = model.model.transformer["wte"](ids.masked_fill(ids < 0, 0))
+    embeds[ctx.source_rows] = F.pad(model.embed_patches(ctx.source_codes), (0, cfg.d_model - cfg.d_model_gen))
+    return {"input_ids": ids, "image_rows": extra_image_rows, "image_codes": extra_codes, "text_embeds": embeds}
+
+
 @torch.no_grad()
 def generate_image_sparse(model: LaViDaOMDM, prompt_ids: Tensor, plan: UnmaskPlan, sampling: SamplingConfig,
                           num_registers: int | None = None, record_logits: bool = True,
-                          uncond_prompt_ids: Tensor | None = None, suffix_ids: Tensor | None = None) -> ImageResult:
-    """Sparse-LaViDa text-to-image over positions: prompt prefilled into the cache, then per step
+                          uncond_prompt_ids: Tensor | None = None, suffix_ids: Tensor | None = None,
+                          source_rows: Tensor | None = None, source_codes: Tensor | None = None) -> ImageResult:
+    """Sparse-LaViDa image generation over positions: prompt (+ suffix) prefilled into the cache, then per step
     [C_{k-1} (cached after the pass) | decode positions as mask patches | image registers].
 
     `plan` is over the (H/2) x (W/2) position grid (planners.image_plan); each decode position samples its 4 codes
-    with the (seed, step) noise; the plan's stages fix which positions are kept (all of the stage). With
-    `sampling.cfg_scale` > 0 the unconditional branch (LaViDa-O's: the prompt replaced by mask tokens, unless
-    `uncond_prompt_ids` is given) is a companion sequence with a cache of its own; at steps outside
-    `cfg_interval` it runs only its commit rows, so its cache stays in step with the canvas. `suffix_ids` is the
-    text after the image placeholders (LaViDa-O's closing <|eot_id|>): prefilled with the prompt at positions
-    after the image; registers follow the whole sequence.
+    with the (seed, step) noise; the plan's stages fix which positions are kept (all of the stage). `suffix_ids`
+    is the text after the image placeholders, prefilled with the prompt at positions after the image; registers
+    follow the whole sequence. Edits: `source_rows` / `source_codes` put the source image's positions in the
+    prompt. Guidance (`cfg_scale`, `image_cfg_scale`, `cfg_interval`): the companions of `edit_branches` (or
+    `uncond_prompt_ids`) are sequences with caches of their own; outside `cfg_interval` they run only their commit
+    rows, so their caches stay in step with the canvas.
     """
     cfg = model.config
     device = prompt_ids.device
     m = cfg.registers("image") if num_registers is None else num_registers
-    p, length, k = prompt_ids.numel(), plan.length, cfg.codes_per_position
-    suffix_ids = prompt_ids[:0] if suffix_ids is None else suffix_ids
-    s = suffix_ids.numel()
-    prompts = [prompt_ids]
+    length, k = plan.length, cfg.codes_per_position
+    cond = image_context(cfg, prompt_ids, suffix_ids, source_rows, source_codes)
+    branches = [cond]
     if sampling.cfg_scale > 0:
+        uncond, image_only = edit_branches(cfg, cond)
+        if uncond_prompt_ids is not None:
+            if uncond_prompt_ids.shape != prompt_ids.shape:
+                raise ValueError("uncond_prompt_ids must have the prompt's length (positions are shared)")
+            uncond = ImageContext(uncond_prompt_ids, cond.suffix_ids, uncond.source_rows, uncond.source_codes)
+        branches.append(uncond)
         if sampling.image_cfg_scale > 0:
-            raise ValueError("image_cfg_scale (edits) is not supported by this driver yet")
-        uncond = torch.full_like(prompt_ids, cfg.mask_token_id) if uncond_prompt_ids is None else uncond_prompt_ids
-        if uncond.shape != prompt_ids.shape:
-            raise ValueError("uncond_prompt_ids must have the prompt's length (positions are shared)")
-        prompts.append(uncond)
+            if not cond.source_rows.numel():
+                raise ValueError("image_cfg_scale > 0 needs an edit's source image (source_rows, source_codes)")
+            branches.append(image_only)
+    p, s = prompt_ids.numel(), cond.suffix_ids.numel()
     mask_patch = torch.full((k,), cfg.mask_code, dtype=torch.long, device=device)
     patches = mask_patch.repeat(length, 1)
     dtype = next(model.parameters()).dtype
     caches = [ModalKVCache(cfg.n_layers, p + s + length + m, model.local_kv_heads, cfg.head_dim, dtype, device)
-              for _ in prompts]
+              for _ in branches]
     prefix_positions = torch.cat([torch.arange(p, device=device), p + length + torch.arange(s, device=device)])
-    for pr, cache in zip(prompts, caches):  # the uncond branch masks the prompt only (LaViDa-O's is_prompt)
-        model(torch.cat([pr, suffix_ids]), prefix_positions, SpanAttention(None, cache, p + s),
-              logits_rows=torch.empty(0, dtype=torch.long, device=device))
+    no_rows = torch.empty(0, dtype=torch.long, device=device)
+    for ctx, cache in zip(branches, caches):
+        inputs = _context_kwargs(model, ctx, no_rows, no_rows, patches[:0])
+        model(positions=prefix_positions, attention=SpanAttention(None, cache, p + s), logits_rows=no_rows, **inputs)
         cache.advance(p + s)
     registers = _register_patch(cfg, m, device)
     register_positions = torch.arange(p + s + length, p + s + length + m, device=device)
     last = torch.empty(0, dtype=torch.long, device=device)
     steps: list[ImageStep] = []
-    rows_run = (p + s) * len(prompts)
+    rows_run = (p + s) * len(branches)
     for step, stage in enumerate(plan.stages):
         decode = stage.positions.to(device)
         guided = sampling.guided_at(step, plan.num_steps)
@@ -634,37 +691,37 @@ def generate_image_sparse(model: LaViDaOMDM, prompt_ids: Tensor, plan: UnmaskPla
 
 
 @torch.no_grad()
-def image_step_causal_logits(model: LaViDaOMDM, prompt_ids: Tensor, patches: Tensor, clean_blocks: Sequence[Tensor],
-                             masked_blocks: Sequence[Tensor], num_registers: int,
-                             suffix_ids: Tensor | None = None) -> list[Tensor]:
+def image_step_causal_logits(model: LaViDaOMDM, context: ImageContext | Tensor, patches: Tensor,
+                             clean_blocks: Sequence[Tensor], masked_blocks: Sequence[Tensor],
+                             num_registers: int, suffix_ids: Tensor | None = None) -> list[Tensor]:
     """One forward under Algorithm 1 (prompt + suffix | clean position blocks | masked blocks + image registers):
-    the per-code logits of each masked block. The I2 oracle of generate_image_sparse."""
+    the per-code logits of each masked block. The I2 oracle of generate_image_sparse (one branch: `context`, or
+    plain prompt ids + `suffix_ids`)."""
     cfg = model.config
-    device = prompt_ids.device
+    ctx = context if isinstance(context, ImageContext) else image_context(cfg, context, suffix_ids)
+    device = ctx.prompt_ids.device
     length = patches.shape[0]
-    p = prompt_ids.numel()
-    suffix_ids = prompt_ids[:0] if suffix_ids is None else suffix_ids
-    s = suffix_ids.numel()
+    p, s = ctx.prompt_ids.numel(), ctx.suffix_ids.numel()
     # The packing is the engine's (build_step_causal_sequence): the suffix rides in block 0 with the prompt, and the
     # response "ids" are position indices, so the packed rows say which patch each image row carries.
-    seq = build_step_causal_sequence(torch.cat([prompt_ids, suffix_ids]), torch.arange(length, device=device),
-                                     list(clean_blocks), list(masked_blocks), num_registers, -1, -2)
+    seq = build_step_causal_sequence(torch.cat([ctx.prompt_ids, ctx.suffix_ids]),
+                                     torch.arange(length, device=device), list(clean_blocks), list(masked_blocks),
+                                     num_registers, -1, -2)
     ids, positions = seq["ids"], seq["positions"].clone()
     # true positions: suffix after the image, image rows right after the prompt (registers already follow all)
     positions[p:p + s] = p + length + torch.arange(s, device=device)
     positions[p + s:] -= s * (positions[p + s:] < p + s + length)
-    is_image = torch.arange(ids.numel(), device=device) >= p + s
-    image_rows = is_image.nonzero().flatten()
-    img_ids = ids[image_rows]
+    image_rows = torch.arange(p + s, ids.numel(), device=device)
+    img_ids = ids[p + s:]
     codes = torch.empty(image_rows.numel(), cfg.codes_per_position, dtype=torch.long, device=device)
     clean = img_ids >= 0
     codes[clean] = patches[img_ids[clean]]
     codes[img_ids == -1] = cfg.mask_code
     n_reg = int((img_ids == -2).sum())
     codes[img_ids == -2] = _register_patch(cfg, n_reg, device)
-    text_ids = torch.where(is_image, torch.zeros_like(ids), ids)
+    inputs = _context_kwargs(model, ctx, torch.zeros_like(img_ids), image_rows, codes)
     rows = torch.cat(seq["masked_rows"]) if seq["masked_rows"] else torch.empty(0, dtype=torch.long)
-    logits = model.image_logits(text_ids, positions, SpanAttention(seq["spans"]), rows, image_rows, codes)
+    logits = model.image_logits(positions=positions, attention=SpanAttention(seq["spans"]), logits_rows=rows, **inputs)
     return list(torch.split(logits, [r.numel() for r in seq["masked_rows"]]))
 
 
@@ -808,5 +865,6 @@ def write_tiny_checkpoint(folder: str | Path, config: LaViDaOConfig, seed: int =
 
 
 __all__ = ["LaViDaOConfig", "LaViDaOMDM", "ModalKVCache", "ModalityAttention", "codes_to_patches",
-           "patches_to_codes", "generate_image_sparse", "image_step_causal_logits", "load_lavida_o",
+           "patches_to_codes", "generate_image_sparse", "image_step_causal_logits", "ImageContext", "image_context",
+           "edit_branches", "load_lavida_o",
            "save_lavida_o", "write_tiny_checkpoint", "random_lavida_o"]

@@ -25,7 +25,9 @@ from sparse_lavida_vllm.model_executor.lavida_o import (  # noqa: E402
     LaViDaOConfig,
     ModalKVCache,
     codes_to_patches,
+    edit_branches,
     generate_image_sparse,
+    image_context,
     image_step_causal_logits,
     load_config,
     load_lavida_o,
@@ -36,6 +38,7 @@ from sparse_lavida_vllm.model_executor.lavida_o import (  # noqa: E402
 
 CODES = 16  # tiny codebook; the image mask code is CODES + 1 as 8193 is for 8192 codes
 IMG = 50  # the image placeholder id in the tiny vocabulary (126089 in the published one)
+EDIT = 51  # the edit source-image placeholder (126090)
 GRID = 8  # 8x8 codes -> 4x4 transformer positions
 
 
@@ -43,7 +46,7 @@ def tiny_config(**kw) -> LaViDaOConfig:
     base = dict(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, mlp_hidden_size=48,
                 rope_theta=500000.0, mask_token_id=60, eos_token_id=1, pad_token_id=1, d_model_gen=16,
                 mlp_hidden_size_gen=24, dual_tower=True, dual_tower_layers=0, downsample=True,
-                num_vq_embeddings=CODES, image_token_id=IMG, num_register_tokens=(2, 3),
+                num_vq_embeddings=CODES, image_token_id=IMG, edit_image_token_id=EDIT, num_register_tokens=(2, 3),
                 num_register_groups=(25, 25), block_causal=True, register_token_id=61, register_code=CODES + 2)
     base.update(kw)
     return LaViDaOConfig(**base)
@@ -187,19 +190,28 @@ class Published(nn.Module):
             self.model.downsample_gen = PubUVit(c.d_model_gen, down=True)
             self.model.upsample_gen = PubUVit(c.d_model_gen, down=False)
 
-    def forward(self, ids: torch.Tensor, codes: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids (T,) with IMG placeholders; codes (h*w,). Returns text logits (T, V) and code logits (h*w, codebook)."""
-        c, t = self.c, self.model.transformer
-        mod = ids == c.image_token_id
-        x = t["wte"](ids.masked_fill(mod, 0))
+    def embed_codes(self, codes: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """call_gen_embedding, zero-padded to d_model (pad_along_last_dim)."""
         gen = self.model.gen_embedding(codes)
-        if c.downsample:
+        if self.c.downsample:
             gen = self.model.downsample_gen(gen, h, w)
-        x[mod] = F.pad(gen, (0, c.d_model - c.d_model_gen))
+        return F.pad(gen, (0, self.c.d_model - self.c.d_model_gen))
+
+    def forward(self, ids: torch.Tensor, codes: torch.Tensor, h: int, w: int,
+                source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (T,) with IMG (and, for edits, EDIT) placeholders; codes (h*w,) and the source image's codes.
+        Returns text logits (T, V) and code logits (h*w, codebook)."""
+        c, t = self.c, self.model.transformer
+        gen_mask, enc_mask = ids == c.image_token_id, ids == c.edit_image_token_id
+        x = t["wte"](ids.masked_fill(gen_mask | enc_mask, 0))
+        x[gen_mask] = self.embed_codes(codes, h, w)
+        if source is not None:
+            x[enc_mask] = self.embed_codes(source, h, w)
+        mod = gen_mask | enc_mask if c.enc_use_image_branch else gen_mask  # modality_indices
         for block in t["blocks"]:
             x = block(x, mod)
         hidden = t["ln_f"](x)  # hidden_states[-1]: post ln_f, image rows still zero-padded
-        gen_h = hidden[mod][:, :c.d_model_gen]
+        gen_h = hidden[gen_mask][:, :c.d_model_gen]
         if c.downsample:
             gen_h = self.model.upsample_gen(gen_h, h // 2, w // 2)
         return t["ff_out"](hidden), self.model.gen_predictor(gen_h)
@@ -239,6 +251,33 @@ def test_forward_equals_the_published_forward(dual_tower_layers: int | None, dow
     inv = torch.argsort(perm)
     shuffled = ours.image_logits(ids[perm], positions[perm], image_rows=inv[image_rows], image_codes=patches)
     assert (to_codes(shuffled) - want_codes).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("enc_use_image_branch", [True, False])
+def test_edit_forward_equals_the_published_forward(enc_use_image_branch: bool) -> None:
+    """An edit's source image: image rows (enc_use_image_branch) or text rows with the padded patch embedding."""
+    config = tiny_config(enc_use_image_branch=enc_use_image_branch)
+    ours = random_lavida_o(config, seed=7)
+    published = Published(config)
+    published.load_state_dict(ours.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(8)
+    n = GRID * GRID // 4
+    ids = torch.cat([torch.randint(2, 45, (3,), generator=g), torch.full((n,), EDIT),
+                     torch.randint(2, 45, (4,), generator=g), torch.full((n,), IMG), torch.tensor([7])])
+    source = torch.randint(0, CODES, (GRID * GRID,), generator=g)
+    codes = torch.full((GRID * GRID,), CODES + 1)
+    _, want = published(ids, codes, GRID, GRID, source)
+    enc_rows, gen_rows = (ids == EDIT).nonzero().flatten(), (ids == IMG).nonzero().flatten()
+    src, gen = codes_to_patches(source, GRID, GRID), codes_to_patches(codes, GRID, GRID)
+    positions = torch.arange(ids.numel())
+    if enc_use_image_branch:
+        got = ours.image_logits(ids, positions, logits_rows=gen_rows, image_rows=torch.cat([enc_rows, gen_rows]),
+                                image_codes=torch.cat([src, gen]))
+    else:
+        embeds = ours.model.transformer["wte"](ids.masked_fill(ids >= EDIT, 0))
+        embeds[enc_rows] = F.pad(ours.embed_patches(src), (0, config.d_model - config.d_model_gen))
+        got = ours.image_logits(ids, positions, image_rows=gen_rows, image_codes=gen, text_embeds=embeds)
+    assert (patches_to_codes(got, GRID, GRID) - want).abs().max().item() <= 1e-5
 
 
 def test_text_rows_can_come_as_embeddings() -> None:
@@ -326,6 +365,48 @@ def test_i2_holds_per_cfg_branch() -> None:
     assert 0 < guided < plan.num_steps  # the interval both applied and skipped guidance
     plain = generate_image_sparse(model, prompt, plan, SamplingConfig(temperature=0.8, seed=18), num_registers=3)
     assert plain.forward_rows < result.forward_rows
+
+
+@pytest.mark.parametrize("enc_use_image_branch", [True, False])
+def test_i2_holds_for_every_edit_guidance_branch(enc_use_image_branch: bool) -> None:
+    """Edits: cond, uncond and image-only branches each equal one Algorithm 1 forward; guidance combines them."""
+    model = random_lavida_o(tiny_config(enc_use_image_branch=enc_use_image_branch), seed=19)
+    g = torch.Generator().manual_seed(20)
+    n = GRID * GRID // 4
+    prompt = torch.cat([torch.randint(2, 45, (2,), generator=g), torch.full((n,), EDIT),
+                        torch.randint(2, 45, (3,), generator=g)])
+    source_rows = torch.arange(2, 2 + n)
+    source_codes = torch.randint(0, CODES, (n, 4), generator=g)
+    tail = torch.tensor([7])
+    plan = image_plan(GRID // 2, GRID // 2, 4, "shift", "stratified", generator=torch.Generator().manual_seed(21))
+    sampling = SamplingConfig(temperature=0.8, cfg_scale=1.2, image_cfg_scale=1.4, seed=22)
+    result = generate_image_sparse(model, prompt, plan, sampling, 3, suffix_ids=tail, source_rows=source_rows,
+                                   source_codes=source_codes)
+    cond = image_context(model.config, prompt, tail, source_rows, source_codes)
+    uncond, image_only = edit_branches(model.config, cond)
+    assert bool((image_only.suffix_ids == model.config.mask_token_id).all())  # LaViDa-O masks every text row
+    clean: list[torch.Tensor] = []
+    gain = (1 + sampling.cfg_scale) * (1 + 2 * sampling.image_cfg_scale) + sampling.cfg_scale
+    for step in result.steps:
+        per_branch = [image_step_causal_logits(model, ctx, result.patches, clean, [step.decode], 3)[0]
+                      for ctx in (cond, uncond, image_only)]
+        assert (step.logits - guide_logits(per_branch, sampling)).abs().max().item() <= 1e-5 * gain
+        clean.append(step.decode)
+    # the source image is really read
+    other = generate_image_sparse(model, prompt, plan, sampling, 3, suffix_ids=tail, source_rows=source_rows,
+                                  source_codes=(source_codes + 1) % CODES)
+    assert (other.steps[0].logits - result.steps[0].logits).abs().max().item() > 1e-4
+
+
+def test_edits_refuse_what_is_not_published() -> None:
+    prompt = torch.randint(2, 45, (6,), generator=torch.Generator().manual_seed(1))
+    rows, codes = torch.tensor([1, 2]), torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="gen_enc_add_pos_emb"):
+        image_context(tiny_config(gen_enc_add_pos_emb=True), prompt, None, rows, codes)
+    model = random_lavida_o(tiny_config(), seed=2)
+    plan = image_plan(2, 2, 2, "linear", "raster")
+    with pytest.raises(ValueError, match="source image"):
+        generate_image_sparse(model, prompt, plan, SamplingConfig(cfg_scale=1.0, image_cfg_scale=1.0), 0)
 
 
 def test_i1_cached_image_kv_never_depends_on_masks_or_registers() -> None:
