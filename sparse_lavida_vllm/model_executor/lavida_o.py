@@ -596,7 +596,7 @@ def edit_branches(config: LaViDaOConfig, cond: ImageContext) -> tuple[ImageConte
     return uncond, image_only
 
 
-def _context_kwargs(model: LaViDaOMDM, ctx: ImageContext, extra_ids: Tensor, extra_image_rows: Tensor,
+def context_inputs(model: LaViDaOMDM, ctx: ImageContext, extra_ids: Tensor, extra_image_rows: Tensor,
                     extra_codes: Tensor) -> dict[str, Tensor]:
     """Model inputs for rows [prompt | suffix | extra...]: source rows in the image stream when the checkpoint says
     enc_use_image_branch, else as text rows carrying the zero-padded patch embedding (the publishers' two paths)."""
@@ -652,7 +652,7 @@ def generate_image_sparse(model: LaViDaOMDM, prompt_ids: Tensor, plan: UnmaskPla
     prefix_positions = torch.cat([torch.arange(p, device=device), p + length + torch.arange(s, device=device)])
     no_rows = torch.empty(0, dtype=torch.long, device=device)
     for ctx, cache in zip(branches, caches):
-        inputs = _context_kwargs(model, ctx, no_rows, no_rows, patches[:0])
+        inputs = context_inputs(model, ctx, no_rows, no_rows, patches[:0])
         model(positions=prefix_positions, attention=SpanAttention(None, cache, p + s), logits_rows=no_rows, **inputs)
         cache.advance(p + s)
     registers = _register_patch(cfg, m, device)
@@ -719,7 +719,7 @@ def image_step_causal_logits(model: LaViDaOMDM, context: ImageContext | Tensor, 
     codes[img_ids == -1] = cfg.mask_code
     n_reg = int((img_ids == -2).sum())
     codes[img_ids == -2] = _register_patch(cfg, n_reg, device)
-    inputs = _context_kwargs(model, ctx, torch.zeros_like(img_ids), image_rows, codes)
+    inputs = context_inputs(model, ctx, torch.zeros_like(img_ids), image_rows, codes)
     rows = torch.cat(seq["masked_rows"]) if seq["masked_rows"] else torch.empty(0, dtype=torch.long)
     logits = model.image_logits(positions=positions, attention=SpanAttention(seq["spans"]), logits_rows=rows, **inputs)
     return list(torch.split(logits, [r.numel() for r in seq["masked_rows"]]))
@@ -866,5 +866,5 @@ def write_tiny_checkpoint(folder: str | Path, config: LaViDaOConfig, seed: int =
 
 __all__ = ["LaViDaOConfig", "LaViDaOMDM", "ModalKVCache", "ModalityAttention", "codes_to_patches",
            "patches_to_codes", "generate_image_sparse", "image_step_causal_logits", "ImageContext", "image_context",
-           "edit_branches", "load_lavida_o",
+           "edit_branches", "context_inputs", "load_lavida_o",
            "save_lavida_o", "write_tiny_checkpoint", "random_lavida_o"]

@@ -25,6 +25,7 @@ from sparse_lavida_vllm.model_executor.lavida_o import (  # noqa: E402
     LaViDaOConfig,
     ModalKVCache,
     codes_to_patches,
+    context_inputs,
     edit_branches,
     generate_image_sparse,
     image_context,
@@ -278,6 +279,14 @@ def test_edit_forward_equals_the_published_forward(enc_use_image_branch: bool) -
         embeds[enc_rows] = F.pad(ours.embed_patches(src), (0, config.d_model - config.d_model_gen))
         got = ours.image_logits(ids, positions, image_rows=gen_rows, image_codes=gen, text_embeds=embeds)
     assert (patches_to_codes(got, GRID, GRID) - want).abs().max().item() <= 1e-5
+    # the inputs the sparse driver builds for this context ([prompt | suffix | image rows], true positions)
+    p = int(gen_rows[0])
+    ctx = image_context(config, ids[:p], ids[p + n:], enc_rows, src)
+    image_rows = torch.arange(p + 1, p + 1 + n)
+    inputs = context_inputs(ours, ctx, torch.zeros(n, dtype=torch.long), image_rows, gen)
+    rows_positions = torch.cat([torch.arange(p), torch.tensor([p + n]), torch.arange(p, p + n)])
+    driver = ours.image_logits(positions=rows_positions, logits_rows=image_rows, **inputs)
+    assert (patches_to_codes(driver, GRID, GRID) - want).abs().max().item() <= 1e-5
 
 
 def test_text_rows_can_come_as_embeddings() -> None:
