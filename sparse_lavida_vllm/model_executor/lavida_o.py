@@ -217,8 +217,13 @@ class LaViDaOConfig:
                     "scale_logits", "attention_layer_norm"):
             if d.get(key):
                 raise ValueError(f"{key}={d[key]!r} is not supported by this model file")
+        for key, allowed in (("layer_norm_type", "rms"), ("activation_type", "silu"), ("rope", True)):
+            if d.get(key, allowed) not in (allowed, None):  # anything else would be silently computed wrong
+                raise ValueError(f"{key}={d[key]!r} is not supported by this model file (only {allowed!r})")
         known = {f.name for f in fields(cls)} - {"extra"}
         kw: dict[str, Any] = {k: v for k, v in d.items() if k in known}
+        if kw.get("mlp_hidden_size") is None and d.get("mlp_ratio"):  # LLaDA's fallback
+            kw["mlp_hidden_size"] = int(d["mlp_ratio"] * kw.get("d_model", cls.d_model))
         if d.get("embedding_size"):  # LLaDA's padded table size is what the weights have
             kw["vocab_size"] = int(d["embedding_size"])
         if kw.get("n_kv_heads") is None:

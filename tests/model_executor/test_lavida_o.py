@@ -303,6 +303,10 @@ def test_text_rows_can_come_as_embeddings() -> None:
     got = model.image_logits(ids, positions, image_rows=image_rows, image_codes=patches, text_embeds=embeds)
     assert torch.equal(got, want)
     assert not torch.allclose(got, model.image_logits(ids, positions, image_rows=image_rows, image_codes=patches))
+    with pytest.raises(ValueError, match="logits_rows must all be text rows"):  # the LM head never sees image rows
+        model(ids, positions, logits_rows=image_rows[:2], image_rows=image_rows, image_codes=patches)
+    with pytest.raises(ValueError, match="logits_rows must all be image rows"):
+        model.image_logits(ids, positions, logits_rows=torch.tensor([0]), image_rows=image_rows, image_codes=patches)
 
 
 def test_per_modality_layers_change_the_logits() -> None:
@@ -500,7 +504,10 @@ def test_config_reads_the_published_keys() -> None:
     plain = LaViDaOConfig.from_dict({**published_like_config(), "d_model_gen": -1, "mlp_hidden_size_gen": -1,
                                      "dual_tower": False}, num_vq_embeddings=8192)
     assert plain.d_model_gen == 4096 and plain.mlp_hidden_size_gen == 12288 and plain.first_split_layer == 32
-    for key, value in (("gen_mlp_type", "dit"), ("extra_gen_dit", True), ("weight_tying", True)):
+    ratio = LaViDaOConfig.from_dict({**published_like_config(), "mlp_hidden_size": None}, num_vq_embeddings=8192)
+    assert ratio.mlp_hidden_size == 4 * 4096
+    for key, value in (("gen_mlp_type", "dit"), ("extra_gen_dit", True), ("weight_tying", True),
+                       ("layer_norm_type", "default"), ("activation_type", "gelu"), ("unified_gen_enc", True)):
         with pytest.raises(ValueError, match=key):
             LaViDaOConfig.from_dict({**published_like_config(), key: value}, num_vq_embeddings=8192)
 
