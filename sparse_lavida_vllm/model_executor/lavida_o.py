@@ -66,7 +66,10 @@ MODEL_TYPE = "llava_llada"
 IMAGE_TOKEN_ID = 126089  # <|reserved_token_5|>: one per generated image position
 EDIT_IMAGE_TOKEN_ID = 126090  # <|reserved_token_6|>: one per position of an edit's source image
 EXTRA_GEN_EMBEDDINGS = 256  # gen_embedding has num_vq_embeddings + 256 rows (the mask code lives there)
-UPSAMPLE_NORM_EPS = 1e-6  # Simple_UVitBlock's layer_norm_eps
+UPSAMPLE_NORM_EPS = 1e-6  # Simple_UVitBlock's layer_norm_eps (also the gen MLPs' nn.RMSNorm eps)
+# build_gen_embedding's variants: "embed" = a table and a linear head; "dit" adds RMSNorm+Linear around them
+# (Sequentials: gen_embedding.{0,1,2}, gen_embedding_2.{0,1}, gen_predictor.{0,1,2}); "dit2" adds gen_predictor_2.
+GEN_MLP_TYPES = ("embed", "dit", "dit2")
 # Published-checkpoint namespaces this file does not model: understanding tower, projector, the VQ copy.
 IGNORED_PREFIXES = ("model.vision_tower.", "model.mm_projector.", "model.vision_resampler.", "model.image_newline",
                     "model.vqvae.")
@@ -146,8 +149,8 @@ class LaViDaOConfig:
                              "stream is zero-padded to d_model")
         if not self.dual_tower and self.d_model_gen != self.d_model:
             raise ValueError("dual_tower=false needs d_model_gen == d_model (image rows run through the text tower)")
-        if self.gen_mlp_type != "embed":
-            raise ValueError(f"gen_mlp_type {self.gen_mlp_type!r} is not supported (only 'embed')")
+        if self.gen_mlp_type not in GEN_MLP_TYPES:
+            raise ValueError(f"gen_mlp_type {self.gen_mlp_type!r} is not supported (one of {GEN_MLP_TYPES})")
         if self.include_bias:
             raise ValueError("include_bias=true is not supported")
         for name in ("mask_token_id", "eos_token_id"):
@@ -416,8 +419,19 @@ class LaViDaOMDM(nn.Module):
             "ff_out": nn.Linear(config.d_model, config.vocab_size, bias=False),
         })
         dg = config.d_model_gen
-        self.model.gen_embedding = nn.Embedding(config.num_vq_embeddings + EXTRA_GEN_EMBEDDINGS, dg)
-        self.model.gen_predictor = nn.Linear(dg, config.num_vq_embeddings, bias=False)
+        table, codes = config.num_vq_embeddings + EXTRA_GEN_EMBEDDINGS, config.num_vq_embeddings
+        if config.gen_mlp_type == "embed":
+            self.model.gen_embedding = nn.Embedding(table, dg)
+            self.model.gen_predictor = nn.Linear(dg, codes, bias=False)
+        else:
+            eps = UPSAMPLE_NORM_EPS
+            self.model.gen_embedding = nn.Sequential(nn.Embedding(table, dg), RMSNorm(dg, eps),
+                                                     nn.Linear(dg, dg, bias=False))
+            self.model.gen_embedding_2 = nn.Sequential(RMSNorm(dg, eps), nn.Linear(dg, dg, bias=False))
+            self.model.gen_predictor = nn.Sequential(nn.Linear(dg, dg, bias=False), RMSNorm(dg, eps),
+                                                     nn.Linear(dg, codes, bias=False))
+            if config.gen_mlp_type == "dit2":
+                self.model.gen_predictor_2 = nn.Sequential(RMSNorm(dg, eps), nn.Linear(dg, dg, bias=False))
         if config.downsample:
             self.model.downsample_gen = nn.Module()
             self.model.downsample_gen.downsample = _Resample(dg, transpose=False)
@@ -436,11 +450,13 @@ class LaViDaOMDM(nn.Module):
         if codes.dim() != 2 or codes.shape[1] != k:
             raise ValueError(f"image_codes must have shape (rows, {k}), got {tuple(codes.shape)}")
         x = self.model.gen_embedding(codes)
-        if not self.config.downsample:
-            return x[:, 0]
-        down = self.model.downsample_gen.downsample
-        x = down.norm(x).view(-1, 2, 2, x.shape[-1]).permute(0, 3, 1, 2)
-        return down.conv(x).flatten(1)
+        if self.config.downsample:
+            down = self.model.downsample_gen.downsample
+            x = down.conv(down.norm(x).view(-1, 2, 2, x.shape[-1]).permute(0, 3, 1, 2)).flatten(1)
+        else:
+            x = x[:, 0]
+        second = getattr(self.model, "gen_embedding_2", None)  # call_gen_embedding: after the 2x2 conv
+        return second(x) if second is not None else x
 
     def image_head(self, x_image: Tensor) -> Tensor:
         """Final image states (n, d_model_gen) -> logits (n, codes_per_position, num_vq_embeddings)."""
@@ -456,7 +472,8 @@ class LaViDaOMDM(nn.Module):
             h = h.permute(0, 2, 3, 1).reshape(h.shape[0], 4, h.shape[1])
         else:
             h = h.unsqueeze(1)
-        return self.model.gen_predictor(h)
+        second = getattr(self.model, "gen_predictor_2", None)  # call_gen_predictor: after the upsampling
+        return self.model.gen_predictor(second(h) if second is not None else h)
 
     def text_head(self, x_text: Tensor) -> Tensor:
         t = self.model.transformer
@@ -839,9 +856,10 @@ def random_lavida_o(config: LaViDaOConfig, seed: int = 0, std: float = 0.05) -> 
     """Seeded random weights (norms at 1), for tests and shapes with no checkpoint."""
     gen = torch.Generator().manual_seed(seed)
     model = LaViDaOMDM(config)
+    norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name.split(".")[-2] or "ln_f" in name:
+        for p in model.parameters():
+            if id(p) in norms:
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))  # not exactly 1: names must matter
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)

@@ -185,8 +185,18 @@ class Published(nn.Module):
             "ln_f": PubRMS(c.d_model, c.rms_norm_eps),
             "ff_out": nn.Linear(c.d_model, c.vocab_size, bias=False),
         })
-        self.model.gen_embedding = nn.Embedding(c.num_vq_embeddings + 256, c.d_model_gen)
-        self.model.gen_predictor = nn.Linear(c.d_model_gen, c.num_vq_embeddings, bias=False)
+        dg, n = c.d_model_gen, c.num_vq_embeddings
+        if c.gen_mlp_type == "embed":
+            self.model.gen_embedding = nn.Embedding(n + 256, dg)
+            self.model.gen_predictor = nn.Linear(dg, n, bias=False)
+        else:  # llava_arch.build_gen_embedding's 'dit' / 'dit2' (torch's own RMSNorm)
+            self.model.gen_embedding = nn.Sequential(nn.Embedding(n + 256, dg), nn.RMSNorm(dg, eps=1e-6),
+                                                     nn.Linear(dg, dg, bias=False))
+            self.model.gen_embedding_2 = nn.Sequential(nn.RMSNorm(dg, eps=1e-6), nn.Linear(dg, dg, bias=False))
+            self.model.gen_predictor = nn.Sequential(nn.Linear(dg, dg, bias=False), nn.RMSNorm(dg, eps=1e-6),
+                                                     nn.Linear(dg, n, bias=False))
+            if c.gen_mlp_type == "dit2":
+                self.model.gen_predictor_2 = nn.Sequential(nn.RMSNorm(dg, eps=1e-6), nn.Linear(dg, dg, bias=False))
         if c.downsample:
             self.model.downsample_gen = PubUVit(c.d_model_gen, down=True)
             self.model.upsample_gen = PubUVit(c.d_model_gen, down=False)
@@ -196,6 +206,8 @@ class Published(nn.Module):
         gen = self.model.gen_embedding(codes)
         if self.c.downsample:
             gen = self.model.downsample_gen(gen, h, w)
+        if self.c.gen_mlp_type != "embed":
+            gen = self.model.gen_embedding_2(gen)
         return F.pad(gen, (0, self.c.d_model - self.c.d_model_gen))
 
     def forward(self, ids: torch.Tensor, codes: torch.Tensor, h: int, w: int,
@@ -215,6 +227,8 @@ class Published(nn.Module):
         gen_h = hidden[gen_mask][:, :c.d_model_gen]
         if c.downsample:
             gen_h = self.model.upsample_gen(gen_h, h // 2, w // 2)
+        if c.gen_mlp_type == "dit2":
+            gen_h = self.model.gen_predictor_2(gen_h)
         return t["ff_out"](hidden), self.model.gen_predictor(gen_h)
 
 
@@ -228,9 +242,12 @@ def sequence(seed: int, prompt: int = 7, suffix: int = 3, per_position: int = 4)
     return ids, codes
 
 
-@pytest.mark.parametrize("dual_tower_layers, downsample", [(0, True), (1, True), (None, True), (0, False)])
-def test_forward_equals_the_published_forward(dual_tower_layers: int | None, downsample: bool) -> None:
-    config = tiny_config(dual_tower_layers=dual_tower_layers, downsample=downsample)
+@pytest.mark.parametrize("dual_tower_layers, downsample, gen_mlp_type", [
+    (0, True, "embed"), (1, True, "embed"), (None, True, "embed"), (0, False, "embed"), (0, True, "dit"),
+    (1, True, "dit2"), (0, False, "dit2")])
+def test_forward_equals_the_published_forward(dual_tower_layers: int | None, downsample: bool,
+                                              gen_mlp_type: str) -> None:
+    config = tiny_config(dual_tower_layers=dual_tower_layers, downsample=downsample, gen_mlp_type=gen_mlp_type)
     ours = random_lavida_o(config, seed=1)
     published = Published(config)
     published.load_state_dict(ours.state_dict(), strict=True)  # same parameter names, nothing left over
@@ -506,7 +523,7 @@ def test_config_reads_the_published_keys() -> None:
     assert plain.d_model_gen == 4096 and plain.mlp_hidden_size_gen == 12288 and plain.first_split_layer == 32
     ratio = LaViDaOConfig.from_dict({**published_like_config(), "mlp_hidden_size": None}, num_vq_embeddings=8192)
     assert ratio.mlp_hidden_size == 4 * 4096
-    for key, value in (("gen_mlp_type", "dit"), ("extra_gen_dit", True), ("weight_tying", True),
+    for key, value in (("gen_mlp_type", "unitok"), ("extra_gen_dit", True), ("weight_tying", True),
                        ("layer_norm_type", "default"), ("activation_type", "gelu"), ("unified_gen_enc", True)):
         with pytest.raises(ValueError, match=key):
             LaViDaOConfig.from_dict({**published_like_config(), key: value}, num_vq_embeddings=8192)
