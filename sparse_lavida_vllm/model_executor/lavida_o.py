@@ -14,7 +14,8 @@ What this file models, with names as in adobe-research/LaVida-O (`llava_llada.py
 * `model.gen_embedding` (VQ codes, num_vq_embeddings + 256 rows; the image mask code is 8193 = 8192 + 1),
   `model.downsample_gen.downsample.{norm,conv}` (RMSNorm + 2x2 stride-2 conv: 4 codes -> one transformer
   position), `model.upsample_gen.upsample.{norm,conv}` (RMSNorm + 2x2 stride-2 transposed conv: one position ->
-  4 code states), `model.gen_predictor` (per-code logits over the codebook).
+  4 code states), `model.gen_predictor` (per-code logits over the codebook); with `gen_mlp_type` "dit" / "dit2"
+  these are llava_arch's Sequentials plus `gen_embedding_2` (after the conv) and, for "dit2", `gen_predictor_2`.
 * the final `ln_f` is shared: the publishers run it on the image stream zero-padded to d_model, so its RMS
   divides by d_model, not d_model_gen; we reproduce that.
 
