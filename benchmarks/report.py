@@ -11,7 +11,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 OUT = HERE  # RESULTS.md and the PNGs
-BENCHMARKS = ("sparse_vs_dense", "peers", "floor")
+BENCHMARKS = ("sparse_vs_dense", "peers", "floor", "images")
 # The paper's numbers (A100, LaViDa-O 10.4B) and Fast-dLLM's, quoted for side-by-side reading.
 PAPER = {"image_1024": 1.95, "image_1024_cfg": 1.95, "text": 2.80}
 PAPER_TABLE6 = {(True, False, False): 1.29, (False, True, False): 1.13, (False, False, True): 1.19,
@@ -180,6 +180,33 @@ def section_serve(data: dict) -> list[str]:
     return out
 
 
+def section_images(data: dict) -> list[str]:
+    out = ["## Images (`benchmarks/images.py`)", "",
+           "Seconds per image, sparse vs dense, both with classifier-free guidance (the uncond branch is a "
+           "companion sequence with its own cache in the sparse sampler), pure-PyTorch samplers, one thread, CPU "
+           "seconds:", ""]
+    rows = [[name, r["positions"], r["steps"], r["guidance_scale"], r["num_registers"], r["dense_s"], r["sparse_s"],
+             f"**{r['speedup']}x**", f"{r['token_bound']}x", f"{r['fraction_of_bound']:.0%}"]
+            for name, r in data.get("samplers", {}).items()]
+    out += [table(["model", "positions", "steps", "guidance", "registers", "dense s", "sparse s", "speedup",
+                   "token bound", "of bound"], rows), ""]
+    engine = data.get("engine", {})
+    if engine:
+        out += ["Through vLLM's engine (bundled demo model): " + engine.get("note", ""), ""]
+        for runner in ("invariant", "unconstrained", "exact", "flat"):
+            if runner not in engine:
+                continue
+            e = engine[runner]
+            levels = list(e["images_per_s"]["sparse"])
+            out += [f"Runner `{runner}`:", "",
+                    table(["configuration", *(f"images/s at {n}" for n in levels)],
+                          [[k, *(v[n] for n in levels)] for k, v in e["images_per_s"].items()]), "",
+                    "Guided cost per image (guided s / unguided s; 2.0 = a second model run per image): "
+                    + "; ".join(f"{mode} " + ", ".join(f"{c} at {n}" for n, c in v.items())
+                                for mode, v in e["guided_cost_per_image"].items()) + ".", ""]
+    return out
+
+
 def section_summary(found: dict) -> list[str]:
     """The closing numbers in one place, computed from the JSON (so they regenerate with everything else)."""
     out = ["## Summary", ""]
@@ -238,6 +265,8 @@ def render() -> str:
         parts += section_floor(found["floor"])
     if found["serve_throughput"]:
         parts += section_serve(found["serve_throughput"])
+    if found.get("images"):
+        parts += section_images(found["images"])
     notes = RESULTS / "NOTES.md"
     if notes.exists():
         parts += [notes.read_text()]

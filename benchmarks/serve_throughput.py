@@ -1,7 +1,8 @@
 """Engine overhead (batch-1 step latency: vLLM engine vs reference sparse sampler) and throughput at 1-16 requests.
 
 Runs vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) on a random LLaDA-shaped checkpoint written to a temp
-folder; each runner mode (exact: one forward per request, flat: one forward per engine step) runs in its own
+folder; each runner mode (invariant: the default batch-invariant forward, tiled GEMMs + per-request attention;
+unconstrained: `batch_invariant: false`, plain GEMMs + one batched attention call per layer) runs in its own
 process because vLLM keeps process-wide state.
 Usage: python benchmarks/serve_throughput.py [--quick] [--json] [--out benchmarks/results/serve_throughput.json]
 """
@@ -71,7 +72,7 @@ def child(folder: Path, flat: bool, repeats: int) -> dict:
 
     config = MDMConfig.load(folder)
     llm = LLM(model=str(folder), dtype="float32", enforce_eager=True, skip_tokenizer_init=True, max_num_seqs=32,
-              max_model_len=PROMPT_LEN + GEN_LENGTH, additional_config={"flat_batch": flat}, seed=0)
+              max_model_len=PROMPT_LEN + GEN_LENGTH, additional_config={"batch_invariant": not flat}, seed=0)
 
     def run(n: int, seed0: int) -> tuple[float, float]:
         prompts = [TokensPrompt(prompt_token_ids=prompt(i, config.vocab_size)) for i in range(n)]
@@ -140,8 +141,8 @@ def main() -> None:
         folder = Path(tmp)
         save_pretrained(random_model(config, seed=0, std=0.1), folder)
         modes = {}
-        for mode in ("exact", "flat"):
-            cmd = [sys.executable, __file__, "--child", str(folder)] + (["--flat"] if mode == "flat" else [])
+        for mode in ("invariant", "unconstrained"):
+            cmd = [sys.executable, __file__, "--child", str(folder)] + (["--flat"] if mode == "unconstrained" else [])
             cmd += ["--quick"] if args.quick else []
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, **VLLM_ENV})
             modes[mode] = json.loads(out.stdout.strip().splitlines()[-1])

@@ -12,6 +12,7 @@ COMMAND_MODULES = (
     "sparse_lavida_vllm.diffusion.demo",  # demo (reference sampler, no vLLM)
     "sparse_lavida_vllm.training.cli",  # train, eval, tables
     "sparse_lavida_vllm.entrypoints.cli",  # serve, generate
+    "sparse_lavida_vllm.entrypoints.image_cli",  # generate-image
 )
 
 

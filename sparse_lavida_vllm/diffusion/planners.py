@@ -133,10 +133,21 @@ def equal_counts(length: int, steps: int) -> list[int]:
 # ---- plans ---------------------------------------------------------------------------------
 
 def image_plan(height: int, width: int, steps: int, schedule: str = "shift", order: str = "stratified",
-               shift: float = 5.0, generator: torch.Generator | None = None) -> UnmaskPlan:
-    """A fixed partition C_1..C_K of an HxW token grid: one single-step stage per step."""
+               shift: float = 5.0, generator: torch.Generator | None = None,
+               masked: Tensor | None = None) -> UnmaskPlan:
+    """A fixed partition C_1..C_K of an HxW token grid: one single-step stage per step.
+
+    `masked` (bool, H*W) restricts the plan to the positions to generate (inpainting: the rest is given);
+    the grid order is kept, so a stratified plan still spreads each step over the masked region.
+    """
     positions = grid_order(height, width, order, generator)
-    counts = token_counts(height * width, steps, schedule, shift)
+    if masked is not None:
+        if masked.shape != (height * width,):
+            raise ValueError(f"masked must have shape ({height * width},), got {tuple(masked.shape)}")
+        positions = positions[masked.to(torch.bool)[positions]]
+        if positions.numel() == 0:
+            raise ValueError("masked must mark at least one position to generate")
+    counts = token_counts(positions.numel(), steps, schedule, shift)
     stages = tuple(Stage(part, (len(part),)) for part in torch.split(positions, counts))
     return UnmaskPlan(height * width, stages)
 

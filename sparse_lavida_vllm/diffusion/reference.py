@@ -10,7 +10,7 @@ from torch import Tensor
 
 from sparse_lavida_vllm.diffusion.masks import build_step_causal_sequence, inference_step_spans
 from sparse_lavida_vllm.diffusion.planners import UnmaskPlan, choose_tokens
-from sparse_lavida_vllm.diffusion.sampling import SamplingConfig, cfg_combine, sample_tokens, step_generator
+from sparse_lavida_vllm.diffusion.sampling import SamplingConfig, guide_logits, sample_tokens, step_generator
 from sparse_lavida_vllm.model_executor.attention import KVCache, SpanAttention
 from sparse_lavida_vllm.model_executor.model import LLaDAMDM
 
@@ -53,17 +53,22 @@ class GenerateResult:
 
 
 def _prepare(model: LLaDAMDM, prompt_ids: Tensor, plan: UnmaskPlan, sampling: SamplingConfig,
-             uncond_prompt_ids: Tensor | None, response_init: Tensor | None) -> tuple[list[Tensor], Tensor]:
-    """The prompts of every CFG branch and the initial response canvas (mask where the plan decodes)."""
+             uncond_prompt_ids: Tensor | None, response_init: Tensor | None,
+             image_only_prompt_ids: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+    """The prompts of every CFG branch (cond, uncond, image-only) and the initial canvas (mask where planned)."""
     mask_id = model.config.mask_token_id
     device = prompt_ids.device
     prompts = [prompt_ids]
     if sampling.cfg_scale > 0:
         if uncond_prompt_ids is None:  # LaViDa-O's unconditional branch: the prompt replaced by masks
             uncond_prompt_ids = torch.full_like(prompt_ids, mask_id)
-        if uncond_prompt_ids.shape != prompt_ids.shape:
-            raise ValueError("uncond_prompt_ids must have the prompt's length (positions are shared)")
         prompts.append(uncond_prompt_ids)
+        if sampling.image_cfg_scale > 0:
+            if image_only_prompt_ids is None:
+                raise ValueError("image_cfg_scale > 0 needs image_only_prompt_ids (the edit's text masked)")
+            prompts.append(image_only_prompt_ids)
+    if any(pr.shape != prompt_ids.shape for pr in prompts):
+        raise ValueError("every CFG branch prompt must have the prompt's length (positions are shared)")
     if response_init is None:
         response = torch.full((plan.length,), mask_id, dtype=torch.long, device=device)
     else:
@@ -124,20 +129,25 @@ class PlanWalker:
 @torch.no_grad()
 def generate_dense(model: LLaDAMDM, prompt_ids: Tensor, plan: UnmaskPlan, sampling: SamplingConfig,
                    uncond_prompt_ids: Tensor | None = None, response_init: Tensor | None = None,
-                   record_logits: bool = False) -> GenerateResult:
-    """Vanilla MDM sampling: every step feeds prompt + all L response positions, full attention."""
-    prompts, response = _prepare(model, prompt_ids, plan, sampling, uncond_prompt_ids, response_init)
+                   record_logits: bool = False, image_only_prompt_ids: Tensor | None = None) -> GenerateResult:
+    """Vanilla MDM sampling: every step feeds prompt + all L response positions, full attention.
+
+    With guidance every branch is a full forward at the guided steps; outside `cfg_interval` only cond runs.
+    """
+    prompts, response = _prepare(model, prompt_ids, plan, sampling, uncond_prompt_ids, response_init,
+                                 image_only_prompt_ids)
     p = prompt_ids.numel()
     positions = torch.arange(p + plan.length, device=prompt_ids.device)
     stepper = PlanWalker(plan, sampling, response)
     result = GenerateResult(response)
     for step, (decode, count) in enumerate(stepper.decode_sets()):
+        branches = prompts if sampling.guided_at(step, plan.num_steps) else prompts[:1]
         branch_logits = [model(torch.cat([pr, response]), positions, SpanAttention(None), p + decode)
-                         for pr in prompts]
-        logits = branch_logits[0] if len(prompts) == 1 else cfg_combine(*branch_logits, sampling.cfg_scale)
-        keep, tokens = sample_and_choose(logits, decode, count, sampling, step)
+                         for pr in branches]
+        logits = guide_logits(branch_logits, sampling)
+        keep, tokens = sample_and_choose(logits, decode, count, sampling.at_step(step, plan.num_steps), step)
         chosen = stepper.commit(decode, keep, tokens)
-        result.steps.append(StepTrace(decode.clone(), chosen, positions.numel() * len(prompts),
+        result.steps.append(StepTrace(decode.clone(), chosen, positions.numel() * len(branches),
                                       logits if record_logits else None))
     return result
 
@@ -145,17 +155,20 @@ def generate_dense(model: LLaDAMDM, prompt_ids: Tensor, plan: UnmaskPlan, sampli
 @torch.no_grad()
 def generate_sparse(model: LLaDAMDM, prompt_ids: Tensor, plan: UnmaskPlan, sampling: SamplingConfig,
                     options: SparseOptions = SparseOptions(), uncond_prompt_ids: Tensor | None = None,
-                    response_init: Tensor | None = None, record_logits: bool = False) -> GenerateResult:
+                    response_init: Tensor | None = None, record_logits: bool = False,
+                    image_only_prompt_ids: Tensor | None = None) -> GenerateResult:
     """Sparse-LaViDa sampling: per step feed [C_{k-1} | decode set | registers] over a KV cache.
 
     Rows of one step, in order: commit rows C_{k-1} (cached after this pass), clean rows that are
     recomputed because their cache is off, the decode set, the other masked positions when
     truncation is off, and the registers. Commit rows see only clean keys (the step-causal rule);
     every other row sees all keys. With caches and truncation off and no registers this is the
-    dense MDM.
+    dense MDM. CFG branches (uncond, image-only) are companion sequences with caches of their own; outside
+    `cfg_interval` a companion runs only its rows to be cached, so its cache stays in step with the canvas.
     """
     cfg = model.config
-    prompts, response = _prepare(model, prompt_ids, plan, sampling, uncond_prompt_ids, response_init)
+    prompts, response = _prepare(model, prompt_ids, plan, sampling, uncond_prompt_ids, response_init,
+                                 image_only_prompt_ids)
     device = prompt_ids.device
     p, length, m = prompt_ids.numel(), plan.length, options.num_registers
     mask_id = cfg.mask_token_id
@@ -190,26 +203,34 @@ def generate_sparse(model: LLaDAMDM, prompt_ids: Tensor, plan: UnmaskPlan, sampl
             masked_now[decode] = False
             extra = masked_now.nonzero().flatten()
         clean_rel = torch.cat([commit, live_clean])
-        branch_logits = []
-        for pr, cache in zip(prompts, caches):
+        guided = sampling.guided_at(step, plan.num_steps)
+        branch_logits, rows_run = [], 0
+        for b, (pr, cache) in enumerate(zip(prompts, caches)):
+            decodes = b == 0 or guided  # an unguided companion only writes its commit rows
             live_prefix_ids = torch.cat([pr, response[given]]) if not options.cache_prompt else pr[:0]
             live_prefix_pos = prefix_positions if not options.cache_prompt else prefix_positions[:0]
             n_commit = commit.numel()
+            n_masks = decode.numel() + extra.numel() if decodes else 0
             ids = torch.cat([response[commit], live_prefix_ids, response[live_clean],
-                             torch.full((decode.numel() + extra.numel(),), mask_id, dtype=torch.long, device=device),
-                             register_ids])
-            positions = torch.cat([p + commit, live_prefix_pos, p + live_clean, p + decode, p + extra,
-                                   register_positions])
+                             torch.full((n_masks,), mask_id, dtype=torch.long, device=device),
+                             register_ids if decodes else register_ids[:0]])
+            positions = torch.cat([p + commit, live_prefix_pos, p + live_clean,
+                                   torch.cat([p + decode, p + extra, register_positions]) if decodes
+                                   else register_positions[:0]])
             n_clean = clean_rel.numel() + live_prefix_ids.numel()
+            if ids.numel() == 0:
+                continue
             spans = inference_step_spans(cache.length, ids.numel(), n_commit, n_clean)
-            rows = torch.arange(n_clean, n_clean + decode.numel(), device=device)
-            branch_logits.append(model(ids, positions, SpanAttention(spans, cache, n_commit), rows))
+            rows = torch.arange(n_clean, n_clean + (decode.numel() if decodes else 0), device=device)
+            out = model(ids, positions, SpanAttention(spans, cache, n_commit), rows)
+            if decodes:
+                branch_logits.append(out)
             cache.advance(n_commit)
-        logits = branch_logits[0] if len(prompts) == 1 else cfg_combine(*branch_logits, sampling.cfg_scale)
-        keep, tokens = sample_and_choose(logits, decode, count, sampling, step)
+            rows_run += ids.numel()
+        logits = guide_logits(branch_logits, sampling)
+        keep, tokens = sample_and_choose(logits, decode, count, sampling.at_step(step, plan.num_steps), step)
         chosen = stepper.commit(decode, keep, tokens)
-        result.steps.append(StepTrace(decode.clone(), chosen, ids.numel() * len(prompts),
-                                      logits if record_logits else None))
+        result.steps.append(StepTrace(decode.clone(), chosen, rows_run, logits if record_logits else None))
         committed = torch.cat([committed, chosen])
         last_chosen = chosen
     return result

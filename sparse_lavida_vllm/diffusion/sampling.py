@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from sparse_lavida_vllm.diffusion.planners import POLICIES
+
+TEMPERATURE_SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass(frozen=True)
@@ -23,8 +25,18 @@ class SamplingConfig:
     remasking: str = "low_confidence"
     confidence_threshold: float = 0.9
     seed: int = 0
+    # image requests (LaViDa-O's sampler): three-way guidance for edits, the steps where guidance applies, a
+    # temperature that decays from `temperature` to `min_temperature`, and the id range of the image codebook
+    image_cfg_scale: float = 0.0  # > 0: a third, image-only branch (edits)
+    cfg_interval: tuple[float, float] = (0.0, 1.0)  # fractions of the steps; LaViDa-O's cfg_interval
+    temperature_schedule: str = "constant"
+    min_temperature: float = 0.0
+    token_range: tuple[int, int] | None = None  # [lo, hi): only these ids can be sampled
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "cfg_scale", "confidence_threshold", "image_cfg_scale", "min_temperature"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -33,10 +45,42 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.cfg_scale < 0:
             raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if self.image_cfg_scale < 0:
+            raise ValueError(f"image_cfg_scale must be >= 0, got {self.image_cfg_scale}")
         if self.remasking not in POLICIES:
             raise ValueError(f"remasking must be one of {POLICIES}, got {self.remasking!r}")
         if not 0 <= self.confidence_threshold <= 1:
             raise ValueError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}")
+        lo, hi = self.cfg_interval
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"cfg_interval must be [start, end] with 0 <= start <= end <= 1, got {self.cfg_interval}")
+        if self.temperature_schedule not in TEMPERATURE_SCHEDULES:
+            raise ValueError(f"temperature_schedule must be one of {TEMPERATURE_SCHEDULES}, "
+                             f"got {self.temperature_schedule!r}")
+        if not 0 <= self.min_temperature <= max(self.temperature, 0):
+            raise ValueError(f"min_temperature must be in [0, temperature = {self.temperature}], "
+                             f"got {self.min_temperature}")
+        if self.token_range is not None and not 0 <= self.token_range[0] < self.token_range[1]:
+            raise ValueError(f"token_range must be [lo, hi) with 0 <= lo < hi, got {self.token_range}")
+
+    @property
+    def num_branches(self) -> int:
+        """Forward branches per guided step: cond, + uncond with CFG, + image-only with image guidance."""
+        return 1 if self.cfg_scale <= 0 else (3 if self.image_cfg_scale > 0 else 2)
+
+    def guided_at(self, step: int, num_steps: int) -> bool:
+        """Whether guidance applies at `step` (0-based), LaViDa-O's rule: int(start*K) <= step+1 <= int(end*K)."""
+        lo, hi = self.cfg_interval
+        return self.cfg_scale > 0 and int(lo * num_steps) <= step + 1 <= int(hi * num_steps)
+
+    def at_step(self, step: int, num_steps: int) -> SamplingConfig:
+        """The knobs of one step: the temperature decays from `temperature` (first step) to `min_temperature`."""
+        if self.temperature_schedule == "constant" or num_steps < 2:
+            return self
+        s = step / (num_steps - 1)  # 0 at the first step, 1 at the last
+        weight = 1 - s if self.temperature_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * s))
+        return replace(self, temperature=self.min_temperature + (self.temperature - self.min_temperature) * weight,
+                       temperature_schedule="constant")
 
 
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -84,9 +128,24 @@ def constrain_logits(logits: Tensor, allowed_token_ids: Sequence[int] = (),
     return logits
 
 
-def cfg_combine(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
-    """Classifier-free guidance as LaViDa-O applies it: (1 + g) * cond - g * uncond."""
+def cfg_combine(cond: Tensor, uncond: Tensor, scale: float, image_only: Tensor | None = None,
+                image_scale: float = 0.0) -> Tensor:
+    """Classifier-free guidance as LaViDa-O applies it: (1 + g) * cond - g * uncond.
+
+    Edits (three branches, LaViDa-O's edit_mode 0): cond is first pushed away from the image-only branch
+    (text masked, source image kept), (1 + g_img) * cond - g_img * image_only, then guided as above.
+    """
+    if image_only is not None and image_scale > 0:
+        cond = (1 + image_scale) * cond - image_scale * image_only
     return (1 + scale) * cond - scale * uncond
+
+
+def guide_logits(branch_logits: list[Tensor], sampling: SamplingConfig) -> Tensor:
+    """The logits to sample from, given the decode-row logits of the branches that ran (cond first)."""
+    if len(branch_logits) == 1:
+        return branch_logits[0]
+    image_only = branch_logits[2] if len(branch_logits) > 2 else None
+    return cfg_combine(branch_logits[0], branch_logits[1], sampling.cfg_scale, image_only, sampling.image_cfg_scale)
 
 
 def sample_tokens(logits: Tensor, config: SamplingConfig, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
@@ -95,7 +154,13 @@ def sample_tokens(logits: Tensor, config: SamplingConfig, generator: torch.Gener
     Temperature uses Gumbel-max in float64 as LLaDA does: argmax(exp(l) / (-log u)^T), which
     is greedy at T = 0.
     """
-    logits = filter_logits(logits.float(), config.top_k, config.top_p)
+    logits = logits.float()
+    if config.token_range is not None:  # e.g. an image canvas: only codebook ids (after guidance, as LaViDa-O)
+        lo, hi = config.token_range
+        outside = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        outside[lo:hi] = False
+        logits = logits.masked_fill(outside, float("-inf"))
+    logits = filter_logits(logits, config.top_k, config.top_p)
     probs = torch.softmax(logits, dim=-1)
     if config.temperature > 0:
         noise = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device)

@@ -17,9 +17,22 @@ CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1"}
 DEFAULT_SHUTDOWN_TIMEOUT = 30
 
 
+# vLLM loads endpoint plugins (our /v1/images/* routes) only when VLLM_PLUGINS names them, and then loads only
+# the general plugins it names too: serve names both of ours, keeping whatever else the user listed.
+OUR_PLUGINS = ("sparse_lavida", "sparse_lavida_images")
+
+
 def set_cpu_env() -> None:
     for key, value in CPU_ENV.items():
         os.environ.setdefault(key, value)
+
+
+def allow_our_plugins() -> None:
+    if "VLLM_PLUGINS" not in os.environ:
+        os.environ["VLLM_PLUGINS"] = ",".join(OUR_PLUGINS)
+        return
+    listed = [p for p in os.environ["VLLM_PLUGINS"].split(",") if p]
+    os.environ["VLLM_PLUGINS"] = ",".join(listed + [p for p in OUR_PLUGINS if p not in listed])
 
 
 def _has_flag(args: list[str], *names: str) -> bool:
@@ -42,6 +55,7 @@ def vllm_serve_argv(args: list[str]) -> list[str]:
 
 def serve(ns: argparse.Namespace) -> int:
     set_cpu_env()
+    allow_our_plugins()
     # The `vllm` console script fails with vllm-cpu: its CLI asks importlib.metadata for the version of a
     # distribution named "vllm", installed as "vllm-cpu". Answer as vLLM's platform probe does, then call the
     # entry function.

@@ -44,6 +44,23 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+# Inference GEMMs run in tiles of this many rows: every call then has one shape, so CPU BLAS picks one kernel and one
+# thread split for all of them and a row's result does not depend on how many rows share the pass (measured: with
+# one call over all rows, results change below ~16 rows and, with 2 threads, for some K between 64 and 128 rows).
+ROW_TILE = 32
+
+
+def tiled(layer: nn.Linear, x: Tensor, tile: int | None) -> Tensor:
+    """layer(x) over fixed tiles of `tile` rows (the last one zero-padded); plain layer(x) when tile is None."""
+    n = x.shape[0]
+    if tile is None or n == 0:
+        return layer(x)
+    pad = -n % tile
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+    return torch.cat([layer(chunk) for chunk in x.split(tile)])[:n]
+
+
 def check_divisible(config: MDMConfig, world_size: int) -> None:
     """A ValueError naming the field when the heads or the MLP width do not split evenly over the ranks."""
     for name in ("n_heads", "n_kv_heads", "mlp_hidden_size"):
@@ -103,15 +120,17 @@ class LLaDABlock(nn.Module):
         self.up_proj = nn.Linear(d, mlp, bias=False)
         self.ff_out = nn.Linear(mlp, d, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layer: int, attention: AttentionBackend) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layer: int, attention: AttentionBackend,
+                tile: int | None = None) -> Tensor:
         rows = x.shape[0]
         h = self.attn_norm(x)
-        q = apply_rope(self.q_proj(h).view(rows, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(h).view(rows, self.n_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(h).view(rows, self.n_kv_heads, self.head_dim)
-        x = x + self.tp.all_reduce(self.attn_out(attention.attend(layer, q, k, v).reshape(rows, -1)))
+        q = apply_rope(tiled(self.q_proj, h, tile).view(rows, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(tiled(self.k_proj, h, tile).view(rows, self.n_kv_heads, self.head_dim), cos, sin)
+        v = tiled(self.v_proj, h, tile).view(rows, self.n_kv_heads, self.head_dim)
+        x = x + self.tp.all_reduce(tiled(self.attn_out, attention.attend(layer, q, k, v).reshape(rows, -1), tile))
         h = self.ff_norm(x)
-        return x + self.tp.all_reduce(self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h)))
+        gated = F.silu(tiled(self.ff_proj, h, tile)) * tiled(self.up_proj, h, tile)
+        return x + self.tp.all_reduce(tiled(self.ff_out, gated, tile))
 
 
 class LLaDAMDM(nn.Module):
@@ -124,7 +143,13 @@ class LLaDAMDM(nn.Module):
     `tp` shards the blocks Megatron-style over tensor-parallel ranks (see LLaDABlock); the
     embedding, the final norm and the LM head are replicated, so every rank returns the full
     logits. `config` stays the whole model's; `local_kv_heads` is what this rank's KV cache holds.
+
+    Batch invariance: without autograd (every sampler and the served path) the GEMMs run in fixed tiles of
+    `row_tile` rows, so a row's logits are the same alone or in any batch; training (autograd on) keeps plain
+    GEMMs for speed. `row_tile = None` switches tiling off.
     """
+
+    row_tile: int | None = ROW_TILE
 
     def __init__(self, config: MDMConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
@@ -149,12 +174,18 @@ class LLaDAMDM(nn.Module):
         """This rank's slice of the full checkpoint tensor `name`."""
         return shard_weight(name, full, self.tp.rank, self.tp.world_size)
 
+    @property
+    def tile(self) -> int | None:
+        """The GEMM row tile of this call: tiles for inference, plain GEMMs under autograd (training)."""
+        return None if torch.is_grad_enabled() else self.row_tile
+
     def hidden_states(self, input_ids: Tensor, positions: Tensor, attention: AttentionBackend) -> Tensor:
         t = self.model.transformer
         x = t["wte"](input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        tile = self.tile
         for i, block in enumerate(t["blocks"]):
-            x = block(x, cos, sin, i, attention)
+            x = block(x, cos, sin, i, attention, tile)
         return x
 
     def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionBackend | None = None,
@@ -164,4 +195,4 @@ class LLaDAMDM(nn.Module):
         if logits_rows is not None:
             x = x[logits_rows]
         t = self.model.transformer
-        return t["ff_out"](t["ln_f"](x))
+        return tiled(t["ff_out"], t["ln_f"](x), self.tile)

@@ -36,6 +36,12 @@ class ImageCodec(ABC):
         h, w = self.grid
         return h * w
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(width, height) in pixels of the images it encodes and decodes; one pixel per token by default."""
+        h, w = self.grid
+        return w, h
+
 
 class PixelCodec(ImageCodec):
     """One token per pixel: the grey level quantized to `levels` values, ids `token_offset + level`.
@@ -69,7 +75,9 @@ class PixelCodec(ImageCodec):
         if isinstance(image, Image.Image):
             image = image.convert("L")
             if image.size != (self.width, self.height):
-                image = image.resize((self.width, self.height), Image.BILINEAR)
+                # BOX averages each token's pixels: an image upscaled by an integer factor (what the images
+                # routes return) maps back to exactly its own tokens
+                image = image.resize((self.width, self.height), Image.BOX)
             pixels = np.asarray(image, dtype=np.float64) / 255.0
         else:
             pixels = np.asarray(image, dtype=np.float64)

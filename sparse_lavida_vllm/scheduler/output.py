@@ -27,7 +27,7 @@ class RequestStep:
     req_id: str
     sparse: bool
     block_ids: list[int]
-    prefill_ids: list[int]  # sparse: the prompt on the request's first step, else []
+    prefill_ids: list[int]  # sparse: the prompt (+ an inpainting canvas's given tokens) on the first step, else []
     cache_len: int  # cached tokens before the step pass (after this step's prefill)
     commit_ids: list[int]
     commit_positions: list[int]
@@ -51,6 +51,19 @@ class RequestStep:
     allowed_token_ids: list[int] = field(default_factory=list)
     logit_bias: dict[int, float] = field(default_factory=dict)
     min_p: float = 0.0
+    prefill_positions: list[int] = field(default_factory=list)  # of prefill_ids
+    # classifier-free guidance: a companion branch (uncond, image-only) is a step of its own, with its own KV
+    # blocks, that names the request it guides; the runner combines its decode logits with the request's
+    guides: str | None = None  # companion: the request id it guides; None: a request of its own
+    branch: int = 0  # 0 cond, 1 uncond, 2 image-only
+    cfg_scale: float = 0.0
+    image_cfg_scale: float = 0.0
+    token_range: tuple[int, int] | None = None  # only these ids are sampled (an image canvas: the codebook)
+
+    @property
+    def num_step_rows(self) -> int:
+        """Rows of the step pass (sparse: commit + decode + registers), the prefill excluded."""
+        return self.num_rows - len(self.prefill_ids)
 
     @property
     def num_rows(self) -> int:

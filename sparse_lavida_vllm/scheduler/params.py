@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sparse_lavida_vllm.diffusion.planners import POLICIES, UnmaskPlan, text_plan
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
+
+if TYPE_CHECKING:
+    from sparse_lavida_vllm.scheduler.image_params import ImageParams
 
 # The keys a client may put in `vllm_xargs` / `extra_body["vllm_xargs"]` / SamplingParams.extra_args.
 KNOBS = ("steps", "block_length", "gen_length", "num_registers", "sparse", "remasking", "confidence_threshold")
@@ -46,8 +49,13 @@ class DiffusionParams:
     min_p: float
     sampling: SamplingConfig
 
+    kind = "text"
+
     def plan(self) -> UnmaskPlan:
         return text_plan(self.gen_length, self.block_length, self.steps)
+
+    def branch_prompts(self, prompt: list[int], mask_id: int) -> list[list[int]]:
+        return [prompt]  # text requests run no guidance branches
 
 
 def _int(extra: dict, name: str, default: int | None) -> int | None:
@@ -123,12 +131,14 @@ def _over(name: str, value: int, cap: str, limit: int, what: str = "") -> Diffus
                                f"operator sets it with --additional-config '{{\"{cap}\": N}}')", value)
 
 
-def check_limits(params: DiffusionParams, prompt_len: int, limits: Limits) -> None:
+def check_limits(params: DiffusionParams | ImageParams, prompt_len: int, limits: Limits) -> None:
     """Refuse a request over one of the operator's caps; the error names the knob and the cap."""
     if params.steps > limits.max_steps:
         raise _over("steps", params.steps, "max_steps", limits.max_steps)
     if params.sparse and params.num_registers > limits.max_num_registers:
         raise _over("num_registers", params.num_registers, "max_num_registers", limits.max_num_registers)
+    if params.kind != "text":  # an image step decodes a share of a canvas its grid already bounds
+        return
     if params.sparse:
         name, step_rows = "block_length", params.block_length + params.num_registers
         what = f"; + num_registers = {step_rows} rows per step"
@@ -144,7 +154,7 @@ def check_limits(params: DiffusionParams, prompt_len: int, limits: Limits) -> No
 
 
 def parse_params(sampling_params: Any, prompt_len: int, max_model_len: int,
-                 default_num_registers: int, limits: Limits | None = None) -> DiffusionParams:
+                 default_num_registers: int, limits: Limits | None = None) -> DiffusionParams | ImageParams:
     """Read the standard fields (temperature, top_p, top_k, seed, max_tokens, ignore_eos) and the knobs.
 
     Defaults: gen_length = max_tokens, block_length = 32 when it divides gen_length (else
@@ -159,6 +169,17 @@ def parse_params(sampling_params: Any, prompt_len: int, max_model_len: int,
         what = "structured_outputs (response_format, guided decoding)" if name == "structured_outputs" else name
         raise DiffusionParamError(name, f"{what} is not supported by the diffusion engine", value)
     extra = dict(getattr(sampling_params, "extra_args", None) or {})
+    kind = extra.pop("kind", "text")
+    if kind == "image":  # one frozen params type per request kind
+        from sparse_lavida_vllm.scheduler.image_params import parse_image_params
+
+        image = parse_image_params(sampling_params, {**extra, "kind": kind}, prompt_len, max_model_len,
+                                   default_num_registers)
+        if limits is not None:
+            check_limits(image, prompt_len, limits)
+        return image
+    if kind != "text":
+        raise DiffusionParamError("kind", f"kind must be text or image, got {kind!r}", kind)
     unknown = sorted(set(extra) - set(KNOBS))
     if unknown:
         raise DiffusionParamError(unknown[0], f"unknown diffusion knob {unknown[0]!r}; known: {', '.join(KNOBS)}")

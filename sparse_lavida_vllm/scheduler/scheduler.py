@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from vllm.v1.engine import EngineCoreEventType, EngineCoreOutput, EngineCoreOutp
 from vllm.v1.request import Request, RequestStatus
 
 from sparse_lavida_vllm.diffusion.reference import PlanWalker
+from sparse_lavida_vllm.scheduler.image_params import GENERATE, ImageParams
 from sparse_lavida_vllm.scheduler.output import (
     METRICS_KEY,
     DiffusionRunnerOutput,
@@ -26,22 +28,43 @@ logger = init_logger("vllm.sparse_lavida." + __name__)  # under "vllm": shown in
 
 
 @dataclass
+class Branch:
+    """One sequence of a request: the request itself (cond) or a guidance companion (uncond, image-only).
+
+    A companion shares the request's plan and sampled tokens but has its own prompt and so its own K/V:
+    `kv` is the request under a companion id (a shallow copy), which is how vLLM's KV cache manager gives it
+    blocks of its own.
+    """
+
+    kv: Request
+    prompt: list[int]
+    prefilled: bool = False
+
+
+@dataclass
 class DiffusionState:
     """Everything the scheduler knows about one running request between engine steps."""
 
-    params: DiffusionParams
+    params: DiffusionParams | ImageParams
     prompt: list[int]
     canvas: torch.Tensor  # (L,) response tokens, [mask] where not decoded yet
     decoded: torch.Tensor  # (L,) bool; not `canvas != mask`: a sampled token may be the mask id itself
     stepper: PlanWalker  # the reference sampler's plan walker: same decode sets, same counts
     decode_sets: object  # its generator of (decode set, count)
+    branches: list[Branch]
+    num_steps: int
     current: tuple[torch.Tensor, int | None] | None = None
     step: int = 0
-    prefilled: bool = False
     last_chosen: list[int] = field(default_factory=list)  # response positions decoded last step: C_{k-1}
     emitted: int = 0  # response tokens already sent to the client
     forward_tokens: int = 0
-    blocks_needed: int = 0  # KV blocks the request holds once every commit is written
+    dense_forward_tokens: int = 0  # what the dense MDM runs for the same steps and branches
+    blocks_per_branch: int = 0  # KV blocks each branch holds once every commit is written
+
+    @property
+    def given(self) -> list[int]:
+        """Response positions known before the first step (an inpainting canvas): prefilled with the prompt."""
+        return self.decoded.nonzero().flatten().tolist() if self.step == 0 else []
 
 
 class DiffusionScheduler(Scheduler):
@@ -75,21 +98,39 @@ class DiffusionScheduler(Scheduler):
     def _new_state(self, request: Request) -> DiffusionState:
         params = parse_params(request.sampling_params, request.num_prompt_tokens, self.max_model_len,
                               self.mdm_config.num_registers)
-        canvas = torch.full((params.gen_length,), self.mdm_config.mask_token_id, dtype=torch.long)
-        stepper = PlanWalker(params.plan(), params.sampling, canvas)
-        state = DiffusionState(params, list(request.prompt_token_ids), canvas,
-                               torch.zeros(params.gen_length, dtype=torch.bool), stepper, stepper.decode_sets())
+        mask_id = self.mdm_config.mask_token_id
+        canvas = torch.full((params.gen_length,), mask_id, dtype=torch.long)
+        decoded = torch.zeros(params.gen_length, dtype=torch.bool)
+        if isinstance(params, ImageParams) and params.init_canvas is not None:  # inpainting: given tokens
+            init = torch.tensor(params.init_canvas, dtype=torch.long)
+            decoded = init != GENERATE
+            canvas[decoded] = init[decoded]
+        plan = params.plan()
+        stepper = PlanWalker(plan, params.sampling, canvas)
+        prompt = list(request.prompt_token_ids)
+        branches = [Branch(request, prompt)]
+        for i, branch_prompt in enumerate(params.branch_prompts(prompt, mask_id)[1:], start=1):
+            companion = copy.copy(request)  # its own id, so its own KV blocks; freed with the request
+            companion.request_id = f"{request.request_id}#{('uncond', 'image')[i - 1]}"
+            companion.num_computed_tokens = 0
+            branches.append(Branch(companion, branch_prompt))
+        state = DiffusionState(params, prompt, canvas, decoded, stepper, stepper.decode_sets(), branches,
+                               plan.num_steps)
         state.current = next(state.decode_sets, None)
         tokens = request.num_prompt_tokens + params.gen_length if params.sparse else 0
-        state.blocks_needed = cdiv(tokens, self.block_size)
+        state.blocks_per_branch = cdiv(tokens, self.block_size)
         return state
 
+    def _blocks_needed(self, state: DiffusionState) -> int:
+        return state.blocks_per_branch * len(state.branches)
+
     def _reserved_blocks(self) -> int:
-        """Blocks promised to running requests but not allocated yet."""
+        """Blocks promised to running requests (every branch) but not allocated yet."""
         held = 0
-        for req_id, state in self.states.items():
-            blocks = self.kv_cache_manager.get_block_ids(req_id)[0] if state.prefilled else []
-            held += max(state.blocks_needed - len(blocks), 0)
+        for state in self.states.values():
+            for branch in state.branches:
+                blocks = self.kv_cache_manager.get_block_ids(branch.kv.request_id)[0] if branch.prefilled else []
+                held += max(state.blocks_per_branch - len(blocks), 0)
         return held
 
     # ---- schedule ---------------------------------------------------------------------------
@@ -101,11 +142,12 @@ class DiffusionScheduler(Scheduler):
                 break  # finished as an error by the next update_from_output
             state = self._new_state(request)
             free = self.kv_cache_manager.block_pool.get_num_free_blocks() - self._reserved_blocks()
-            if state.blocks_needed > self.num_blocks_total:  # could never run: fail it, keep serving
-                self.rejected[request.request_id] = (f"needs {state.blocks_needed} KV blocks, the pool has "
+            needed = self._blocks_needed(state)  # every guidance branch's blocks, reserved together
+            if needed > self.num_blocks_total:  # could never run: fail it, keep serving
+                self.rejected[request.request_id] = (f"needs {needed} KV blocks, the pool has "
                                                      f"{self.num_blocks_total}")
                 break
-            if state.blocks_needed > free:
+            if needed > free:
                 break  # wait until running requests free their blocks
             self.waiting.pop_request()
             request.status = RequestStatus.RUNNING
@@ -121,45 +163,68 @@ class DiffusionScheduler(Scheduler):
             raise RuntimeError(f"KV allocation failed for {request.request_id} despite its reservation")
         request.num_computed_tokens += num_tokens  # the committed count, in the order rows were written
 
-    def _step_for(self, request: Request, state: DiffusionState) -> RequestStep:
+    def _steps_for(self, request: Request, state: DiffusionState) -> list[RequestStep]:
+        """The request's step, then one per guidance companion (decode rows only at guided steps)."""
         params, sampling = state.params, state.params.sampling
         decode, count = state.current
         p = request.num_prompt_tokens
-        prefill_ids: list[int] = []
         commit = state.last_chosen if params.sparse else []
-        if params.sparse and not state.prefilled:
-            prefill_ids = state.prompt
-            self._allocate(request, p)
-            state.prefilled = True
-        cache_len = request.num_computed_tokens
-        self._allocate(request, len(commit))
-        block_ids = list(self.kv_cache_manager.get_block_ids(request.request_id)[0]) if params.sparse else []
-        dense_ids = state.prompt + state.canvas.tolist() if not params.sparse else []
+        given = state.given
+        guided = sampling.guided_at(state.step, state.num_steps)
+        step_sampling = sampling.at_step(state.step, state.num_steps)
         banned = sorted(self._stop_ids(params)) if params.min_tokens else []
-        return RequestStep(
-            req_id=request.request_id, sparse=params.sparse, block_ids=block_ids, prefill_ids=prefill_ids,
-            cache_len=cache_len, commit_ids=state.canvas[commit].tolist(),
-            commit_positions=[p + i for i in commit], decode_positions=(p + decode).tolist(),
-            register_start=p + params.gen_length, num_registers=params.num_registers if params.sparse else 0,
-            dense_ids=dense_ids, step=state.step, count=-1 if count is None else count,
-            temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-            remasking=sampling.remasking, confidence_threshold=sampling.confidence_threshold, seed=sampling.seed,
-            banned_ids=banned, ban_below=p + params.min_tokens if banned else 0,
-            allowed_token_ids=list(params.allowed_token_ids), logit_bias=dict(params.logit_bias), min_p=params.min_p)
+        steps = []
+        for b, branch in enumerate(state.branches):
+            decodes = b == 0 or guided  # an unguided companion only writes its commit rows to its cache
+            if not params.sparse and not decodes:
+                continue  # dense: nothing cached, nothing to run
+            prefill_ids: list[int] = []
+            if params.sparse and not branch.prefilled:
+                prefill_ids = branch.prompt + state.canvas[given].tolist()
+                self._allocate(branch.kv, len(prefill_ids))
+                branch.prefilled = True
+            cache_len = branch.kv.num_computed_tokens
+            self._allocate(branch.kv, len(commit))
+            block_ids = list(self.kv_cache_manager.get_block_ids(branch.kv.request_id)[0]) if params.sparse else []
+            dense_ids = branch.prompt + state.canvas.tolist() if not params.sparse else []
+            decode_positions = (p + decode).tolist() if decodes else []
+            if params.sparse and not (prefill_ids or commit or decode_positions):
+                continue
+            steps.append(RequestStep(
+                req_id=branch.kv.request_id, sparse=params.sparse, block_ids=block_ids, prefill_ids=prefill_ids,
+                prefill_positions=list(range(p)) + [p + i for i in given] if prefill_ids else [],
+                cache_len=cache_len, commit_ids=state.canvas[commit].tolist(),
+                commit_positions=[p + i for i in commit], decode_positions=decode_positions,
+                register_start=p + params.gen_length,
+                num_registers=params.num_registers if params.sparse and decodes else 0,
+                dense_ids=dense_ids, step=state.step, count=-1 if count is None else count,
+                temperature=step_sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                remasking=sampling.remasking, confidence_threshold=sampling.confidence_threshold, seed=sampling.seed,
+                banned_ids=banned, ban_below=p + params.min_tokens if banned else 0,
+                allowed_token_ids=list(params.allowed_token_ids), logit_bias=dict(params.logit_bias),
+                min_p=params.min_p, guides=None if b == 0 else request.request_id, branch=b,
+                cfg_scale=sampling.cfg_scale, image_cfg_scale=sampling.image_cfg_scale,
+                token_range=sampling.token_range))
+            if decodes:
+                state.dense_forward_tokens += p + params.gen_length
+        return steps
 
     def schedule(self, throttle_prefills: bool = False) -> DiffusionSchedulerOutput:
         self.current_step += 1
         self.kv_cache_manager.new_step_starts()
         self._admit()
-        steps = [self._step_for(r, self.states[r.request_id]) for r in self.running]
+        steps = [rs for r in self.running for rs in self._steps_for(r, self.states[r.request_id])]
         output = DiffusionSchedulerOutput.make_empty()
         output.steps = steps
-        output.num_scheduled_tokens = {s.req_id: s.num_rows for s in steps}
-        output.total_num_scheduled_tokens = sum(output.num_scheduled_tokens.values())
+        rows: dict[str, int] = defaultdict(int)
+        for rs in steps:  # a companion's rows count as its request's
+            rows[rs.guides or rs.req_id] += rs.num_rows
+        output.num_scheduled_tokens = dict(rows)
+        output.total_num_scheduled_tokens = sum(rows.values())
         output.finished_req_ids = self.finished_req_ids
         self.finished_req_ids = set()
         if steps:
-            self.batch_sizes.append(len(steps))
+            self.batch_sizes.append(len(rows))
         return output
 
     # ---- results back -----------------------------------------------------------------------
@@ -190,7 +255,7 @@ class DiffusionScheduler(Scheduler):
         """Per-request diffusion metrics; dense_forward_tokens is what the dense MDM runs for the same steps."""
         return {"mode": "sparse" if state.params.sparse else "dense", "steps": state.step,
                 "forward_tokens": state.forward_tokens,
-                "dense_forward_tokens": state.step * (request.num_prompt_tokens + state.params.gen_length),
+                "dense_forward_tokens": state.dense_forward_tokens,
                 "num_registers": state.params.num_registers if state.params.sparse else 0,
                 "output_tokens": state.emitted}
 
@@ -198,7 +263,12 @@ class DiffusionScheduler(Scheduler):
                            model_runner_output: DiffusionRunnerOutput) -> dict[int, EngineCoreOutputs]:
         outputs: dict[int, list[EngineCoreOutput]] = defaultdict(list)
         kept = getattr(model_runner_output, "kept", {})
+        rows: dict[str, int] = defaultdict(int)
         for rs in getattr(scheduler_output, "steps", []):
+            rows[rs.guides or rs.req_id] += rs.num_rows
+        for rs in getattr(scheduler_output, "steps", []):
+            if rs.guides is not None:
+                continue  # a companion: its request's entry carries the step
             request = self.requests.get(rs.req_id)
             state = self.states.get(rs.req_id)
             if request is None or state is None or request.is_finished() or rs.req_id not in kept:
@@ -209,7 +279,7 @@ class DiffusionScheduler(Scheduler):
                                           torch.tensor(tokens, dtype=torch.long))
             state.last_chosen = chosen.tolist()
             state.decoded[chosen] = True
-            state.forward_tokens += rs.num_rows
+            state.forward_tokens += rows[rs.req_id]
             state.step += 1
             state.current = next(state.decode_sets, None)
             new, status = self._emit(request, state)
@@ -251,6 +321,8 @@ class DiffusionScheduler(Scheduler):
         state = self.states.pop(request.request_id, None)
         if state is not None:  # per-request diffusion metrics, in the server log too
             logger.info("request %s %s: %s", request.request_id, request.status.name, self._metrics(request, state))
+            for branch in state.branches[1:]:  # guidance companions' blocks go back with the request's (I5)
+                self.kv_cache_manager.free(branch.kv)
         return super()._free_request(request, delay_free_blocks)
 
     def num_free_blocks(self) -> int:

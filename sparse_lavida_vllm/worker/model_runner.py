@@ -12,8 +12,9 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
 from sparse_lavida_vllm.diffusion.masks import inference_step_spans
 from sparse_lavida_vllm.diffusion.reference import sample_and_choose
-from sparse_lavida_vllm.diffusion.sampling import SamplingConfig, constrain_logits
+from sparse_lavida_vllm.diffusion.sampling import SamplingConfig, constrain_logits, guide_logits
 from sparse_lavida_vllm.scheduler.output import DiffusionRunnerOutput, RequestStep
+from sparse_lavida_vllm.worker.flex_attention import FlexPagedAttention, choose_backend
 from sparse_lavida_vllm.worker.paged_attention import (
     BatchedPagedAttention,
     PagedSpanAttention,
@@ -29,17 +30,27 @@ _EMPTY = torch.empty(0, dtype=torch.long)
 class DiffusionModelRunner(CPUModelRunner):
     """Keeps vLLM's CPU runner for loading and config; replaces the KV layout and execute_model.
 
-    By default every request runs its own forward pass (the flat batch of one request), which
-    keeps the vLLM path bit-identical to the reference sampler (I4): a GEMM over a longer batch
-    rounds differently. `--additional-config '{"flat_batch": true}'` runs all requests of a step
-    in one forward (per-request attention over the paged cache), trading that for throughput.
+    Every engine step is one forward over every request's rows (prefills, commit rows, decode rows,
+    registers, guidance companions). By default it is batch-invariant: a request's tokens do not depend
+    on what it shares the pass with, and equal the reference sampler's (I4). `--additional-config
+    '{"batch_invariant": false}'` trades that for throughput: plain GEMMs over all rows and one batched
+    attention call per layer (a longer GEMM rounds differently, which can flip a near-tie).
     """
 
     def __init__(self, vllm_config, device: torch.device) -> None:
         super().__init__(vllm_config, device)
         extra = vllm_config.additional_config or {}
-        self.flat_batch = bool(extra.get("flat_batch", False))
+        # "flat_batch": true is the earlier name of the unconstrained mode
+        self.batch_invariant = bool(extra.get("batch_invariant", not extra.get("flat_batch", False)))
+        # the unconstrained runner's attention: one batched SDPA, or FlexAttention (the default on CUDA)
+        self.attention_backend = choose_backend(str(extra.get("attention_backend", "auto")), torch.device(device),
+                                                self.batch_invariant)
         self.paged_kv: list[Tensor] = []
+
+    def load_model(self, *args, **kwargs) -> None:
+        super().load_model(*args, **kwargs)
+        if not self.batch_invariant:
+            self.model.row_tile = None  # plain GEMMs: each is one call over all rows of the step
 
     # ---- KV cache: one (2, slots, kv_heads, head_dim) tensor per layer ----------------------
 
@@ -71,45 +82,44 @@ class DiffusionModelRunner(CPUModelRunner):
 
     # ---- one engine step --------------------------------------------------------------------
 
-    def _prefill(self, group: list[RequestStep]) -> None:
-        """The prompt of each new request: full attention among itself, all rows cached."""
-        ids, positions, segments, start = [], [], [], 0
-        for rs in group:
-            p = len(rs.prefill_ids)
-            ids.append(torch.tensor(rs.prefill_ids, dtype=torch.long))
-            positions.append(torch.arange(p))
-            segments.append(Segment(start, start + p, _EMPTY, request_slots(rs.block_ids, 0, p, self.block_size), None))
-            start += p
-        self.model(torch.cat(ids), torch.cat(positions), PagedSpanAttention(self.paged_kv, segments), _EMPTY)
-
     def _step(self, group: list[RequestStep]) -> list[Tensor]:
-        """One pass over [C_{k-1} | decode masks | registers] (sparse) or prompt + canvas (dense) per request."""
+        """Every request of the step in one forward; each attends to its own keys with the reference's arithmetic.
+
+        Sparse rows per request: [prompt on its first step | C_{k-1} | decode masks | registers]; the prompt
+        and C_{k-1} are the commit rows (written to the pool, seeing only the cache and each other), so a new
+        request's prefill rides in the same pass. Dense: prompt + canvas, full attention, nothing cached.
+        Batch invariance: attention runs per request (PagedSpanAttention), and the model's GEMMs run in
+        fixed row tiles (model.row_tile), so no row's arithmetic depends on which rows share the pass.
+        """
         cfg = self.model.config
-        ids, positions, segments, logits_rows, start = [], [], [], [], 0
+        ids: list[int] = []
+        positions: list[int] = []
+        segments, logits_rows, start = [], [], 0
         for rs in group:
             n_decode = len(rs.decode_positions)
             if rs.sparse:
-                n_commit = len(rs.commit_ids)
-                ids.append(torch.tensor(rs.commit_ids + [cfg.mask_token_id] * n_decode
-                                        + [cfg.register_token_id] * rs.num_registers, dtype=torch.long))
-                positions.append(torch.tensor(rs.commit_positions + rs.decode_positions
-                                              + list(range(rs.register_start, rs.register_start + rs.num_registers)),
-                                              dtype=torch.long))
-                n = ids[-1].numel()
+                p = len(rs.prefill_ids)
+                n_commit = p + len(rs.commit_ids)
+                cached = rs.cache_len - p  # the prompt's slots were allocated with this step
+                ids += rs.prefill_ids + rs.commit_ids + [cfg.mask_token_id] * n_decode
+                ids += [cfg.register_token_id] * rs.num_registers
+                positions += rs.prefill_positions + rs.commit_positions + rs.decode_positions
+                positions += range(rs.register_start, rs.register_start + rs.num_registers)
+                n = n_commit + n_decode + rs.num_registers
                 segments.append(Segment(
-                    start, start + n, request_slots(rs.block_ids, 0, rs.cache_len, self.block_size),
-                    request_slots(rs.block_ids, rs.cache_len, rs.cache_len + n_commit, self.block_size),
-                    inference_step_spans(rs.cache_len, n, n_commit, n_commit)))
+                    start, start + n, request_slots(rs.block_ids, 0, cached, self.block_size),
+                    request_slots(rs.block_ids, cached, cached + n_commit, self.block_size),
+                    inference_step_spans(cached, n, n_commit, n_commit)))
                 logits_rows.append(torch.arange(start + n_commit, start + n_commit + n_decode))
             else:
                 n = len(rs.dense_ids)
-                ids.append(torch.tensor(rs.dense_ids, dtype=torch.long))
-                positions.append(torch.arange(n))
+                ids += rs.dense_ids
+                positions += range(n)
                 segments.append(Segment(start, start + n, _EMPTY, _EMPTY, None))
                 logits_rows.append(start + torch.tensor(rs.decode_positions, dtype=torch.long))
             start += n
-        logits = self.model(torch.cat(ids), torch.cat(positions), PagedSpanAttention(self.paged_kv, segments),
-                            torch.cat(logits_rows))
+        logits = self.model(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+                            PagedSpanAttention(self.paged_kv, segments), torch.cat(logits_rows))
         return list(torch.split(logits, [len(rs.decode_positions) for rs in group]))
 
     def _flat_step(self, group: list[RequestStep]) -> Tensor:
@@ -137,7 +147,7 @@ class DiffusionModelRunner(CPUModelRunner):
                 ids += rs.commit_ids
                 ids += [cfg.mask_token_id] * n_decode
                 ids += [cfg.register_token_id] * rs.num_registers
-                positions += range(p)
+                positions += rs.prefill_positions
                 positions += rs.commit_positions
                 positions += rs.decode_positions
                 positions += range(rs.register_start, rs.register_start + rs.num_registers)
@@ -157,14 +167,18 @@ class DiffusionModelRunner(CPUModelRunner):
         width = max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long).view(len(tables), width)
         layout = StepLayout(torch.tensor(rows), torch.tensor(cache_len), torch.tensor(commit), table, self.block_size)
+        backend = FlexPagedAttention if self.attention_backend == "flex" else BatchedPagedAttention
         return self.model(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
-                          BatchedPagedAttention(self.paged_kv, layout), torch.tensor(wanted, dtype=torch.long))
+                          backend(self.paged_kv, layout), torch.tensor(wanted, dtype=torch.long))
 
     @staticmethod
-    def _choose(rs: RequestStep, logits: Tensor) -> tuple[list[int], list[int]]:
-        """Exactly the reference sampler's draw: step_generator(seed, step), sample_tokens, then the policy."""
+    def _choose(rs: RequestStep, branch_logits: list[Tensor]) -> tuple[list[int], list[int]]:
+        """Exactly the reference sampler's draw: guidance, step_generator(seed, step), sample_tokens, the policy."""
         sampling = SamplingConfig(temperature=rs.temperature, top_k=rs.top_k, top_p=rs.top_p,
-                                  remasking=rs.remasking, confidence_threshold=rs.confidence_threshold, seed=rs.seed)
+                                  remasking=rs.remasking, confidence_threshold=rs.confidence_threshold, seed=rs.seed,
+                                  cfg_scale=rs.cfg_scale, image_cfg_scale=rs.image_cfg_scale,
+                                  token_range=rs.token_range)
+        logits = guide_logits(branch_logits, sampling)
         decode = torch.tensor(rs.decode_positions, dtype=torch.long)
         if rs.allowed_token_ids or rs.logit_bias or rs.min_p:
             logits = constrain_logits(logits, rs.allowed_token_ids, rs.logit_bias, rs.min_p, rs.temperature)
@@ -178,18 +192,21 @@ class DiffusionModelRunner(CPUModelRunner):
     @torch.inference_mode()
     def execute_model(self, scheduler_output, intermediate_tensors=None) -> DiffusionRunnerOutput:
         steps: list[RequestStep] = getattr(scheduler_output, "steps", [])
-        if self.flat_batch:
-            sizes = [len(rs.decode_positions) for rs in steps]
-            per_request = torch.split(self._flat_step(steps), sizes) if steps else []
-        else:  # exact mode: one forward per request, bit-identical to the reference sampler (I4)
+        if not steps:
             per_request = []
-            for rs in steps:
-                if rs.prefill_ids:
-                    self._prefill([rs])
-                per_request.extend(self._step([rs]))
+        elif self.batch_invariant:  # the default: one forward, batch-invariant, bit-identical to the reference
+            per_request = self._step(steps)
+        else:  # one forward with plain GEMMs and one batched attention call per layer: fastest, not invariant
+            per_request = torch.split(self._flat_step(steps), [len(rs.decode_positions) for rs in steps])
+        # guidance companions join the request they guide, in branch order, when they decoded this step
+        branch_logits = {rs.req_id: [logits] for rs, logits in zip(steps, per_request) if rs.guides is None}
+        for rs, logits in sorted(zip(steps, per_request), key=lambda x: x[0].branch):
+            if rs.guides is not None and rs.decode_positions:
+                branch_logits[rs.guides].append(logits)
         # sampling stays per request: batching it measured no faster (the per-row kernels dominate)
-        kept = {rs.req_id: self._choose(rs, logits) for rs, logits in zip(steps, per_request)}
-        req_ids = [rs.req_id for rs in steps]
+        primaries = [rs for rs in steps if rs.guides is None]
+        kept = {rs.req_id: self._choose(rs, branch_logits[rs.req_id]) for rs in primaries}
+        req_ids = [rs.req_id for rs in primaries]
         return DiffusionRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
                                      kept=kept)
 

@@ -80,3 +80,18 @@ def test_report_renders_tables_and_plots(results_dir, tmp_path):
         assert heading in text
     for png in ("sparse_vs_dense.png", "ablation.png", "peers.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_images(results_dir):
+    out = results_dir / "images.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "images.py"), "--quick", "--repeats", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    for r in data["samplers"].values():
+        assert r["forward_tokens"]["sparse"] < r["forward_tokens"]["dense"]
+        assert r["token_bound"] == pytest.approx(r["forward_tokens"]["dense"] / r["forward_tokens"]["sparse"], rel=1e-2)
+    for runner in ("invariant", "unconstrained"):
+        rates = data["engine"][runner]["images_per_s"]
+        assert set(rates) == {"sparse", "sparse_cfg", "dense", "dense_cfg"}
+        assert all(v > 0 for r in rates.values() for v in r.values())

@@ -37,3 +37,14 @@ def test_bad_input_names_field() -> None:
         codec.decode(torch.zeros(256, dtype=torch.long))  # id 0 is not an image code
     with pytest.raises(ValueError, match="token_ids"):
         codec.decode(torch.full((10,), 8))
+
+
+def test_an_upscaled_decoded_image_encodes_back_to_its_tokens():
+    """The images routes return integer-upscaled PNGs; uploading one for an edit must give the same tokens."""
+    from PIL import Image
+
+    codec = PixelCodec(16, 16, 16, token_offset=8)
+    tokens = torch.randint(8, 24, (256,), generator=torch.Generator().manual_seed(0))
+    for side, mode in ((64, "L"), (48, "RGB"), (16, "RGBA")):
+        image = codec.decode(tokens).convert(mode).resize((side, side), Image.NEAREST)
+        assert torch.equal(codec.encode(image), tokens), (side, mode)

@@ -85,15 +85,15 @@ def test_bad_knob_raises_naming_the_field():
     assert len(ok[0].outputs[0].token_ids) == 4
 
 
-# Flat mode in its own process (vLLM keeps process-wide state): requests of different prompt lengths, knobs and
-# kinds, one joining while the others are mid-generation, all through one forward per engine step.
+# The unconstrained runner (batch_invariant: false) in its own process (vLLM keeps process-wide state): requests of
+# different prompt lengths, knobs and kinds, one joining while the others are mid-generation.
 FLAT_SCRIPT = """
 import json, sys
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
 llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=256, seed=0, block_size=16,
-          additional_config={"flat_batch": True})
+          additional_config=json.loads(sys.argv[3]))
 engine, out = llm.llm_engine, {}
 for i, (prompt, knobs) in enumerate(json.loads(sys.argv[2])):
     knobs = dict(knobs)
@@ -120,8 +120,10 @@ FLAT_REQUESTS = [
 
 
 @pytest.mark.slow
-def test_flat_batch_mode_gives_the_exact_mode_tokens(tmp_path):
-    """Flat mode may differ from the reference only by GEMM rounding; on the tiny model its tokens are the same."""
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_unconstrained_mode_gives_the_reference_tokens_on_the_tiny_model(tmp_path, backend):
+    """Plain GEMMs (and the fused FlexAttention backend) may differ from the reference only by rounding; on the
+    tiny model their tokens are the same."""
     import json
     import os
     import subprocess
@@ -130,7 +132,9 @@ def test_flat_batch_mode_gives_the_exact_mode_tokens(tmp_path):
     from tests.serving_helpers import VLLM_ENV, make_checkpoint
 
     folder = make_checkpoint(tmp_path)
-    run = subprocess.run([sys.executable, "-c", FLAT_SCRIPT, str(folder), json.dumps(FLAT_REQUESTS)],
+    config = {"batch_invariant": False, "attention_backend": backend}
+    run = subprocess.run([sys.executable, "-c", FLAT_SCRIPT, str(folder), json.dumps(FLAT_REQUESTS),
+                          json.dumps(config)],
                          env={**os.environ, **VLLM_ENV}, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])

@@ -1,0 +1,389 @@
+"""The OpenAI images API on `vllm serve` (a `vllm.endpoint_plugins` entry): /v1/images/generations and /edits."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import math
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from PIL import Image, UnidentifiedImageError
+
+from sparse_lavida_vllm.multimodal.layout import ImageLayout
+from sparse_lavida_vllm.scheduler.image_params import GENERATE
+from sparse_lavida_vllm.scheduler.params import DiffusionParamError, parse_params
+
+PLUGIN_NAME = "sparse_lavida_images"
+MAX_N = 16  # images per request (they run as one batch)
+MAX_SIDE = 2048  # pixels per side of a returned (upscaled) image
+MAX_UPLOAD = 20 * 1024 * 1024
+# Our internal knob names -> the request field a client set (a 400 names the field the client knows).
+API_FIELD = {"steps": "num_inference_steps", "height": "size", "width": "size", "size": "size",
+             "init_canvas": "mask", "uncond_prompt_ids": "negative_prompt", "cfg_interval": "guidance_interval"}
+IGNORED = ("model", "quality", "style", "user", "background", "moderation", "output_compression")
+
+router = APIRouter()
+
+
+class BadField(ValueError):
+    """A bad request field: HTTP 400 with an OpenAI error body naming it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
+    kind = "BadRequestError" if status == 400 else "InternalServerError"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": field, "code": status}}, status)
+
+
+# ---- request fields (JSON bodies, or multipart forms whose values are strings) ------------------
+
+def _get_int(body: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    value = body.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadField(name, f"{name} must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise BadField(name, f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _get_float(body: dict, name: str, default: float | None, lo: float, hi: float) -> float | None:
+    value = body.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise BadField(name, f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise BadField(name, f"{name} must be a finite number, got {value!r}")
+    if not lo <= value <= hi:
+        raise BadField(name, f"{name} must be in [{lo}, {hi}], got {value}")
+    return float(value)
+
+
+def _get_bool(body: dict, name: str, default: bool | None) -> bool | None:
+    value = body.get(name, default)
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise BadField(name, f"{name} must be true or false, got {value!r}")
+
+
+def _get_str(body: dict, name: str, default: str | None, choices: tuple[str, ...] | None = None) -> str | None:
+    value = body.get(name, default)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadField(name, f"{name} must be a string, got {value!r}")
+    if choices is not None and value not in choices:
+        raise BadField(name, f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _get_interval(body: dict) -> list[float] | None:
+    value = body.get("guidance_interval")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.replace("[", "").replace("]", "").split(",")
+        try:
+            value = [float(v) for v in value]
+        except ValueError:
+            raise BadField("guidance_interval", "guidance_interval must be [start, end]") from None
+    if (not isinstance(value, list) or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) for v in value)):
+        raise BadField("guidance_interval", f"guidance_interval must be [start, end], got {value!r}")
+    return [float(v) for v in value]
+
+
+def parse_size(value: Any, native: tuple[int, int]) -> tuple[int, int]:
+    """'WxH' (or 'auto' = the codec's size): the codec's size or an integer multiple of it (nearest upscaling)."""
+    w0, h0 = native
+    if value in (None, "auto"):
+        return native
+    allowed = ", ".join(f"{w0 * k}x{h0 * k}" for k in (1, 2, 4, 8, 16, 32, 64) if max(w0, h0) * k <= MAX_SIDE)
+    if not isinstance(value, str) or value.count("x") != 1:
+        raise BadField("size", f"size must be 'WIDTHxHEIGHT' or 'auto', got {value!r} (this model: {allowed})")
+    w, h = value.split("x")
+    if not (w.isdigit() and h.isdigit()):
+        raise BadField("size", f"size must be 'WIDTHxHEIGHT' or 'auto', got {value!r} (this model: {allowed})")
+    w, h = int(w), int(h)
+    if w % w0 or h % h0 or w // w0 != h // h0 or w == 0 or max(w, h) > MAX_SIDE:
+        raise BadField("size", f"size {value} is not supported: this model draws {w0}x{h0} images; "
+                               f"sizes: {allowed}")
+    return w, h
+
+
+def read_image(data: bytes, field: str) -> Image.Image:
+    if not data:
+        raise BadField(field, f"{field} is empty")
+    if len(data) > MAX_UPLOAD:
+        raise BadField(field, f"{field} is larger than {MAX_UPLOAD // (1024 * 1024)} MB")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BadField(field, f"{field} is not a readable image (PNG, JPEG, WebP): {e}") from None
+    return image
+
+
+def mask_to_canvas(mask: Image.Image, source: Image.Image, source_ids: list[int], grid: tuple[int, int]) -> list[int]:
+    """OpenAI mask semantics: transparent pixels mark what to repaint. A token is repainted when its cell of
+    the mask is mostly transparent (mean alpha < 128); the others keep the source's token."""
+    if mask.size != source.size:
+        raise BadField("mask", f"mask must have the image's size {source.size[0]}x{source.size[1]}, "
+                               f"got {mask.size[0]}x{mask.size[1]}")
+    if "A" not in mask.getbands():
+        raise BadField("mask", "mask must have an alpha channel (transparent pixels mark the region to edit)")
+    h, w = grid
+    alpha = np.asarray(mask.getchannel("A").resize((w, h), Image.BOX), dtype=np.float64).reshape(-1)
+    return [GENERATE if a < 128 else t for a, t in zip(alpha, source_ids)]
+
+
+def png_b64(image: Image.Image, size: tuple[int, int]) -> str:
+    if image.size != size:
+        image = image.resize(size, Image.NEAREST)  # integer upscaling: each token's pixels become blocks
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+# ---- the service: prompt building, validation, engine calls ----------------------------------
+
+@dataclass
+class ImageJob:
+    prompt_ids: list[int]
+    extra: dict[str, Any]
+    temperature: float
+    top_k: int
+    top_p: float
+    seeds: list[int]
+    size: tuple[int, int]
+
+
+class ImageService:
+    """Turns image requests into diffusion requests on the engine and their tokens back into PNGs."""
+
+    def __init__(self, engine_client: Any) -> None:
+        self.engine = engine_client
+        model_config = engine_client.model_config
+        self.hf_config = model_config.hf_config
+        self.max_model_len = model_config.max_model_len
+        self.mask_id = int(self.hf_config.mask_token_id)
+        self.num_registers = int(getattr(self.hf_config, "num_registers", 0))
+        self.tokenizer = engine_client.renderer.get_tokenizer()
+        vocab = self.tokenizer.get_vocab()
+        self.layout: ImageLayout | None = None
+        self.unavailable = ""
+        try:
+            self.layout = ImageLayout.from_config(getattr(self.hf_config, "image_generation", None),
+                                                  model_config.model, vocab.get)
+        except ValueError as e:  # a text-only checkpoint: the routes answer 400 with the reason
+            self.unavailable = str(e)
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def common(self, body: dict) -> dict[str, Any]:
+        """The fields both routes share, validated (BadField names the first bad one)."""
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise BadField("prompt", "prompt must be a non-empty string")
+        fmt = _get_str(body, "response_format", "b64_json")
+        if fmt != "b64_json":
+            raise BadField("response_format", f"response_format must be b64_json (this server keeps no files), "
+                                              f"got {fmt!r}")
+        _get_str(body, "output_format", "png", ("png",))
+        if _get_bool(body, "stream", False):
+            raise BadField("stream", "streaming partial images is not supported; send stream=false")
+        defaults = self.layout.defaults
+        return {
+            "prompt": prompt, "n": _get_int(body, "n", 1, 1, MAX_N),
+            "size": parse_size(body.get("size"), self.layout.codec.image_size),
+            "steps": _get_int(body, "num_inference_steps", None, 1, 4096),
+            "guidance_scale": _get_float(body, "guidance_scale", None, 0.0, 100.0),
+            "image_guidance_scale": _get_float(body, "image_guidance_scale", None, 0.0, 100.0),
+            "negative_prompt": _get_str(body, "negative_prompt", None),
+            "seed": _get_int(body, "seed", None, 0, 2**62),
+            "temperature": _get_float(body, "temperature", float(defaults["temperature"]), 0.0, 100.0),
+            "top_k": _get_int(body, "top_k", 0, 0, 1 << 30), "top_p": _get_float(body, "top_p", 1.0, 1e-6, 1.0),
+            "knobs": {"sparse": _get_bool(body, "sparse", None),
+                      "num_registers": _get_int(body, "num_registers", None, 0, self.max_model_len),
+                      "order": _get_str(body, "order", None), "schedule": _get_str(body, "schedule", None),
+                      "guidance_interval": _get_interval(body),
+                      "temperature_schedule": _get_str(body, "temperature_schedule", None),
+                      "min_temperature": _get_float(body, "min_temperature", None, 0.0, 100.0)},
+        }
+
+    def job(self, fields: dict[str, Any], prompt_ids: list[int], source_span: tuple[int, int] | None = None,
+            init_canvas: list[int] | None = None) -> ImageJob:
+        uncond = None
+        if fields["negative_prompt"]:  # the uncond branch reads the negative prompt, padded with masks
+            neg = self.layout.t2i_prompt(self.encode_text(fields["negative_prompt"]))[:len(prompt_ids)]
+            uncond = neg + [self.mask_id] * (len(prompt_ids) - len(neg))
+        extra = self.layout.request_args(steps=fields["steps"], guidance_scale=fields["guidance_scale"],
+                                         image_guidance_scale=fields["image_guidance_scale"], source_span=source_span,
+                                         init_canvas=init_canvas, uncond_prompt_ids=uncond, **fields["knobs"])
+        if fields["negative_prompt"] and not extra.get("guidance_scale"):
+            raise BadField("negative_prompt", "negative_prompt needs guidance_scale > 0 (it is the uncond branch)")
+        base = fields["seed"] if fields["seed"] is not None else secrets.randbits(62)
+        job = ImageJob(prompt_ids, extra, fields["temperature"], fields["top_k"], fields["top_p"],
+                       [base + i for i in range(fields["n"])], fields["size"])
+        self.validate(job)
+        return job
+
+    def sampling_params(self, job: ImageJob, seed: int) -> Any:
+        from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=self.layout.codec.num_tokens, temperature=job.temperature, top_k=job.top_k,
+                              top_p=job.top_p, seed=seed, extra_args=dict(job.extra), detokenize=False)
+
+    def validate(self, job: ImageJob) -> None:
+        """The scheduler's own checks, run here so a bad request is a 400 before anything is queued."""
+        try:
+            parse_params(self.sampling_params(job, job.seeds[0]), len(job.prompt_ids), self.max_model_len,
+                         self.num_registers)
+        except DiffusionParamError as e:
+            raise BadField(API_FIELD.get(e.field, e.field), str(e)) from None
+
+    async def run(self, job: ImageJob) -> list[tuple[Image.Image, dict]]:
+        """The job's n images, submitted together so the engine batches them (and their guidance branches)."""
+
+        async def one(seed: int) -> tuple[Image.Image, dict]:
+            final = None
+            async for output in self.engine.generate({"prompt_token_ids": job.prompt_ids},
+                                                     self.sampling_params(job, seed), f"img-{uuid.uuid4().hex}"):
+                final = output
+            completion = final.outputs[0] if final is not None and final.outputs else None
+            if completion is None or len(completion.token_ids) != self.layout.codec.num_tokens:
+                reason = completion.finish_reason if completion is not None else "no output"
+                raise RuntimeError(f"the engine did not finish the image ({reason})")
+            metrics = dict((final.kv_transfer_params or {}).get("sparse_lavida_metrics", {}))
+            image = self.layout.codec.decode(torch.tensor(list(completion.token_ids), dtype=torch.long))
+            return image, metrics
+
+        return list(await asyncio.gather(*(one(seed) for seed in job.seeds)))
+
+    @staticmethod
+    def response(results: list[tuple[Image.Image, dict]], size: tuple[int, int]) -> dict[str, Any]:
+        return {"created": int(time.time()),
+                "data": [{"b64_json": png_b64(image, size)} for image, _ in results],
+                "sparse_lavida_metrics": [metrics for _, metrics in results]}
+
+
+def _service(request: Request) -> ImageService | JSONResponse:
+    service = getattr(request.app.state, "sparse_lavida_images", None)
+    if service is None:
+        return _error(500, "the images service is not initialised")
+    if service.layout is None:
+        return _error(400, f"this model cannot make images: {service.unavailable}", "model")
+    return service
+
+
+async def _answer(service: ImageService, job: ImageJob) -> JSONResponse:
+    try:
+        results = await service.run(job)
+    except RuntimeError as e:
+        return _error(500, str(e))
+    return JSONResponse(service.response(results, job.size))
+
+
+@router.post("/v1/images/generations")
+async def create_image(request: Request) -> JSONResponse:
+    service = _service(request)
+    if isinstance(service, JSONResponse):
+        return service
+    try:
+        body = await request.json()
+    except ValueError:
+        return _error(400, "the body must be a JSON object", "body")
+    if not isinstance(body, dict):
+        return _error(400, "the body must be a JSON object", "body")
+    try:
+        unknown = sorted(set(body) - _GENERATION_FIELDS)
+        if unknown:
+            raise BadField(unknown[0], f"unknown field {unknown[0]!r}")
+        fields = service.common(body)
+        if fields["image_guidance_scale"]:
+            raise BadField("image_guidance_scale", "image_guidance_scale applies to edits only")
+        job = service.job(fields, service.layout.t2i_prompt(service.encode_text(fields["prompt"])))
+    except BadField as e:
+        return _error(400, str(e), e.field)
+    return await _answer(service, job)
+
+
+@router.post("/v1/images/edits")
+async def edit_image(request: Request) -> JSONResponse:
+    service = _service(request)
+    if isinstance(service, JSONResponse):
+        return service
+    try:
+        form = await request.form()
+    except Exception:  # starlette raises several types for a malformed multipart body
+        return _error(400, "the body must be multipart/form-data with an image file", "image")
+    try:
+        body = {k: v for k, v in form.items() if not hasattr(v, "read")}
+        unknown = sorted(set(body) - _EDIT_FIELDS)
+        if unknown:
+            raise BadField(unknown[0], f"unknown field {unknown[0]!r}")
+        upload = form.get("image") or form.get("image[]")
+        if upload is None or not hasattr(upload, "read"):
+            raise BadField("image", "image is required (a PNG, JPEG or WebP file)")
+        source = read_image(await upload.read(), "image")
+        fields = service.common(body)
+        layout = service.layout
+        source_ids = layout.codec.encode(source).tolist()  # the codec converts and resizes to its own format
+        init_canvas = None
+        mask_upload = form.get("mask")
+        if mask_upload is not None:
+            if not hasattr(mask_upload, "read"):
+                raise BadField("mask", "mask must be a PNG file")
+            init_canvas = mask_to_canvas(read_image(await mask_upload.read(), "mask"), source, source_ids,
+                                         layout.codec.grid)
+            if GENERATE not in init_canvas:  # nothing to repaint: the source, untouched
+                image = layout.codec.decode(torch.tensor(source_ids, dtype=torch.long))
+                return JSONResponse(service.response([(image, {"steps": 0})] * fields["n"], fields["size"]))
+        prompt, span = layout.edit_prompt(source_ids, service.encode_text(fields["prompt"]))
+        job = service.job(fields, prompt, source_span=span, init_canvas=init_canvas)
+    except BadField as e:
+        return _error(400, str(e), e.field)
+    return await _answer(service, job)
+
+
+_COMMON_FIELDS = {"prompt", "n", "size", "response_format", "output_format", "stream", "num_inference_steps",
+                  "guidance_scale", "image_guidance_scale", "negative_prompt", "seed", "temperature", "top_k", "top_p",
+                  "sparse", "num_registers", "order", "schedule", "guidance_interval", "temperature_schedule",
+                  "min_temperature", *IGNORED}
+_GENERATION_FIELDS = set(_COMMON_FIELDS)
+_EDIT_FIELDS = set(_COMMON_FIELDS) | {"input_fidelity"}
+
+
+class ImagesPlugin:
+    """The `vllm.endpoint_plugins` entry: the routes, and the service they share (built once the engine is up)."""
+
+    name = PLUGIN_NAME
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        app.include_router(router)
+
+    async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
+        state.sparse_lavida_images = ImageService(engine_client) if engine_client is not None else None

@@ -1,0 +1,98 @@
+"""How a checkpoint lays out image requests: codec, prompt prefixes, sampler defaults (config "image_generation")."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sparse_lavida_vllm.multimodal.codec import ImageCodec
+
+# Sampler defaults when the checkpoint names none (LaViDa-O's image sampler, scaled to small grids).
+DEFAULTS: dict[str, Any] = {"steps": 16, "temperature": 0.8, "guidance_scale": 0.0, "image_guidance_scale": 0.0,
+                            "schedule": "shift", "order": "stratified"}
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """An image request as token ids: `[t2i prefix] text` or `[edit prefix] source image tokens text`, then
+    an H x W canvas of image tokens decoded by the diffusion plan.
+
+    `image_generation` in config.json: {"codec": {...}, "t2i_prefix": [token names], "edit_prefix": [token
+    names], "defaults": {steps, temperature, guidance_scale, ...}}. The codec's ids are offset into the
+    model's vocabulary (`token_range`), and sampling is restricted to them.
+    """
+
+    codec: ImageCodec
+    t2i_prefix: tuple[int, ...]
+    edit_prefix: tuple[int, ...]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, image_generation: Mapping[str, Any] | None, checkpoint: str | Path | None,
+                    token_to_id: Callable[[str], int | None]) -> ImageLayout:
+        """Build it from config.json's section; a missing or bad entry raises ValueError naming it."""
+        from sparse_lavida_vllm.multimodal.factory import load_image_codec
+
+        if not image_generation:
+            raise ValueError("this checkpoint has no image_generation section in config.json: it serves text only")
+        if "codec" not in image_generation:
+            raise ValueError("image_generation.codec is missing in config.json")
+        codec = load_image_codec(dict(image_generation["codec"]), Path(checkpoint) if checkpoint else None)
+
+        def ids(key: str) -> tuple[int, ...]:
+            out = []
+            for name in image_generation.get(key, []):
+                token = token_to_id(name)
+                if token is None:
+                    raise ValueError(f"image_generation.{key}: token {name!r} is not in the tokenizer")
+                out.append(int(token))
+            return tuple(out)
+
+        return cls(codec, ids("t2i_prefix"), ids("edit_prefix"),
+                   {**DEFAULTS, **dict(image_generation.get("defaults", {}))})
+
+    @property
+    def token_range(self) -> tuple[int, int]:
+        offset = int(getattr(self.codec, "token_offset", 0))
+        return offset, offset + self.codec.vocab_size
+
+    def t2i_prompt(self, text_ids: list[int]) -> list[int]:
+        return [*self.t2i_prefix, *text_ids]
+
+    def edit_prompt(self, source_ids: list[int], text_ids: list[int]) -> tuple[list[int], tuple[int, int]]:
+        """The edit prompt and where its source image tokens sit (the image-only guidance branch keeps them)."""
+        start = len(self.edit_prefix)
+        return [*self.edit_prefix, *source_ids, *text_ids], (start, start + len(source_ids))
+
+    def request_args(self, *, steps: int | None = None, guidance_scale: float | None = None,
+                     image_guidance_scale: float | None = None, source_span: tuple[int, int] | None = None,
+                     init_canvas: list[int] | None = None, uncond_prompt_ids: list[int] | None = None,
+                     **knobs: Any) -> dict[str, Any]:
+        """`SamplingParams.extra_args` of an image request; None means the checkpoint's default."""
+        h, w = self.codec.grid
+        default_steps = int(self.defaults["steps"])
+        if init_canvas is not None:  # a small repaint region has fewer tokens than the default step count
+            default_steps = max(1, min(default_steps, sum(t < 0 for t in init_canvas)))
+        args: dict[str, Any] = {"kind": "image", "height": h, "width": w, "token_range": list(self.token_range),
+                                "steps": default_steps if steps is None else steps,
+                                "schedule": self.defaults["schedule"], "order": self.defaults["order"],
+                                "guidance_scale": self.defaults["guidance_scale"] if guidance_scale is None
+                                else guidance_scale}
+        if init_canvas is not None:
+            args["init_canvas"] = list(init_canvas)
+        if source_span is not None:
+            args["source_span"] = list(source_span)
+            scale = self.defaults["image_guidance_scale"] if image_guidance_scale is None else image_guidance_scale
+            if scale:
+                args["image_guidance_scale"] = scale
+        elif image_guidance_scale:
+            args["image_guidance_scale"] = image_guidance_scale  # refused by validation: no source image
+        if uncond_prompt_ids is not None:
+            args["uncond_prompt_ids"] = list(uncond_prompt_ids)
+        for key in ("temperature_schedule", "min_temperature", "guidance_interval", "shift"):
+            if key in self.defaults:
+                args[key] = self.defaults[key]
+        args.update({k: v for k, v in knobs.items() if v is not None})
+        return args

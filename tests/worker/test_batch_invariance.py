@@ -1,0 +1,140 @@
+"""Batch invariance: one forward per engine step for every request, and each request's tokens equal its solo run."""
+
+import pytest
+import torch
+
+from sparse_lavida_vllm.model_executor.model import tiled
+from tests.serving_helpers import engine_scheduler, reference_tokens, set_vllm_env, shared_llm
+
+set_vllm_env()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tiled_gemm_rows_do_not_depend_on_their_neighbours(threads):
+    """The model's inference GEMMs: a row gives the same bits alone, at any offset, in any batch size."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for k, n in ((128, 384), (1152, 384), (384, 1152), (256, 2048)):  # (1152, 384): plain GEMMs vary here
+            layer = torch.nn.Linear(k, n, bias=False)
+            x = torch.randn(700, k, generator=gen)
+            with torch.no_grad():
+                together = tiled(layer, x, 32)
+                for start, rows in ((0, 1), (5, 3), (40, 17), (100, 64), (300, 129), (0, 700)):
+                    assert torch.equal(tiled(layer, x[start:start + rows], 32), together[start:start + rows])
+    finally:
+        torch.set_num_threads(old)
+
+
+def _params(gen_length, block_length, steps, num_registers, seed, sparse=True, temperature=1.0):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=gen_length, temperature=temperature, seed=seed, ignore_eos=True,
+                          extra_args={"gen_length": gen_length, "block_length": block_length, "steps": steps,
+                                      "num_registers": num_registers, "sparse": sparse})
+
+
+# (prompt, gen_length, block_length, steps, registers, sparse): sampled at temperature 1, so a changed logit
+# anywhere would change the draw
+REQUESTS = [
+    ([11, 12, 13], 16, 8, 8, 4, True), ([21] * 9, 8, 4, 4, 0, True), ([31, 32], 24, 8, 12, 2, True),
+    ([41, 42, 43, 44], 16, 16, 4, 1, False), ([51, 52, 53, 54, 55], 12, 4, 6, 3, True),
+    ([61] * 6, 32, 8, 16, 4, True), ([71, 72, 73], 8, 8, 8, 0, False), ([81, 82, 83], 20, 4, 10, 2, True),
+]
+
+
+def test_eight_requests_joining_at_different_steps_equal_their_solo_runs_in_one_forward_per_step():
+    from vllm.inputs import TokensPrompt
+
+    llm, folder = shared_llm()
+    engine, sched = llm.llm_engine, engine_scheduler(llm)
+    model = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.model
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        finished, forwards_per_step = {}, []
+        for i, (prompt, *knobs) in enumerate(REQUESTS):
+            engine.add_request(f"b{i}", TokensPrompt(prompt_token_ids=prompt), _params(*knobs[:4], seed=i,
+                                                                                        sparse=knobs[4]))
+            for _ in range(i % 3):  # the next request joins one, two or three engine steps later
+                calls.clear()
+                for out in engine.step():
+                    finished[out.request_id] = out
+                forwards_per_step.append(len(calls))
+        while engine.has_unfinished_requests():
+            calls.clear()
+            for out in engine.step():
+                finished[out.request_id] = out
+            forwards_per_step.append(len(calls))
+    finally:
+        hook.remove()
+    assert max(sched.batch_sizes[-len(forwards_per_step):]) >= 5  # many requests really shared steps
+    assert set(forwards_per_step) <= {0, 1}  # one model call per engine step (0: every request still queued)
+    for i, (prompt, gen_length, block_length, steps, registers, sparse) in enumerate(REQUESTS):
+        together = list(finished[f"b{i}"].outputs[0].token_ids)
+        alone = llm.generate([TokensPrompt(prompt_token_ids=prompt)],
+                             [_params(gen_length, block_length, steps, registers, seed=i, sparse=sparse)],
+                             use_tqdm=False)[0]
+        assert together == list(alone.outputs[0].token_ids), f"b{i}"
+        assert together == reference_tokens(folder, prompt, gen_length, block_length, steps, registers, sparse=sparse,
+                                             temperature=1.0, seed=i), f"b{i}"
+    assert sched.num_free_blocks() == sched.num_blocks_total
+
+
+def test_a_request_s_logits_are_the_same_bits_alone_and_beside_others():
+    """At the logits level, on a wider model (d 384, MLP 1152: shapes where one plain GEMM over all rows varies
+    with the row count): request A alone == A packed after two other requests in one forward, and the prompt
+    folded into A's first step == a separate prefill pass followed by the step (the reference's order)."""
+    from sparse_lavida_vllm.diffusion.masks import inference_step_spans
+    from sparse_lavida_vllm.model_executor.attention import KVCache, SpanAttention
+    from sparse_lavida_vllm.model_executor.config import MDMConfig
+    from sparse_lavida_vllm.model_executor.weights import random_model
+    from sparse_lavida_vllm.worker.paged_attention import PagedSpanAttention, Segment, request_slots
+
+    config = MDMConfig(vocab_size=512, d_model=384, n_layers=2, n_heads=6, n_kv_heads=6, mlp_hidden_size=1152,
+                       mask_token_id=510, register_token_id=511)
+    model = random_model(config, seed=3, std=0.05)
+    empty = torch.empty(0, dtype=torch.long)
+    gen = torch.Generator().manual_seed(0)
+
+    def request(p: int, n_decode: int, regs: int):
+        prompt = torch.randint(5, 500, (p,), generator=gen)
+        ids = torch.cat([prompt, torch.full((n_decode,), 510), torch.full((regs,), 511)])
+        positions = torch.cat([torch.arange(p), p + torch.randperm(n_decode + 4, generator=gen)[:n_decode],
+                               torch.arange(p + n_decode + 4, p + n_decode + 4 + regs)])
+        return ids, positions, p, n_decode
+
+    def pool():
+        return [torch.zeros(2, 64 * 16, config.n_kv_heads, config.head_dim) for _ in range(config.n_layers)]
+
+    a, b, c = request(7, 5, 3), request(20, 9, 8), request(3, 2, 0)
+    with torch.inference_mode():
+        # A after B and C in one forward, each a segment of its own (its own blocks), prompts folded in
+        kv, ids, positions, segments, rows, start = pool(), [], [], [], [], 0
+        for k, (r_ids, r_pos, p, n_decode) in enumerate((b, c, a)):
+            n = r_ids.numel()
+            blocks = [10 * k + j for j in range(4)]
+            segments.append(Segment(start, start + n, empty, request_slots(blocks, 0, p, 16),
+                                    inference_step_spans(0, n, p, p)))
+            ids.append(r_ids)
+            positions.append(r_pos)
+            rows.append(torch.arange(start + p, start + p + n_decode))
+            start += n
+        batched = model(torch.cat(ids), torch.cat(positions), PagedSpanAttention(kv, segments), torch.cat(rows))
+        a_batched = batched[-a[3]:]
+        # A alone, prompt folded into the step
+        r_ids, r_pos, p, n_decode = a
+        alone = model(r_ids, r_pos, PagedSpanAttention(pool(), [Segment(0, r_ids.numel(), empty,
+                                                                        request_slots([3, 4], 0, p, 16),
+                                                                        inference_step_spans(0, r_ids.numel(), p, p))]),
+                      torch.arange(p, p + n_decode))
+        # A as the reference sampler runs it: a prefill pass into a contiguous cache, then the step
+        cache = KVCache(config.n_layers, 64, config.n_kv_heads, config.head_dim)
+        model(r_ids[:p], r_pos[:p], SpanAttention(None, cache, p), empty)
+        cache.advance(p)
+        step = r_ids[p:]
+        reference = model(step, r_pos[p:], SpanAttention(inference_step_spans(p, step.numel(), 0, 0), cache, 0),
+                          torch.arange(n_decode))
+    assert torch.equal(a_batched, alone)
+    assert torch.equal(alone, reference)
