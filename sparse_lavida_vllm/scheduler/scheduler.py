@@ -84,6 +84,8 @@ class DiffusionScheduler(Scheduler):
         self.rejected: dict[str, str] = {}  # request id -> validation error (finished as errors)
         self.batch_sizes: list[int] = []  # requests per engine step (continuous batching evidence)
         self.num_blocks_total = self.kv_cache_manager.block_pool.get_num_free_blocks()
+        # Fairness (reliability, issue 11): see _fair_turn. additional_config "fair_step_rows"; 0 turns it off.
+        self.fair_step_rows = int((self.vllm_config.additional_config or {}).get("fair_step_rows", 256))
 
     # ---- requests in ------------------------------------------------------------------------
 
@@ -213,7 +215,7 @@ class DiffusionScheduler(Scheduler):
         self.current_step += 1
         self.kv_cache_manager.new_step_starts()
         self._admit()
-        steps = [rs for r in self.running for rs in self._steps_for(r, self.states[r.request_id])]
+        steps = [rs for r in self._fair_turn() for rs in self._steps_for(r, self.states[r.request_id])]
         output = DiffusionSchedulerOutput.make_empty()
         output.steps = steps
         rows: dict[str, int] = defaultdict(int)
@@ -226,6 +228,26 @@ class DiffusionScheduler(Scheduler):
         if steps:
             self.batch_sizes.append(len(rows))
         return output
+
+    def _fair_turn(self) -> list[Request]:
+        """Fairness (reliability, issue 11): the running requests that take part in this engine step.
+
+        Usually all of them. While requests of at most `fair_step_rows` rows per step are running, a larger one
+        (by its average rows per step so far) takes part only in every ceil(rows / fair_step_rows)-th engine step
+        (at most every 8th), so one large request cannot set every small request's pace. Its tokens do not
+        change: a step's noise depends on (seed, step index) only, and nothing else happens to a request that
+        sits a step out.
+        """
+        if not self.fair_step_rows:
+            return self.running
+        every = {}
+        for request in self.running:
+            state = self.states[request.request_id]
+            rows = state.forward_tokens // state.step if state.step else 0
+            every[request.request_id] = min(8, max(1, cdiv(rows, self.fair_step_rows)))
+        if min(every.values(), default=1) > 1:  # no small request to protect
+            return self.running
+        return [r for r in self.running if self.current_step % every[r.request_id] == 0]
 
     # ---- results back -----------------------------------------------------------------------
 
