@@ -185,6 +185,18 @@ def test_random_values_at_every_field_never_5xx_never_hang_and_the_server_keeps_
     assert 400 in statuses and 200 in statuses  # both kinds were tried
 
 
+def test_a_reduced_soak_leaks_nothing_and_seeded_requests_keep_their_tokens(server):
+    """benchmarks/soak.py for 20 s at 6 clients: mixed good, seeded, abandoned and bad requests."""
+    from benchmarks.soak import soak
+
+    result = soak(server.base_url, server.model, server.proc.pid, duration=20, concurrency=6, seed=3)
+    assert result["requests"] >= 20 and result["aborted"] and result["bad"] and result["seeded"], result
+    assert result["server_errors_5xx"] == 0 and result["unexpected"] == 0, result["outcomes"]
+    assert result["seeded_mismatches"] == 0  # batch-invariant: the same tokens as alone
+    assert result["end_running"] == result["end_waiting"] == result["end_kv_cache_usage"] == 0  # I5
+    assert result["rss_after_mb"] <= result["rss_before_mb"] * 1.25 + 100, result
+
+
 # ---- shutdown and orphans (a server of their own each) --------------------------------------------------------
 
 
