@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -194,6 +196,8 @@ def main() -> None:
         if server is not None:
             server.stop()
     result["leaks"] = int(bool(result["end_running"] or result["end_waiting"] or result["end_kv_cache_usage"]))
+    result = {"benchmark": "soak", "date_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+              "command": " ".join(sys.argv), "load_avg_end": [round(x, 2) for x in os.getloadavg()], **result}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2) if args.json else
