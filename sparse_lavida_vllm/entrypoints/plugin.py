@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 
 SCHEDULER_CLS = "sparse_lavida_vllm.scheduler.scheduler.DiffusionScheduler"
-WORKER_CLS = "sparse_lavida_vllm.worker.worker.DiffusionWorker"
+WORKER_CLS = "sparse_lavida_vllm.worker.worker.DiffusionWorker"  # on CPU; DiffusionGPUWorker on CUDA
 
 _registered = False
 
@@ -18,8 +18,10 @@ class DiffusionEngineConfig:
         scheduler_config, parallel_config = vllm_config.scheduler_config, vllm_config.parallel_config
         if scheduler_config.scheduler_cls is None:
             scheduler_config.scheduler_cls = SCHEDULER_CLS
-        if parallel_config.worker_cls == "auto":
-            parallel_config.worker_cls = WORKER_CLS
+        if parallel_config.worker_cls == "auto":  # vLLM's CPU or GPU worker base, by platform
+            from sparse_lavida_vllm.worker.worker import worker_class_path
+
+            parallel_config.worker_cls = worker_class_path()
         # One step in flight: the next step's commit set is the result of this one.
         scheduler_config.async_scheduling = False
         # Cache blocks hold K/V of committed response tokens in decode order, not a token prefix.
