@@ -61,6 +61,25 @@ def test_ray_refuses_cpu_as_a_worker_resource():
         ray.remote(num_cpus=0, num_gpus=0, resources={"CPU": 1.0})(object)
 
 
+RESOLVE = """
+import os
+from vllm.platforms import resolve_current_platform_cls_qualname as resolve
+print(resolve())
+os.environ["SPARSE_LAVIDA_RAY_CPU"] = "1"
+print(resolve())
+"""
+
+
+def test_vllm_resolves_our_platform_only_when_asked(tmp_path):
+    """vLLM's own resolution, with the entry point installed: its CpuPlatform by default, ours with the env var."""
+    _write_entry_point(tmp_path / "ep")
+    env = {k: v for k, v in os.environ.items() if k not in (ENV_VAR, "VLLM_PLUGINS", "VLLM_TARGET_DEVICE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(tmp_path / "ep")])
+    proc = subprocess.run([sys.executable, "-c", RESOLVE], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["vllm.platforms.cpu.CpuPlatform", PLATFORM_QUALNAME]
+
+
 def _ray_view(worker) -> dict:
     """Where one TP worker runs: inside a Ray actor, on which platform, with the env var it got from vLLM."""
     import ray
