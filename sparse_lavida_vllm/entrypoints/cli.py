@@ -16,7 +16,7 @@ CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1"}
 
 # vLLM loads endpoint plugins (our /v1/images/* routes) only when VLLM_PLUGINS names them, and then loads only
 # the general plugins it names too: serve names both of ours, keeping whatever else the user listed.
-OUR_PLUGINS = ("sparse_lavida", "sparse_lavida_images")
+OUR_PLUGINS = ("sparse_lavida", "sparse_lavida_images", "sparse_lavida_ray_cpu")  # ray_cpu: off unless asked
 
 
 def set_cpu_env() -> None:
