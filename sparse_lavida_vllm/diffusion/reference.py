@@ -178,7 +178,9 @@ def generate_sparse(model: LLaDAMDM, prompt_ids: Tensor, plan: UnmaskPlan, sampl
     caches = [KVCache(cfg.n_layers, p + length + m, model.local_kv_heads, cfg.head_dim,
                       next(model.parameters()).dtype, device) for _ in prompts]
     register_positions = torch.arange(p + length, p + length + m, device=device)
-    register_ids = torch.full((m,), cfg.register_token_id, dtype=torch.long, device=device)
+    if m and cfg.register_token_id is None:
+        raise ValueError("num_registers > 0 needs a register token: this checkpoint's config has no register_token_id")
+    register_ids = torch.full((m,), cfg.register_token_id or 0, dtype=torch.long, device=device)
     result = GenerateResult(response)
 
     prefix_positions = torch.cat([torch.arange(p, device=device), p + given])

@@ -19,7 +19,7 @@ DEFAULT_SHUTDOWN_TIMEOUT = 30
 
 # vLLM loads endpoint plugins (our /v1/images/* routes) only when VLLM_PLUGINS names them, and then loads only
 # the general plugins it names too: serve names both of ours, keeping whatever else the user listed.
-OUR_PLUGINS = ("sparse_lavida", "sparse_lavida_images")
+OUR_PLUGINS = ("sparse_lavida", "sparse_lavida_images", "sparse_lavida_ray_cpu")  # ray_cpu: off unless asked
 
 
 def set_cpu_env() -> None:
@@ -79,22 +79,46 @@ def serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def checkpoint_and_prompts(ns: argparse.Namespace) -> tuple[str, list[str]]:
+    """The model folder and the prompts; a first "prompt" that is a folder is the model, never a prompt."""
+    prompts = list(ns.prompt)
+    model = ns.model
+    first = Path(prompts[0])
+    if first.exists():
+        if ns.model is not None or not (first / "config.json").exists():
+            raise SystemExit(f"{prompts[0]!r} is a path, not a prompt: give the checkpoint with --model and the "
+                             "prompt text as the argument")
+        model, prompts = prompts[0], prompts[1:]
+        if not prompts:
+            raise SystemExit(f"no prompt: sparse-lavida generate {model} \"TEXT\" (or --model {model} \"TEXT\")")
+    model = model or str(DEMO_MODEL)
+    if not (Path(model) / "config.json").exists():
+        raise SystemExit(f"--model: no config.json in {model}")
+    if ns.tokenizer is None and not any((Path(model) / f).exists() for f in TOKENIZER_FILES):
+        raise SystemExit(f"{model} has no tokenizer ({', '.join(TOKENIZER_FILES)}): pass --tokenizer FOLDER "
+                         "(e.g. the published model's tokenizer)")
+    return model, prompts
+
+
 def generate(ns: argparse.Namespace) -> int:
+    model, prompts = checkpoint_and_prompts(ns)
     set_cpu_env()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
-    model = ns.model or str(DEMO_MODEL)
-    llm = LLM(model=model, dtype=ns.dtype, enforce_eager=True, max_model_len=ns.max_model_len,
-              additional_config={"flat_batch": ns.flat_batch})
+    llm = LLM(model=model, tokenizer=ns.tokenizer, dtype=ns.dtype, enforce_eager=True,
+              max_model_len=ns.max_model_len, additional_config={"batch_invariant": not ns.flat_batch})
     knobs = {"steps": ns.steps, "block_length": ns.block_length, "num_registers": ns.num_registers,
-             "sparse": not ns.dense, "remasking": ns.remasking}
+             "sparse": False if ns.dense else None, "remasking": ns.remasking}
     params = SamplingParams(max_tokens=ns.gen_length, temperature=ns.temperature, seed=ns.seed,
                             ignore_eos=ns.ignore_eos, extra_args={k: v for k, v in knobs.items() if v is not None})
     if ns.chat:
-        outputs = llm.chat([[{"role": "user", "content": p}] for p in ns.prompt], params)
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
     else:
-        outputs = llm.generate(ns.prompt, params)
+        outputs = llm.generate(prompts, params)
     for out in outputs:
         if ns.json:
             print(json.dumps({"prompt": out.prompt, "text": out.outputs[0].text,
@@ -113,21 +137,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve_parser.set_defaults(func=serve)
 
     gen = subparsers.add_parser("generate", help="generate text offline through vLLM (vllm.LLM)")
-    gen.add_argument("prompt", nargs="+", help="one or more prompts")
+    gen.add_argument("prompt", nargs="+", help="one or more prompts (a checkpoint folder first is taken as --model)")
     gen.add_argument("--model", default=None, help=f"checkpoint folder (default: {DEMO_MODEL})")
+    gen.add_argument("--tokenizer", default=None, help="tokenizer folder, for a checkpoint that has none")
     gen.add_argument("--chat", action="store_true", help="apply the checkpoint's chat template")
     gen.add_argument("--gen-length", type=int, default=64)
     gen.add_argument("--steps", type=int, default=None)
     gen.add_argument("--block-length", type=int, default=None)
     gen.add_argument("--num-registers", type=int, default=None)
     gen.add_argument("--remasking", default=None)
-    gen.add_argument("--dense", action="store_true", help="vanilla MDM sampling (no cache, no truncation)")
+    gen.add_argument("--dense", action="store_true",
+                     help="vanilla MDM sampling (no cache, no truncation); the default for a checkpoint not trained "
+                          "with the step-causal mask")
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--dtype", default="float32")
     gen.add_argument("--max-model-len", type=int, default=None)
     gen.add_argument("--flat-batch", action="store_true",
-                     help="one forward pass per engine step for all requests (faster, not bit-exact)")
+                     help="plain GEMMs and batched attention (faster; tokens may change with the batch)")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(func=generate)

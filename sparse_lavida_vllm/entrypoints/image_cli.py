@@ -73,8 +73,10 @@ def generate_image(ns: argparse.Namespace) -> int:
     params = [SamplingParams(max_tokens=layout.codec.num_tokens, temperature=temperature, seed=ns.seed + i,
                              extra_args=dict(extra), detokenize=False) for i in range(ns.n)]
     try:  # the engine's own checks, before anything runs: a bad flag is one clear line
-        parse_params(params[0], len(prompt), model_config.max_model_len,
-                     int(getattr(model_config.hf_config, "num_registers", 0)))
+        hf_config = model_config.hf_config
+        parse_params(params[0], len(prompt), model_config.max_model_len, int(getattr(hf_config, "num_registers", 0)),
+                     default_sparse=bool(getattr(hf_config, "block_causal", False)),
+                     has_register_token=getattr(hf_config, "register_token_id", None) is not None)
     except DiffusionParamError as e:
         sys.exit(f"{e.field}: {e}")
 

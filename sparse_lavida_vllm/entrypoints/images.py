@@ -189,6 +189,8 @@ class ImageService:
         self.max_model_len = model_config.max_model_len
         self.mask_id = int(self.hf_config.mask_token_id)
         self.num_registers = int(getattr(self.hf_config, "num_registers", 0))
+        self.model_defaults = {"default_sparse": bool(getattr(self.hf_config, "block_causal", False)),
+                               "has_register_token": getattr(self.hf_config, "register_token_id", None) is not None}
         self.tokenizer = engine_client.renderer.get_tokenizer()
         vocab = self.tokenizer.get_vocab()
         self.layout: ImageLayout | None = None
@@ -260,7 +262,7 @@ class ImageService:
         """The scheduler's own checks, run here so a bad request is a 400 before anything is queued."""
         try:
             parse_params(self.sampling_params(job, job.seeds[0]), len(job.prompt_ids), self.max_model_len,
-                         self.num_registers)
+                         self.num_registers, **self.model_defaults)
         except DiffusionParamError as e:
             raise BadField(API_FIELD.get(e.field, e.field), str(e)) from None
 

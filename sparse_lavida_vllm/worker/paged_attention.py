@@ -134,6 +134,10 @@ class BatchedPagedAttention(AttentionBackend):
         mask = torch.cat([(c < cache_len[:, None])[:, None, :].expand(b, r_max, c_max), step_keys], dim=-1)
         mask |= ~row_ok[:, :, None]  # a padded query row sees everything (no all-masked row, no NaN)
         self.mask = None if bool(mask.all()) else mask.unsqueeze(1)
+        device = pool[0].device  # built on the host from the layout, used where the pool lives
+        for name in ("row_index", "out_index", "cached_slots", "commit_rows", "commit_slots", "mask"):
+            value = getattr(self, name)
+            setattr(self, name, value.to(device) if value is not None else None)
 
     def _pad(self, x: Tensor) -> Tensor:
         b, r_max, _ = self.shape

@@ -15,6 +15,20 @@ from sparse_lavida_vllm.model_executor.parallel import TensorParallel
 ARCHITECTURES = (ARCHITECTURE, LLADA_ARCHITECTURE)
 
 
+# model_type "llada" also names LLaDA-MoE; LLaDA 2.x is a block-diffusion MoE of its own type. Neither is this
+# architecture: refuse them by name instead of failing later on unknown tensors.
+UNSUPPORTED = {"LLaDAMoEModelLM": "LLaDA-MoE (mixture-of-experts blocks)",
+               "LLaDA2MoeModelLM": "LLaDA 2.x (block-diffusion mixture of experts)"}
+
+
+def refuse_unsupported(architectures: list[str]) -> None:
+    for arch in architectures:
+        if arch in UNSUPPORTED or ("moe" in arch.lower() and arch not in ARCHITECTURES):
+            what = UNSUPPORTED.get(arch, f"{arch} (a mixture-of-experts model)")
+            raise ValueError(f"config.json architectures: {what} is not supported by sparse-lavida-vllm, which serves "
+                             f"the dense LLaDA architecture ({', '.join(ARCHITECTURES)}) and LaViDa-O")
+
+
 class LLaDAHFConfig(PretrainedConfig):
     """LLaDA's config.json under the names vLLM reads (hidden_size, num_attention_heads, ...)."""
 
@@ -29,7 +43,11 @@ class LLaDAHFConfig(PretrainedConfig):
     }
 
     def __init__(self, **kwargs) -> None:
+        refuse_unsupported(kwargs.get("architectures") or [])
         defaults = MDMConfig().to_dict()
+        # no register token unless the checkpoint names one (a published LLaDA has none): never an invented id
+        defaults["register_token_id"] = None
+        defaults["num_registers"] = 0 if kwargs.get("register_token_id") is None else defaults["num_registers"]
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size",
                      "rope_theta", "rms_norm_eps", "max_sequence_length", "mask_token_id", "register_token_id",
                      "num_registers"):
