@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo" / "sparse"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 # vLLM on CPU needs these (see DESIGN.md); a value the user set wins.
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1"}
@@ -46,6 +47,15 @@ def vllm_serve_argv(args: list[str]) -> list[str]:
         if not DEMO_MODEL.exists() and not _has_flag(args, "--help", "-h"):
             raise SystemExit(f"no MODEL given and the bundled demo model is missing ({DEMO_MODEL})")
         args = [str(DEMO_MODEL), *args]
+    model = Path(args[0])
+    if model.is_dir() and not (model / "config.json").exists():
+        raise SystemExit(f"{model}: no config.json (not a checkpoint folder)")
+    tokenizer_free = model.is_dir() and not any((model / f).exists() for f in TOKENIZER_FILES)
+    if tokenizer_free and not _has_flag(args, "--tokenizer", "--skip-tokenizer-init"):
+        # vLLM would die on transformers' "Couldn't instantiate the backend tokenizer"; serve token ids instead
+        print(f"sparse-lavida: {model} has no tokenizer ({', '.join(TOKENIZER_FILES)}): serving token-id prompts "
+              "only; pass --tokenizer FOLDER to serve text", file=sys.stderr)
+        args = [*args, "--skip-tokenizer-init"]
     if not _has_flag(args, "--dtype"):
         args = [*args, "--dtype", "float32"]
     if not _has_flag(args, "--shutdown-timeout"):
@@ -77,9 +87,6 @@ def serve(ns: argparse.Namespace) -> int:
     sys.argv = vllm_serve_argv(list(ns.vllm_args))
     vllm_main()
     return 0
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def checkpoint_and_prompts(ns: argparse.Namespace) -> tuple[str, list[str]]:

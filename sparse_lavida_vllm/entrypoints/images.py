@@ -191,14 +191,13 @@ class ImageService:
         self.num_registers = int(getattr(self.hf_config, "num_registers", 0))
         self.model_defaults = {"default_sparse": bool(getattr(self.hf_config, "block_causal", False)),
                                "has_register_token": getattr(self.hf_config, "register_token_id", None) is not None}
-        self.tokenizer = engine_client.renderer.get_tokenizer()
-        vocab = self.tokenizer.get_vocab()
         self.layout: ImageLayout | None = None
         self.unavailable = ""
-        try:
+        try:  # a text-only or tokenizer-less checkpoint: the routes answer 400 with the reason
+            self.tokenizer = engine_client.renderer.get_tokenizer()
             self.layout = ImageLayout.from_config(getattr(self.hf_config, "image_generation", None),
-                                                  model_config.model, vocab.get)
-        except ValueError as e:  # a text-only checkpoint: the routes answer 400 with the reason
+                                                  model_config.model, self.tokenizer.get_vocab().get)
+        except ValueError as e:
             self.unavailable = str(e)
 
     def encode_text(self, text: str) -> list[int]:

@@ -105,3 +105,36 @@ def test_generate_takes_a_checkpoint_folder_as_the_model_never_as_the_prompt(tmp
     assert refused.returncode != 0 and "has no tokenizer" in refused.stderr and "--tokenizer" in refused.stderr
     borrowed = _generate("--model", str(bare), "--tokenizer", str(folder), "hi")
     assert borrowed.returncode == 0, borrowed.stderr[-2000:]
+
+
+def test_serve_argv_for_tokenizer_free_and_non_checkpoint_folders(tmp_path, capsys):
+    from sparse_lavida_vllm.entrypoints.cli import vllm_serve_argv
+
+    bare = llada_checkpoint(tmp_path / "bare", tokenizer=False)
+    argv = vllm_serve_argv([str(bare), "--port", "9"])
+    assert "--skip-tokenizer-init" in argv and "has no tokenizer" in capsys.readouterr().err
+    assert "--skip-tokenizer-init" not in vllm_serve_argv([str(bare), "--tokenizer", str(tmp_path)])
+    assert "--skip-tokenizer-init" not in vllm_serve_argv([str(llada_checkpoint(tmp_path / "full"))])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no config.json"):
+        vllm_serve_argv([str(tmp_path / "empty")])
+
+
+@pytest.mark.slow
+def test_a_tokenizer_free_checkpoint_serves_token_ids(tmp_path):
+    import requests
+
+    from tests.serving_helpers import Server
+
+    srv = Server(llada_checkpoint(tmp_path / "bare", tokenizer=False), log_dir=tmp_path)
+    try:
+        ok = requests.post(srv.base_url + "/v1/completions", json={
+            "model": str(tmp_path / "bare"), "prompt": [5, 6, 7], "max_tokens": 8,
+            "vllm_xargs": {"steps": 4}}, timeout=120)
+        assert ok.status_code == 200, ok.text
+        assert len(ok.json()["choices"][0].get("token_ids") or ok.json()["choices"][0]["text"] or "x") > 0
+        text = requests.post(srv.base_url + "/v1/completions", json={
+            "model": str(tmp_path / "bare"), "prompt": "hello", "max_tokens": 8}, timeout=120)
+        assert 400 <= text.status_code < 500, text.text
+    finally:
+        srv.stop()
