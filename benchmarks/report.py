@@ -207,6 +207,17 @@ def section_images(data: dict) -> list[str]:
     return out
 
 
+def section_soak(data: dict) -> list[str]:
+    keys = ("duration_s", "concurrency", "requests", "good", "seeded", "aborted", "bad", "server_errors_5xx",
+            "seeded_mismatches", "leaks", "throughput_req_s", "latency_p50_s", "latency_p99_s", "rss_before_mb",
+            "rss_after_mb")
+    return ["## Soak (`benchmarks/soak.py`)", "",
+            "Bounded mixed traffic against a real `sparse-lavida serve` (dense, sparse, streamed, seeded, abandoned "
+            "streams, bad requests), then leak checks: nothing running or waiting, KV usage 0, resident memory, "
+            "seeded tokens equal their solo runs. " + str(data.get("load_avg_end", "")), "",
+            table(list(keys), [[data.get(k, "") for k in keys]]), ""]
+
+
 def section_summary(found: dict) -> list[str]:
     """The closing numbers in one place, computed from the JSON (so they regenerate with everything else)."""
     out = ["## Summary", ""]
@@ -253,7 +264,7 @@ def render() -> str:
              "`.venv/bin/python benchmarks/report.py`.", "",
              "Ratios are measured within one run (same model, prompts, seeds; contenders interleaved a, b, a, b "
              "so load changes on this shared machine hit both), median of the repeats after a warm-up.", ""]
-    found = {name: load(name) for name in (*BENCHMARKS, "serve_throughput")}
+    found = {name: load(name) for name in (*BENCHMARKS, "serve_throughput", "soak")}
     machines = [machine_line(d) for d in found.values() if d and "machine" in d and "date_utc" in d]
     parts += section_summary(found)
     parts += ["## Machine and versions", "", *(f"- {m}" for m in machines), ""]
@@ -267,6 +278,8 @@ def render() -> str:
         parts += section_serve(found["serve_throughput"])
     if found.get("images"):
         parts += section_images(found["images"])
+    if found.get("soak"):
+        parts += section_soak(found["soak"])
     notes = RESULTS / "NOTES.md"
     if notes.exists():
         parts += [notes.read_text()]
