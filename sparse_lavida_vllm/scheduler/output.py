@@ -81,3 +81,5 @@ class DiffusionSchedulerOutput(SchedulerOutput):
 class DiffusionRunnerOutput(ModelRunnerOutput):
     # req_id -> (indices into the decode set that were kept, their sampled tokens)
     kept: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)
+    # req_id -> why its step failed in the runner (it fails alone; the others of the step ran without it)
+    failed: dict[str, str] = field(default_factory=dict)

@@ -297,6 +297,9 @@ class DiffusionScheduler(Scheduler):
                            model_runner_output: DiffusionRunnerOutput) -> dict[int, EngineCoreOutputs]:
         outputs: dict[int, list[EngineCoreOutput]] = defaultdict(list)
         kept = getattr(model_runner_output, "kept", {})
+        for req_id, why in getattr(model_runner_output, "failed", {}).items():  # failed alone in the runner
+            if req_id in self.requests and not self.requests[req_id].is_finished():
+                self.rejected[req_id] = f"the model runner failed on this request: {why}"
         rows: dict[str, int] = defaultdict(int)
         for rs in getattr(scheduler_output, "steps", []):
             rows[rs.guides or rs.req_id] += rs.num_rows

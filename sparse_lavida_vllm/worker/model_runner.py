@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import AbstractContextManager
 
 import torch
@@ -26,6 +27,8 @@ from sparse_lavida_vllm.worker.paged_attention import (
 
 logger = init_logger("vllm.sparse_lavida." + __name__)  # under "vllm": shown in vLLM's log format
 _EMPTY = torch.empty(0, dtype=torch.long)
+# Test-only: a request whose prompt holds this token id raises inside the runner (tests/entrypoints/test_faults.py)
+FAULT_ENV = "SPARSE_LAVIDA_FAULT_TOKEN"
 
 
 class DiffusionRunnerMixin:
@@ -216,14 +219,44 @@ class DiffusionRunnerMixin:
         return keep.tolist(), tokens.tolist()
 
     @torch.inference_mode()
+    def _forward(self, steps: list[RequestStep]) -> list[Tensor]:
+        """Decode-row logits of every step, in order: one forward for the whole engine step."""
+        fault = os.environ.get(FAULT_ENV)
+        if fault and any(int(fault) in rs.prefill_ids for rs in steps):  # test-only fault injection
+            raise RuntimeError(f"injected fault ({FAULT_ENV}={fault})")
+        if self.batch_invariant:  # the default: one forward, batch-invariant, bit-identical to the reference
+            return self._step(steps)
+        # plain GEMMs and one batched attention call per layer: fastest, not invariant
+        return list(torch.split(self._flat_step(steps), [len(rs.decode_positions) for rs in steps]))
+
+    def _isolate(self, steps: list[RequestStep], error: Exception) -> tuple[list[RequestStep], list[Tensor], dict]:
+        """The step's forward raised: rerun each request (with its guidance companions) alone, so only the one that
+        fails is failed. Rerunning rewrites its commit rows with the same values (batch invariance)."""
+        logger.warning("engine step failed (%s); running its %d requests one by one", error, len(steps))
+        groups: dict[str, list[RequestStep]] = {}
+        for rs in steps:
+            groups.setdefault(rs.guides or rs.req_id, []).append(rs)
+        ok_steps, ok_logits, failed = [], [], {}
+        for req_id, group in groups.items():
+            try:
+                logits = self._forward(group)
+            except Exception as e:  # noqa: BLE001 - any failure of this request's own rows fails it alone
+                failed[req_id] = f"{type(e).__name__}: {e}"
+                logger.error("request %s failed in the model runner: %s", req_id, failed[req_id])
+                continue
+            ok_steps += group
+            ok_logits += logits
+        return ok_steps, ok_logits, failed
+
     def execute_model(self, scheduler_output, intermediate_tensors=None) -> DiffusionRunnerOutput:
         steps: list[RequestStep] = getattr(scheduler_output, "steps", [])
-        if not steps:
-            per_request = []
-        elif self.batch_invariant:  # the default: one forward, batch-invariant, bit-identical to the reference
-            per_request = self._step(steps)
-        else:  # one forward with plain GEMMs and one batched attention call per layer: fastest, not invariant
-            per_request = torch.split(self._flat_step(steps), [len(rs.decode_positions) for rs in steps])
+        failed: dict[str, str] = {}
+        per_request: list[Tensor] = []
+        if steps:
+            try:
+                per_request = self._forward(steps)
+            except Exception as e:  # noqa: BLE001 - one bad request must not take the engine down
+                steps, per_request, failed = self._isolate(steps, e)
         # guidance companions join the request they guide, in branch order, when they decoded this step
         branch_logits = {rs.req_id: [logits] for rs, logits in zip(steps, per_request) if rs.guides is None}
         for rs, logits in sorted(zip(steps, per_request), key=lambda x: x[0].branch):
@@ -234,7 +267,7 @@ class DiffusionRunnerMixin:
         kept = {rs.req_id: self._choose(rs, branch_logits[rs.req_id]) for rs in primaries}
         req_ids = [rs.req_id for rs in primaries]
         return DiffusionRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
-                                     kept=kept)
+                                     kept=kept, failed=failed)
 
     def sample_tokens(self, grammar_output) -> DiffusionRunnerOutput:
         raise RuntimeError("the diffusion runner samples inside execute_model")
