@@ -11,14 +11,24 @@ from sparse_lavida_vllm.entrypoints import cli
 from tests.serving_helpers import VLLM_ENV, make_checkpoint, reference_tokens
 
 
-def test_serve_passes_vllm_flags_through_and_defaults_to_float32(tmp_path):
+@pytest.fixture
+def checkpoint_dir(tmp_path):
+    """A folder that passes serve's file checks (config.json and a tokenizer file); vLLM never reads it here."""
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    return tmp_path
+
+
+def test_serve_passes_vllm_flags_through_and_defaults_to_float32(checkpoint_dir):
+    tmp_path = checkpoint_dir
     argv = cli.vllm_serve_argv([str(tmp_path), "--port", "8123", "-tp", "1"])
     assert argv == ["vllm", "serve", str(tmp_path), "--port", "8123", "-tp", "1", "--dtype", "float32",
                     "--shutdown-timeout", str(cli.DEFAULT_SHUTDOWN_TIMEOUT)]
     assert "--dtype=bfloat16" in cli.vllm_serve_argv([str(tmp_path), "--dtype=bfloat16"])
 
 
-def test_serve_drains_on_sigterm_by_default_and_the_user_flag_wins(tmp_path):
+def test_serve_drains_on_sigterm_by_default_and_the_user_flag_wins(checkpoint_dir):
+    tmp_path = checkpoint_dir
     argv = cli.vllm_serve_argv([str(tmp_path)])
     assert argv[argv.index("--shutdown-timeout") + 1] == str(cli.DEFAULT_SHUTDOWN_TIMEOUT)
     assert cli.DEFAULT_SHUTDOWN_TIMEOUT > 0  # 0 is vLLM's abort mode
@@ -27,7 +37,8 @@ def test_serve_drains_on_sigterm_by_default_and_the_user_flag_wins(tmp_path):
         assert sum(a.startswith("--shutdown-timeout") for a in argv) == 1 and flag[-1] in argv
 
 
-def test_serve_defaults_to_the_bundled_demo_model(monkeypatch, tmp_path):
+def test_serve_defaults_to_the_bundled_demo_model(monkeypatch, checkpoint_dir):
+    tmp_path = checkpoint_dir
     monkeypatch.setattr(cli, "DEMO_MODEL", tmp_path)
     assert cli.vllm_serve_argv(["--port", "1"])[:3] == ["vllm", "serve", str(tmp_path)]
     monkeypatch.setattr(cli, "DEMO_MODEL", tmp_path / "missing")
