@@ -174,6 +174,7 @@ class TrainConfig:
     prompt_drop: float = 0.1
     task_weights: tuple[float, float, float] = (0.3, 0.07, 0.63)  # t2i, edit, text: addition needs the most steps
     text_batch_multiplier: int = 8  # text rows are ~13x shorter than image rows: larger batches, similar cost
+    stop_at: int | None = None  # train only the first stop_at steps of the `steps`-long lr schedule
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -182,6 +183,8 @@ class TrainConfig:
                      "text_batch_multiplier"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.stop_at is not None and self.stop_at < 1:
+            raise ValueError(f"stop_at must be >= 1, got {self.stop_at}")
         if self.num_registers < 0:
             raise ValueError(f"num_registers must be >= 0, got {self.num_registers}")
         if self.lr <= 0:
@@ -198,7 +201,7 @@ def demo_image_generation() -> dict:
     return {"codec": {"type": "pixel", "height": SIDE, "width": SIDE, "levels": NUM_LEVELS,
                       "token_offset": IMAGE_TOKEN_OFFSET},
             "t2i_prefix": [T2I], "edit_prefix": [EDIT, IMAGE],
-            "defaults": {"steps": 16, "temperature": 0.8, "guidance_scale": 1.0, "image_guidance_scale": 0.0,
+            "defaults": {"steps": 16, "temperature": 0.8, "guidance_scale": 3.0, "image_guidance_scale": 0.0,
                          "schedule": "shift", "order": "stratified"}}
 
 
@@ -259,7 +262,8 @@ def train(cfg: TrainConfig, out: str | Path, tokenizer_folder: str | Path | None
     rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     log_path = out / "train_log.jsonl"
     start = time.time()
-    bar = tqdm(range(cfg.steps), desc=f"train {cfg.mode}", disable=not progress, mininterval=2)
+    total = cfg.steps if cfg.stop_at is None else min(cfg.stop_at, cfg.steps)
+    bar = tqdm(range(total), desc=f"train {cfg.mode}", disable=not progress, mininterval=2)
     ema = None
     with log_path.open("w") as log:
         for step in bar:

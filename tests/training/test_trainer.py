@@ -114,23 +114,25 @@ def test_train_config_names_bad_field() -> None:
 
 
 def _shipped(kind: str) -> tuple[TrainConfig, list[dict], str | None]:
+    """A shipped run's config, loss log and init: dense stage 1 (from scratch) or the sparse SFT (from dense)."""
     import json
 
     from sparse_lavida_vllm.training.data import DEMO_ROOT
 
     folder = DEMO_ROOT / kind
-    summary = json.loads((folder / "train_summary.json").read_text())
+    summary_name, log_name = (("train_summary_stage1.json", "train_log_stage1.jsonl") if kind == "dense" else
+                              ("train_summary.json", "train_log.jsonl"))
+    summary = json.loads((folder / summary_name).read_text())
     tc = summary["train_config"]
-    log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
-    init = str(DEMO_ROOT / "dense") if summary["init"] else None
+    log = [json.loads(line) for line in (folder / log_name).read_text().splitlines()]
+    init = str(DEMO_ROOT / "dense") if kind == "sparse" else None
     return TrainConfig(**{**tc, "task_weights": tuple(tc["task_weights"])}), log, init
 
 
 @pytest.mark.parametrize("kind", ["dense", "sparse"])
 def test_recipe_reproduces_the_shipped_loss_log(kind: str, tmp_path) -> None:
     # The recipe's first steps, re-run from the shipped tokenizer (and, for sparse, the shipped dense init), give
-    # the logged losses: the data order, masks and init are seeded, and warmup makes the first lrs independent
-    # of the run length. (The sparse run starts from the final dense weights, so this covers both halves.)
+    # the logged losses: the data order, masks and init are seeded; stop_at keeps the run's lr schedule.
     from dataclasses import replace
 
     from sparse_lavida_vllm.training.data import DEMO_ROOT
@@ -138,8 +140,8 @@ def test_recipe_reproduces_the_shipped_loss_log(kind: str, tmp_path) -> None:
 
     torch.set_num_threads(1)
     cfg, log, init = _shipped(kind)
-    steps = min(4, cfg.warmup)
-    train(replace(cfg, steps=steps), tmp_path / kind, tokenizer_folder=DEMO_ROOT / "dense", init=init,
+    steps = 4
+    train(replace(cfg, stop_at=steps), tmp_path / kind, tokenizer_folder=DEMO_ROOT / "dense", init=init,
           progress=False)
     import json
 
