@@ -78,7 +78,8 @@ def cmd_tables(args: argparse.Namespace) -> int:
 
     _threads(args)
     run_tables(Path(args.dense), Path(args.sparse), Path(args.work), Path(args.doc), ablation_steps=args.ablation_steps,
-               num_images=args.num_images, num_edits=args.num_edits, num_text=args.num_text, num_seeds=args.seeds)
+               num_images=args.num_images, num_edits=args.num_edits, num_text=args.num_text, num_seeds=args.seeds,
+               train_ablations=not args.no_ablation_training)
     return 0
 
 
@@ -134,5 +135,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-edits", type=int, default=e.num_edits)
     p.add_argument("--num-text", type=int, default=e.num_text)
     p.add_argument("--seeds", type=int, default=EVAL_SEEDS, help="eval seeds per row (mean ± std)")
+    p.add_argument("--no-ablation-training", action="store_true",
+                   help="leave out the ablation rows whose SFT run is not in --work yet")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids OpenMP thrashing on a shared CPU)")
     p.set_defaults(func=cmd_tables)
