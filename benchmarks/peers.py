@@ -169,9 +169,12 @@ def contender_fns(model: LLaDAMDM, prompt: Tensor, gen: int, block: int, steps: 
     return fns
 
 
-def demo_quality(folder: Path, num: int, threshold: float) -> dict:
-    """Arithmetic exact match and seconds per engine on the demo checkpoint (held-out sums, the eval's settings)."""
+def demo_quality(folder: Path, num: int, threshold: float, num_seeds: int = 3) -> dict:
+    """Arithmetic exact match (mean ± std over eval seeds), seconds and forward tokens per engine on the demo
+    checkpoint: held-out sums, the eval's canvas, block and steps."""
     import random
+
+    import numpy as np
 
     from sparse_lavida_vllm.model_executor.weights import load_pretrained
     from sparse_lavida_vllm.training.data import TEXT_GEN_LENGTH, DemoData, final_number
@@ -181,32 +184,38 @@ def demo_quality(folder: Path, num: int, threshold: float) -> dict:
     model = load_pretrained(folder)
     data = DemoData(load_tokenizer(folder))
     cfg = EvalConfig()
-    rng = random.Random(cfg.seed)
-    examples = [data.text_example(rng, held_out=True) for _ in range(num)]
     stats: dict[str, dict] = {}
-    for ex in examples:
-        fns = contender_fns(model, ex.prompt, TEXT_GEN_LENGTH, cfg.text_block_length, cfg.text_steps, threshold,
-                            model.config.num_registers)
-        outputs = {}
-        for name, fn in fns.items():
-            t0 = now()
-            tokens, fed = fn()
-            secs = now() - t0
-            outputs[name] = tokens
-            ids = tokens.tolist()
-            if data.eos in ids:
-                ids = ids[:ids.index(data.eos)]
-            st = stats.setdefault(name, {"seconds": 0.0, "correct": 0, "forward_tokens": 0, "match": 0.0})
-            st["seconds"] += secs
-            st["forward_tokens"] += fed
-            st["correct"] += final_number(data.tok.decode(ids)) == str(ex.label)
-        for name, tokens in outputs.items():
-            stats[name]["match"] += float((tokens == outputs["ours_dense"]).float().mean())
-    return {"checkpoint": str(folder), "problems": num, "gen_length": TEXT_GEN_LENGTH,
-            "block_length": cfg.text_block_length, "steps_fixed": cfg.text_steps, "threshold": threshold,
-            "engines": {k: {"seconds": round(v["seconds"], 3), "arithmetic_accuracy": round(v["correct"] / num, 3),
-                            "token_match_vs_dense": round(v["match"] / num, 4),
-                            "forward_tokens": v["forward_tokens"]} for k, v in stats.items()}}
+    for seed in range(cfg.seed, cfg.seed + num_seeds):
+        rng = random.Random(seed)  # the same sums `sparse-lavida eval` draws at this seed
+        for ex in (data.text_example(rng, held_out=True) for _ in range(num)):
+            fns = contender_fns(model, ex.prompt, TEXT_GEN_LENGTH, cfg.text_block_length, cfg.text_steps, threshold,
+                                model.config.num_registers)
+            outputs = {}
+            for name, fn in fns.items():
+                t0 = now()
+                tokens, fed = fn()
+                secs = now() - t0
+                outputs[name] = tokens
+                ids = tokens.tolist()
+                if data.eos in ids:
+                    ids = ids[:ids.index(data.eos)]
+                st = stats.setdefault(name, {"seconds": 0.0, "correct": {}, "forward_tokens": 0, "match": 0.0})
+                st["seconds"] += secs
+                st["forward_tokens"] += fed
+                st["correct"][seed] = st["correct"].get(seed, 0) + (final_number(data.tok.decode(ids)) == str(ex.label))
+            for name, tokens in outputs.items():
+                stats[name]["match"] += float((tokens == outputs["ours_dense"]).float().mean())
+    total = num * num_seeds
+    engines = {}
+    for k, v in stats.items():
+        acc = np.array([c / num for c in v["correct"].values()])
+        engines[k] = {"seconds": round(v["seconds"], 3), "arithmetic_accuracy": round(float(acc.mean()), 4),
+                      "arithmetic_accuracy_std": round(float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, 4),
+                      "arithmetic_accuracy_per_seed": [round(float(a), 4) for a in acc],
+                      "token_match_vs_dense": round(v["match"] / total, 4), "forward_tokens": v["forward_tokens"]}
+    return {"checkpoint": str(folder), "problems": num, "seeds": list(range(cfg.seed, cfg.seed + num_seeds)),
+            "gen_length": TEXT_GEN_LENGTH, "block_length": cfg.text_block_length, "steps_fixed": cfg.text_steps,
+            "threshold": threshold, "engines": engines}
 
 
 def main() -> None:
@@ -215,7 +224,8 @@ def main() -> None:
     parser.add_argument("--gen-length", type=int, default=256)
     parser.add_argument("--threshold", type=float, default=0.9, help="Fast-dLLM confidence threshold")
     parser.add_argument("--demo-dir", default=str(DEMO), help="demo checkpoint for the quality column (if present)")
-    parser.add_argument("--demo-problems", type=int, default=40, help="held-out sums for the demo quality eval")
+    parser.add_argument("--demo-problems", type=int, default=100, help="held-out sums per eval seed")
+    parser.add_argument("--demo-seeds", type=int, default=3, help="eval seeds for the demo quality (mean ± std)")
     parser.add_argument("--demo-only", action="store_true",
                         help="only (re)measure the demo-checkpoint quality and add it to the existing JSON")
     args = parser.parse_args()
@@ -224,7 +234,8 @@ def main() -> None:
         path = Path(args.json) if args.json else RESULTS / "peers.json"
         data = json.loads(path.read_text())
         with torch.inference_mode():
-            data["demo_quality"] = demo_quality(Path(args.demo_dir), args.demo_problems, args.threshold)
+            data["demo_quality"] = demo_quality(Path(args.demo_dir), args.demo_problems, args.threshold,
+                                                 args.demo_seeds)
         data["quality"] = ("arithmetic exact match on the demo checkpoint (demo_quality); the token match column "
                            "is the random-model proxy")
         path.write_text(json.dumps(data, indent=2) + "\n")
@@ -272,7 +283,7 @@ def main() -> None:
     demo = Path(args.demo_dir)
     if not args.quick and (demo / "config.json").exists() and (demo / "tokenizer.json").exists():
         with torch.inference_mode():
-            run.data["demo_quality"] = demo_quality(demo, args.demo_problems, args.threshold)
+            run.data["demo_quality"] = demo_quality(demo, args.demo_problems, args.threshold, args.demo_seeds)
         run.data["quality"] = ("arithmetic exact match on the demo checkpoint (demo_quality); the token match "
                                "column is the random-model proxy")
         print("demo", run.data["demo_quality"], flush=True)

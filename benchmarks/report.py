@@ -139,13 +139,16 @@ def section_peers(data: dict, plt) -> list[str]:
            "", f"![peers]({plot_peers(rows, plt)})", ""]
     if "demo_quality" in data:
         d = data["demo_quality"]
+        seeds = d.get("seeds", [None])
         out += [f"### Quality at speed on the demo checkpoint (`{Path(d['checkpoint']).name}`)", "",
-                f"{d['problems']} held-out sums, gen length {d['gen_length']}, block {d['block_length']}, "
-                f"{d['steps_fixed']} steps for fixed-count engines, threshold {d['threshold']} for the others; "
-                "seconds are the total over all problems.", "",
-                table(["engine", "seconds", "arithmetic accuracy", "token match vs our dense", "forward tokens"],
-                      [[k, e["seconds"], f"{e['arithmetic_accuracy']:.1%}", f"{e.get('token_match_vs_dense', 0):.1%}",
-                        e["forward_tokens"]] for k, e in d["engines"].items()]), ""]
+                f"{d['problems']} held-out sums per seed, {len(seeds)} seeds (accuracy: mean ± std over seeds), gen "
+                f"length {d['gen_length']}, block {d['block_length']}, {d['steps_fixed']} steps for fixed-count "
+                f"engines, threshold {d['threshold']} for the others; seconds and forward tokens are totals over "
+                "all problems.", "",
+                table(["engine", "seconds", "arithmetic exact match", "token match vs our dense", "forward tokens"],
+                      [[k, e["seconds"], f"{e['arithmetic_accuracy']:.3f} ± {e.get('arithmetic_accuracy_std', 0):.3f}",
+                        f"{e.get('token_match_vs_dense', 0):.1%}", e["forward_tokens"]]
+                       for k, e in d["engines"].items()]), ""]
     return out
 
 

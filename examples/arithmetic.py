@@ -16,11 +16,11 @@ from sparse_lavida_vllm.training.tokenizer import load_tokenizer
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("questions", nargs="*", default=["37+48=?", "12+7+30=?", "5+9=?"])
+    parser.add_argument("questions", nargs="*", default=["37+48=?", "5+9=?", "99+99=?", "60+7=?"])
     parser.add_argument("--model", default=str(DEMO_ROOT / "sparse"))
     parser.add_argument("--sampler", choices=["sparse", "dense"], default="sparse")
     parser.add_argument("--block-length", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
 
     torch.set_num_threads(2)

@@ -40,6 +40,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the bundled demo model)")
     parser.add_argument("--prompt", default="Q: 37+48=? A:")
+    parser.add_argument("--max-tokens", type=int, default=8, help="the response canvas (gen_length)")
+    parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
 
     port = free_port()
@@ -55,13 +57,23 @@ def main() -> None:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         model = client.models.list().data[0].id
         start = time.perf_counter()
-        reply = client.completions.create(model=model, prompt=args.prompt, max_tokens=32, temperature=0.0,
-                                          extra_body={"vllm_xargs": {"steps": 16, "block_length": 8}})
+        # The demo model answers in an 8-token canvas ("85" then [EOS]), one token per step (its eval setting).
+        reply = client.completions.create(model=model, prompt=args.prompt, max_tokens=args.max_tokens,
+                                          temperature=0.0,
+                                          extra_body={"vllm_xargs": {"steps": args.steps, "block_length": 8}})
         seconds = time.perf_counter() - start
         print(f"prompt: {args.prompt!r}")
         print(f"answer: {reply.choices[0].text!r}")
         print(f"usage: {reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens, "
               f"{seconds:.2f} s")
+        metrics = ((reply.model_extra or {}).get("kv_transfer_params") or {}).get("sparse_lavida_metrics")
+        if metrics:  # docs/serving.md "Metrics": rows computed vs what a dense MDM computes for the same steps
+            ratio = metrics["dense_forward_tokens"] / max(metrics["forward_tokens"], 1)
+            print(f"diffusion: {metrics['mode']} mode, {metrics['steps']} steps, {metrics['forward_tokens']} forward "
+                  f"tokens vs {metrics['dense_forward_tokens']} dense ({ratio:.1f}x fewer), "
+                  f"{metrics['num_registers']} registers")
+        else:
+            print("diffusion: no sparse_lavida_metrics in the response")
     finally:
         proc.terminate()
         try:

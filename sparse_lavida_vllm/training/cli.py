@@ -11,12 +11,15 @@ import torch
 
 from sparse_lavida_vllm.training.trainer import TrainConfig
 
+SUBSET_METRICS = ("geneval", "arithmetic_accuracy", "edit_agreement")
+
 
 def checkpoint_subset_config(sampler: str):
     """The small seeded subset tests/training re-run against the shipped checkpoints (recorded in the card)."""
     from sparse_lavida_vllm.training.evaluate import EvalConfig
 
-    return EvalConfig(sampler=sampler, num_images=20 if sampler == "sparse" else 12, num_edits=0, num_text=10)
+    dense = sampler == "dense"  # dense sampling with CFG costs ~10x the rows per image: fewer images
+    return EvalConfig(sampler=sampler, num_images=8 if dense else 16, num_edits=0 if dense else 5, num_text=40)
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -31,7 +34,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit("train sparse needs --init (the dense checkpoint to fine-tune)")
     mode = "dense" if args.kind == "dense" else ("sparse" if not args.full_attention else "sparse_full")
     cfg = TrainConfig(mode=mode, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      num_registers=args.num_registers)
+                      num_registers=args.num_registers, stop_at=args.stop_at,
+                      task_weights=tuple(float(w) for w in args.task_weights.split(",")))
     summary = train(cfg, args.out, tokenizer_folder=args.tokenizer, init=args.init)
     print(json.dumps(summary, indent=2))
     return 0
@@ -40,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from sparse_lavida_vllm.model_executor.weights import load_pretrained
     from sparse_lavida_vllm.training.data import DemoData
-    from sparse_lavida_vllm.training.evaluate import EvalConfig, evaluate
+    from sparse_lavida_vllm.training.evaluate import EvalConfig, evaluate, evaluate_seeds
     from sparse_lavida_vllm.training.tokenizer import load_tokenizer
 
     _threads(args)
@@ -49,22 +53,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(sampler=args.sampler, num_registers=args.num_registers, num_images=args.num_images,
                      num_edits=args.num_edits, num_text=args.num_text, image_steps=args.image_steps,
                      cfg_scale=args.cfg_scale, image_temperature=args.temperature, seed=args.seed)
-    out = evaluate(model, data, cfg, show_progress=not args.json)
-    out.pop("images", None)
+    out = evaluate_seeds(model, data, cfg, args.seeds, show_progress=not args.json)
     if args.card:
         from sparse_lavida_vllm.training.card import write_model_card
 
         subset = checkpoint_subset_config(args.sampler)
         out["test_subset"] = {"eval_config": asdict(subset),
                               **{k: v for k, v in evaluate(model, data, subset, show_progress=False).items()
-                                 if k in ("geneval", "arithmetic_accuracy")}}
+                                 if k in SUBSET_METRICS}}
         write_model_card(args.model, out)
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        for k, v in out.items():
-            if k not in ("eval_config", "text_samples"):
-                print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+        print(f"{len(out['seeds'])} seeds {out['seeds']}: mean ± std over seeds")
+        for k, v in out["metrics"].items():
+            print(f"{k}: {v['mean']:.4f} ± {v['std']:.4f}  {v['values']}")
+        for sample in out["text_samples"]:
+            print(f"{sample['prompt']} {sample['response']}")
     return 0
 
 
@@ -73,12 +78,13 @@ def cmd_tables(args: argparse.Namespace) -> int:
 
     _threads(args)
     run_tables(Path(args.dense), Path(args.sparse), Path(args.work), Path(args.doc), ablation_steps=args.ablation_steps,
-               num_images=args.num_images, num_edits=args.num_edits, num_text=args.num_text)
+               num_images=args.num_images, num_edits=args.num_edits, num_text=args.num_text, num_seeds=args.seeds,
+               train_ablations=not args.no_ablation_training)
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from sparse_lavida_vllm.training.evaluate import EvalConfig
+    from sparse_lavida_vllm.training.evaluate import EVAL_SEEDS, EvalConfig
 
     defaults = TrainConfig()
     p = subparsers.add_parser("train", help="train the demo model: dense MDM, or step-causal SFT of it")
@@ -88,11 +94,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", help="folder whose tokenizer to reuse (dense; default: train a new one). The "
                    "tokenizers library's Unigram trainer is not deterministic, so reproducing a checkpoint "
                    "bit for bit needs its tokenizer")
-    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--steps", type=int, default=defaults.steps, help="length of the lr schedule")
+    p.add_argument("--stop-at", type=int, default=None, help="stop (and save) after this many steps of the schedule")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--num-registers", type=int, default=defaults.num_registers)
+    p.add_argument("--task-weights", default=",".join(str(w) for w in defaults.task_weights),
+                   help="t2i,edit,text batch probabilities")
     p.add_argument("--full-attention", action="store_true",
                    help="sparse SFT without the step-causal mask (Table 8 ablation)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids OpenMP thrashing on a shared CPU)")
@@ -109,7 +118,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image-steps", type=int, default=e.image_steps)
     p.add_argument("--cfg-scale", type=float, default=e.cfg_scale)
     p.add_argument("--temperature", type=float, default=e.image_temperature)
-    p.add_argument("--seed", type=int, default=e.seed)
+    p.add_argument("--seed", type=int, default=e.seed, help="first eval seed")
+    p.add_argument("--seeds", type=int, default=EVAL_SEEDS, help="eval seeds (seed, seed + 1, ...): mean ± std")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--card", action="store_true", help="write README.md (model card) + eval_results.json")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids OpenMP thrashing on a shared CPU)")
@@ -120,9 +130,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sparse", default="sparse_lavida_vllm/assets/demo/sparse")
     p.add_argument("--work", default="runs/tables", help="folder for the ablation checkpoints")
     p.add_argument("--doc", default="docs/results.md")
-    p.add_argument("--ablation-steps", type=int, default=100)
+    p.add_argument("--ablation-steps", type=int, default=300)
     p.add_argument("--num-images", type=int, default=e.num_images)
     p.add_argument("--num-edits", type=int, default=e.num_edits)
     p.add_argument("--num-text", type=int, default=e.num_text)
+    p.add_argument("--seeds", type=int, default=EVAL_SEEDS, help="eval seeds per row (mean ± std)")
+    p.add_argument("--no-ablation-training", action="store_true",
+                   help="leave out the ablation rows whose SFT run is not in --work yet")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids OpenMP thrashing on a shared CPU)")
     p.set_defaults(func=cmd_tables)

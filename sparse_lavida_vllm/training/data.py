@@ -24,7 +24,9 @@ from sparse_lavida_vllm.training.tokenizer import (
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 EDITS = ("make it thicker", "shift it left", "shift it right", "invert the colours", "flip it upside down")
 TASKS = ("t2i", "edit", "text")
-TEXT_GEN_LENGTH = 32
+TEXT_GEN_LENGTH = 8  # eval / serving canvas: " 198" is 4 tokens, the rest [EOS]
+ANSWER_WIDTH = 3  # sums of two numbers 0..99 have at most 3 digits
+TRAIN_GEN_LENGTHS = (8, 8, 8, 16)  # mostly the eval canvas; 16 (vLLM's default max_tokens) still answers
 SIDE = 16
 DEMO_ROOT = Path(__file__).resolve().parents[1] / "assets" / "demo"  # the shipped dense/ and sparse/ checkpoints
 
@@ -111,22 +113,14 @@ def is_held_out(terms: tuple[int, ...]) -> bool:
 
 
 def arithmetic_problem(rng: random.Random, held_out: bool = False) -> tuple[str, str, int]:
-    """A sum and its answer text; three-term sums carry a written chain. Returns (question, response, answer).
+    """A two-term sum of numbers 0..99 and its answer text. Returns (question, response, answer).
 
     `held_out` picks from the held-out sums, otherwise from the training sums.
     """
     while True:
-        if rng.random() < 0.7:
-            terms = (rng.randint(0, 99), rng.randint(0, 99))
-        else:
-            terms = (rng.randint(0, 49), rng.randint(0, 49), rng.randint(0, 49))
-        if is_held_out(terms) == held_out:
-            break
-    if len(terms) == 2:
-        a, b = terms
-        return f"{a}+{b}=?", f"{a + b}", a + b
-    a, b, c = terms
-    return f"{a}+{b}+{c}=?", f"{a}+{b}={a + b}, {a + b}+{c}={a + b + c}. {a + b + c}", a + b + c
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        if is_held_out((a, b)) == held_out:
+            return f"{a}+{b}=?", f"{a + b}", a + b
 
 
 def text_prompt(question: str) -> str:
@@ -192,13 +186,18 @@ class DemoData:
         return Example("edit", self.edit_prompt(src, instruction), self.image_ids(apply_edit(src, instruction)),
                        int(self.labels[i]))
 
-    def text_example(self, rng: random.Random, held_out: bool = False) -> Example:
+    def text_example(self, rng: random.Random, held_out: bool = False, gen_length: int = TEXT_GEN_LENGTH) -> Example:
         q, r, answer = arithmetic_problem(rng, held_out)
-        body = self.encode_text(r)
-        if body.numel() >= TEXT_GEN_LENGTH:
-            raise ValueError(f"response {r!r} does not fit gen_length {TEXT_GEN_LENGTH}")
-        response = torch.cat([body, torch.full((TEXT_GEN_LENGTH - body.numel(),), self.eos)])  # LLaDA EOS padding
-        return Example("text", self.encode_text(text_prompt(q)), response, answer)
+        return Example("text", self.encode_text(text_prompt(q)), self.answer_ids(r, gen_length), answer)
+
+    def answer_ids(self, answer: str, gen_length: int) -> Tensor:
+        """'▁' + the answer right-aligned in ANSWER_WIDTH places (leading places are '▁', decoded as spaces)
+        + [EOS] padding (LLaDA's): the units digit is always at the same canvas position."""
+        space = self.tok.token_to_id("▁")
+        body = [space] * (1 + ANSWER_WIDTH - len(answer)) + [self.tok.token_to_id(ch) for ch in answer]
+        if len(answer) > ANSWER_WIDTH or len(body) >= gen_length:
+            raise ValueError(f"answer {answer!r} does not fit gen_length {gen_length}")
+        return torch.tensor(body + [self.eos] * (gen_length - len(body)), dtype=torch.long)
 
     def sample(self, task: str, rng: random.Random, split: str = "train") -> Example:
         pool = self.train_idx if split == "train" else self.test_idx
@@ -207,5 +206,7 @@ class DemoData:
         if task == "edit":
             return self.edit_example(int(rng.choice(pool)), rng.choice(EDITS))
         if task == "text":
-            return self.text_example(rng, held_out=split != "train")
+            if split == "train":
+                return self.text_example(rng, gen_length=rng.choice(TRAIN_GEN_LENGTHS))
+            return self.text_example(rng, held_out=True)
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")

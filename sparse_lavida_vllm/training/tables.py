@@ -8,14 +8,15 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from sparse_lavida_vllm.model_executor.weights import load_pretrained
-from sparse_lavida_vllm.training.data import DemoData
-from sparse_lavida_vllm.training.evaluate import EvalConfig, evaluate
+from sparse_lavida_vllm.training.data import TEXT_GEN_LENGTH, DemoData
+from sparse_lavida_vllm.training.evaluate import EVAL_SEEDS, EvalConfig, evaluate_seeds
 from sparse_lavida_vllm.training.tokenizer import load_tokenizer
 from sparse_lavida_vllm.training.trainer import TrainConfig, train
 
 REGISTER_COUNTS = (0, 1, 8, 64)
 NOTES_MARKER = "<!-- analysis below is kept when the command re-runs -->"
-COLUMNS = ("geneval", "fid", "edit_agreement", "edit_pixel_error", "arithmetic_accuracy", "forward_tokens_per_image")
+COLUMNS = ("geneval", "fid", "style_agreement", "edit_agreement", "arithmetic_accuracy", "forward_tokens_per_image",
+           "forward_tokens_per_answer")
 
 
 def _train_once(cfg: TrainConfig, out: Path, init: Path) -> dict:
@@ -35,27 +36,25 @@ def _train_once(cfg: TrainConfig, out: Path, init: Path) -> dict:
         lock.unlink(missing_ok=True)
 
 
-def _eval(folder: Path, cfg: EvalConfig, cache: Path) -> dict:
-    """Evaluate, reusing `cache` when it holds the same eval config for the same weights."""
+def _eval(folder: Path, cfg: EvalConfig, cache: Path, num_seeds: int) -> dict:
+    """Evaluate over `num_seeds` seeds, reusing `cache` when it holds the same eval config for the same weights."""
     stamp = (folder / "model.safetensors").stat().st_mtime
     if cache.exists():
         cached = json.loads(cache.read_text())
-        want, have = asdict(cfg), dict(cached.get("eval_config", {}))
-        for key in ("num_edits", "num_text"):  # a run that also did edits/text holds the same image numbers
-            if want[key] == 0 and key in have:
-                have[key] = 0
-        if have == json.loads(json.dumps(want)) and cached.get("weights_mtime") == stamp:
+        if (cached.get("eval_config") == json.loads(json.dumps(asdict(cfg))) and cached.get("weights_mtime") == stamp
+                and len(cached.get("seeds", [])) == num_seeds):
             return cached
     model = load_pretrained(folder)
-    out = evaluate(model, DemoData(load_tokenizer(folder)), cfg)
-    out.pop("images", None)
+    out = evaluate_seeds(model, DemoData(load_tokenizer(folder)), cfg, num_seeds)
     out["weights_mtime"] = stamp
     cache.write_text(json.dumps(out, indent=2) + "\n")
     return out
 
 
 def run_tables(dense: Path, sparse: Path, work: Path, doc: Path, ablation_steps: int = 100,
-               num_images: int = 40, num_edits: int = 20, num_text: int = 40) -> dict:
+               num_images: int = 40, num_edits: int = 20, num_text: int = 40, num_seeds: int = EVAL_SEEDS,
+               train_ablations: bool = True) -> dict:
+    """Tables 7 and 8. Without `train_ablations` the rows whose SFT run is not in `work` yet are left out."""
     start = time.time()
     work.mkdir(parents=True, exist_ok=True)
     shipped = json.loads((sparse / "train_summary.json").read_text())["train_config"]
@@ -63,46 +62,98 @@ def run_tables(dense: Path, sparse: Path, work: Path, doc: Path, ablation_steps:
     ev = EvalConfig(num_images=num_images, num_edits=num_edits, num_text=num_text)
     m = base.num_registers
     rows: list[tuple[str, str, dict]] = []
+
+    def trained(cfg: TrainConfig, out: Path) -> bool:
+        if not train_ablations and not (out / "train_summary.json").exists():
+            return False
+        _train_once(cfg, out, dense)
+        return True
+
     rows.append(("8", "dense model, dense sampling",
-                 _eval(dense, replace(ev, sampler="dense"), work / "eval_dense_dense.json")))
+                 _eval(dense, replace(ev, sampler="dense"), work / "eval_dense_dense.json", num_seeds)))
     rows.append(("8", f"dense model, sparse sampling ({m} reg, no training)",
-                 _eval(dense, replace(ev, sampler="sparse", num_registers=m), work / "eval_dense_sparse.json")))
-    shipped_eval = _eval(sparse, ev, work / "eval_sft_shipped.json")
+                 _eval(dense, replace(ev, sampler="sparse", num_registers=m), work / "eval_dense_sparse.json",
+                       num_seeds)))
     full = work / "sft_full_attention"
-    _train_once(replace(base, mode="sparse_full"), full, dense)
-    rows.append(("8", f"SFT without step-causal mask ({base.steps} steps), sparse sampling",
-                 _eval(full, ev, work / "eval_sft_full.json")))
+    if trained(replace(base, mode="sparse_full"), full):
+        rows.append(("8", f"SFT without step-causal mask ({base.steps} steps), sparse sampling",
+                     _eval(full, ev, work / "eval_sft_full.json", num_seeds)))
+    shipped_eval = _eval(sparse, ev, work / "eval_sft_shipped.json", num_seeds)
     rows.append(("8", f"step-causal SFT ({base.steps} steps, shipped), sparse sampling", shipped_eval))
     # Table 7 is about images (the paper's DPG / FID): its rows skip edits and text to fit the CPU budget.
     ev7 = replace(ev, num_edits=0, num_text=0)
     for r in REGISTER_COUNTS:
-        folder = work / f"sft_registers_{r}"
-        _train_once(replace(base, steps=ablation_steps, num_registers=r), folder, dense)
-        images_only = {k: v for k, v in _eval(folder, ev7, work / f"eval_registers_{r}.json").items()
-                       if not k.startswith(("edit", "arithmetic", "forward_tokens_per_e", "forward_tokens_per_a"))}
-        rows.append(("7", f"step-causal SFT, {r} registers ({ablation_steps} steps)", images_only))
-    results = {"rows": [{"table": t, "name": n, **res} for t, n, res in rows],
+        if r == m and ablation_steps == base.steps:  # the shipped run is this row: no need to train it twice
+            folder = sparse
+        else:
+            folder = work / f"sft_registers_{r}"
+            if not trained(replace(base, steps=ablation_steps, num_registers=r), folder):
+                continue
+        rows.append(("7", f"step-causal SFT, {r} registers ({ablation_steps} steps)",
+                     _eval(folder, ev7, work / f"eval_registers_{r}.json", num_seeds)))
+    results = {"rows": [{"table": t, "name": n, **res} for t, n, res in rows], "num_registers": m,
                "wall_time_s": round(time.time() - start, 1)}
     (work / "tables.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_doc(results, doc, ablation_steps, num_images, num_edits, num_text)
+    write_doc(results, doc, ablation_steps, num_images, num_edits, num_text, num_seeds)
     return results
 
 
-def _fmt(value: float | None, key: str) -> str:
-    if value is None:
+def _fmt(metric: dict | None, key: str) -> str:
+    """mean ± std over the eval seeds."""
+    if metric is None:
         return "–"
-    if key == "forward_tokens_per_image":
-        return f"{value:.0f}"
-    return f"{value:.2f}" if key == "fid" else f"{value:.3f}"
+    digits = 0 if key.startswith("forward") else 1 if key == "fid" else 3
+    if key.startswith("forward"):  # deterministic counts for a given plan: no spread worth printing
+        return f"{metric['mean']:.0f}"
+    return f"{metric['mean']:.{digits}f} ± {metric['std']:.{digits}f}"
 
 
 def _table(rows: list[dict]) -> str:
-    head = "| row | digit-GenEval ↑ | digit-FID ↓ | edit agreement ↑ | edit pixel error ↓ | arithmetic acc ↑ | " \
-           "forward tokens / image |"
+    head = ("| row | digit-GenEval ↑ | digit-FID ↓ | style agreement ↑ | edit agreement ↑ | arithmetic exact match ↑ "
+            "| forward tokens / image | forward tokens / answer |")
     lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
     for r in rows:
-        lines.append("| " + r["name"] + " | " + " | ".join(_fmt(r.get(k), k) for k in COLUMNS) + " |")
+        lines.append("| " + r["name"] + " | " + " | ".join(_fmt(r["metrics"].get(k), k) for k in COLUMNS) + " |")
     return "\n".join(lines)
+
+
+def _beats(a: dict, b: dict, key: str, lower_is_better: bool = False) -> bool:
+    """a better than b by more than the sum of their seed spreads (a plain, conservative test)."""
+    ma, mb = a["metrics"][key], b["metrics"][key]
+    diff = (mb["mean"] - ma["mean"]) if lower_is_better else (ma["mean"] - mb["mean"])
+    return diff > ma["std"] + mb["std"]
+
+
+def directions(rows: list[dict]) -> list[str]:
+    """The paper's three directions, each checked against the seed spreads: shows, does not, or not measured."""
+    def find(start: str) -> dict | None:
+        return next((r for r in rows if r["name"].startswith(start)), None)
+
+    dense, untrained = find("dense model, dense"), find("dense model, sparse")
+    full, sft = find("SFT without"), find("step-causal SFT (")
+
+    def verdict(a: dict | None, b: dict | None, key: str, low: bool) -> str:
+        if a is None or b is None:
+            return "not measured (row not run in this session's budget)"
+        return "shows" if _beats(a, b, key, low) else "does not show"
+
+    out = []
+    for key, low, label in (("geneval", False, "digit-GenEval"), ("fid", True, "digit-FID"),
+                            ("arithmetic_accuracy", False, "arithmetic")):
+        matched = "yes" if not _beats(dense, sft, key, low) else "no"
+        out.append(f"* {label}: no-training collapse (step-causal SFT better than the untrained sparse sampling) "
+                   f"**{verdict(sft, untrained, key, low)}**; step-causal SFT better than SFT without the mask "
+                   f"**{verdict(sft, full, key, low)}**; sparse matches dense (dense not better beyond the spreads) "
+                   f"**{matched}**.")
+    t7 = [r for r in rows if r["table"] == "7"]
+    if len(t7) >= 2:
+        ordered = all(not _beats(a, b, "fid", True) for a, b in zip(t7, t7[1:]))
+        out.append(f"* registers (Table 7, digit-FID): more registers never worse beyond the spreads "
+                   f"**{'yes' if ordered else 'no'}**; most vs fewest registers "
+                   f"**{verdict(t7[-1], t7[0], 'fid', True)}**.")
+    else:
+        out.append("* registers (Table 7): **not measured** (its SFT runs did not fit this session's budget).")
+    return out
 
 
 def plot(results: dict, path: Path) -> None:
@@ -117,7 +168,8 @@ def plot(results: dict, path: Path) -> None:
     for ax, key, title in ((axes[0], "geneval", "digit-GenEval (higher is better)"),
                            (axes[1], "fid", "digit-FID (lower is better)")):
         colors = ["tab:blue" if r["table"] == "8" else "tab:orange" for r in rows]
-        ax.barh(range(len(rows)), [r[key] for r in rows], color=colors)
+        ax.barh(range(len(rows)), [r["metrics"][key]["mean"] for r in rows],
+                xerr=[r["metrics"][key]["std"] for r in rows], color=colors)
         ax.set_yticks(range(len(rows)), [f"{i + 1}. {n}" for i, n in enumerate(names)], fontsize=7)
         ax.invert_yaxis()
         ax.set_title(title)
@@ -127,7 +179,8 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_doc(results: dict, doc: Path, ablation_steps: int, num_images: int, num_edits: int, num_text: int) -> None:
+def write_doc(results: dict, doc: Path, ablation_steps: int, num_images: int, num_edits: int, num_text: int,
+              num_seeds: int) -> None:
     doc.parent.mkdir(parents=True, exist_ok=True)
     png = doc.with_name("results_tables_7_8.png")
     plot(results, png)
@@ -142,19 +195,28 @@ finished trainings and evaluations cached in `runs/tables/`, delete that folder 
 
 ```
 sparse-lavida tables --ablation-steps {ablation_steps} --num-images {num_images} --num-edits {num_edits} \\
-    --num-text {num_text}
+    --num-text {num_text} --seeds {num_seeds}
 ```
 
-Eval subsets (seeded, held-out digits and held-out sums): {num_images} text-to-image prompts, {num_edits} edits,
-{num_text} arithmetic questions (Table 7 rows: the same {num_images} prompts, images only).
+Every cell is mean ± std over {num_seeds} eval seeds ({', '.join(str(s) for s in rows[0]['seeds'])}); each seed
+draws other held-out prompts, sums and sampling noise. Per seed: {num_images} text-to-image prompts,
+{num_edits} edits, {num_text} arithmetic questions (Table 7 rows: images only).
 Images: {ev['image_steps']} steps, stratified order, shift schedule,
-temperature {ev['image_temperature']}, CFG {ev['cfg_scale']}; text: gen length 32, block 8, {ev['text_steps']} steps,
+temperature {ev['image_temperature']}, CFG {ev['cfg_scale']}; text: gen length {TEXT_GEN_LENGTH}, block
+{ev['text_block_length']}, {ev['text_steps']} steps,
 greedy, low-confidence remasking. digit-GenEval = fraction of generated images that a digit classifier (MLP on
 real training digits, held-out accuracy {rows[0]['classifier_held_out_accuracy']:.3f}) reads as the prompted
 digit; digit-FID = Frechet distance between the classifier's hidden features of generated images and of the real
 held-out digits. Edit agreement = the classifier gives the same digit for the edit and for the deterministic
-target; pixel error = mean |edit - target| in [0, 1]. Forward tokens / image counts every row passed through the
-model for one image (both CFG branches, prefill included).
+target. Style agreement = fraction of the caption's style words the image follows (thick / thin: ink above /
+below the class median of real digits; slanted right / left: positive / negative shear; chance about 0.5).
+Forward tokens count every row passed through the model (both CFG branches, prefill included).
+
+## The paper's directions, checked against the spreads (generated)
+
+A direction "shows" when the better row's mean beats the other's by more than the two spreads added.
+
+{chr(10).join(directions(rows))}
 
 ## Table 8 (training strategy)
 

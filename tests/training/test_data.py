@@ -11,6 +11,7 @@ from sparse_lavida_vllm.training.data import (
     DIGIT_WORDS,
     EDITS,
     TEXT_GEN_LENGTH,
+    TRAIN_GEN_LENGTHS,
     DemoData,
     apply_edit,
     arithmetic_problem,
@@ -62,6 +63,19 @@ def test_held_out_sums_are_disjoint_from_training() -> None:
     q, r, answer = arithmetic_problem(random.Random(5))
     terms = tuple(int(x) for x in q.rstrip("=?").split("+"))
     assert not is_held_out(terms) and sum(terms) == answer and final_number(r) == str(answer)
+    assert is_held_out((37, 48))  # the README's question is never trained on
+
+
+def test_operands_are_two_digit_tokens_and_answers_right_aligned(data: DemoData) -> None:
+    tokens = data.tok.encode("Q: 4+85=? A:").tokens
+    assert tokens[tokens.index("+") - 2:tokens.index("+")] == ["0", "4"]  # the normalizer pads lone digits
+    assert data.tok.encode("Q: 100+5=? A:").tokens[3:6] == ["1", "0", "0"]
+    for answer in ("7", "85", "185"):
+        ids = data.answer_ids(answer, TEXT_GEN_LENGTH)
+        assert data.tok.id_to_token(int(ids[3])) == answer[-1]  # units digit always at canvas position 3
+        assert data.tok.decode(ids.tolist()).strip() == answer
+    with pytest.raises(ValueError, match="gen_length"):
+        data.answer_ids("1000", TEXT_GEN_LENGTH)
 
 
 def test_examples_have_fixed_shapes(data: DemoData) -> None:
@@ -69,7 +83,9 @@ def test_examples_have_fixed_shapes(data: DemoData) -> None:
     t2i, edit, text = (data.sample(t, rng) for t in ("t2i", "edit", "text"))
     assert t2i.response.shape == (256,) and int(t2i.response.min()) >= IMAGE_TOKEN_OFFSET
     assert edit.prompt.numel() > 256 and edit.response.shape == (256,)
-    assert text.response.shape == (TEXT_GEN_LENGTH,) and int(text.response[-1]) == data.eos
+    assert text.response.numel() in TRAIN_GEN_LENGTHS and int(text.response[-1]) == data.eos
+    held = data.sample("text", rng, split="test")
+    assert held.response.shape == (TEXT_GEN_LENGTH,)
     body = text.response[text.response != data.eos].tolist()
     assert final_number(data.tok.decode(body)) == str(text.label)
     assert [data.tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))

@@ -113,8 +113,45 @@ def test_train_config_names_bad_field() -> None:
         TrainConfig(num_registers=-1)
 
 
+def _shipped(kind: str) -> tuple[TrainConfig, list[dict], str | None]:
+    """A shipped run's config, loss log and init: dense stage 1 (from scratch) or the sparse SFT (from dense)."""
+    import json
+
+    from sparse_lavida_vllm.training.data import DEMO_ROOT
+
+    folder = DEMO_ROOT / kind
+    summary_name, log_name = (("train_summary_stage1.json", "train_log_stage1.jsonl") if kind == "dense" else
+                              ("train_summary.json", "train_log.jsonl"))
+    summary = json.loads((folder / summary_name).read_text())
+    tc = summary["train_config"]
+    log = [json.loads(line) for line in (folder / log_name).read_text().splitlines()]
+    init = str(DEMO_ROOT / "dense") if kind == "sparse" else None
+    return TrainConfig(**{**tc, "task_weights": tuple(tc["task_weights"])}), log, init
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_recipe_reproduces_the_shipped_loss_log(kind: str, tmp_path) -> None:
+    # The recipe's first steps, re-run from the shipped tokenizer (and, for sparse, the shipped dense init), give
+    # the logged losses: the data order, masks and init are seeded; stop_at keeps the run's lr schedule.
+    from dataclasses import replace
+
+    from sparse_lavida_vllm.training.data import DEMO_ROOT
+    from sparse_lavida_vllm.training.trainer import train
+
+    torch.set_num_threads(1)
+    cfg, log, init = _shipped(kind)
+    steps = 4
+    train(replace(cfg, stop_at=steps), tmp_path / kind, tokenizer_folder=DEMO_ROOT / "dense", init=init,
+          progress=False)
+    import json
+
+    fresh = [json.loads(line) for line in (tmp_path / kind / "train_log.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in fresh] == [r["task"] for r in log[:steps]]
+    for new, old in zip(fresh, log[:steps], strict=True):
+        assert new["loss"] == pytest.approx(old["loss"], abs=2e-4), (new, old)
+
+
 def test_recipe_is_deterministic_given_the_tokenizer(tmp_path) -> None:
-    # the Unigram tokenizer trainer is not deterministic; with the shipped tokenizer the weights are
     from safetensors.torch import load_file
 
     from sparse_lavida_vllm.training.data import DEMO_ROOT
@@ -127,3 +164,15 @@ def test_recipe_is_deterministic_given_the_tokenizer(tmp_path) -> None:
     a, b = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "a" / "tokenizer.json").read_text() == (DEMO_ROOT / "dense" / "tokenizer.json").read_text()
+
+
+def test_tokenizer_is_built_deterministically_from_the_corpus() -> None:
+    from sparse_lavida_vllm.training.data import DEMO_ROOT, tokenizer_corpus
+    from sparse_lavida_vllm.training.tokenizer import load_tokenizer, train_tokenizer
+
+    built = train_tokenizer(tokenizer_corpus())
+    shipped = load_tokenizer(DEMO_ROOT / "dense")
+    assert built.get_vocab() == shipped.get_vocab()
+    text = "Q: 37+48=? A: a thick handwritten digit seven slanted right make it thicker"
+    assert built.encode(text).ids == shipped.encode(text).ids
+    assert len(built.encode("a thin handwritten digit seven").ids) == 5  # one piece per word
