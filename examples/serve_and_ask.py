@@ -20,7 +20,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(proc: subprocess.Popen, url: str, log_path: str, timeout: float = 300.0) -> None:
+def wait_healthy(proc: subprocess.Popen, url: str, log_path: str, timeout: float = 900.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:

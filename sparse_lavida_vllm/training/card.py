@@ -116,6 +116,7 @@ def write_model_card(folder: str | Path, results: dict) -> Path:
                      f"{', '.join(_fmt(k, v) for v in m[k]['values'])} |" for k in LABELS if k in m)
     targets = "; ".join(f"{LABELS[k].split(' (')[0]} >= {goal}: {'met' if m[k]['mean'] >= goal else 'NOT met'}"
                         for k, goal in TARGETS.items() if k in m)
+    note = f" **Note: {results['note']}.**" if results.get("note") else ""
     samples = "; ".join(f"`{x['prompt']}` -> `{x['response']}`" for x in results.get("text_samples", [])[:3])
     text = f"""# Sparse-LaViDa demo model: `{folder.name}`
 
@@ -153,8 +154,8 @@ reproduces these weights bit for bit (CI checks that the first losses equal `tra
 ```
 {commands}
 ```
-Both trainings together took {recipe_minutes:.1f} min of wall time on this 2-core CPU, shared with other jobs
-(1 torch thread each; unloaded it is about half that).
+The trainings together took {recipe_minutes:.1f} min of wall time on this 2-core CPU, shared with other jobs
+(load average 7 to 14; 1 torch thread each; on an idle machine it is several times shorter).
 Training: AdamW (betas 0.9/0.98, wd {tc['weight_decay']}), lr {tc['lr']} cosine to {tc['min_lr_ratio']}x, warmup
 {tc['warmup']}, batch {tc['batch_size']} (x{tc['text_batch_multiplier']} for text), {tc['steps']} steps,
 task mix t2i/edit/text = {tc['task_weights']}, prompt dropout {tc['prompt_drop']} for CFG.
@@ -167,7 +168,7 @@ Training time: {summary['train_time_s'] / 60:.1f} min on {summary['torch_threads
 Images: {ev['image_steps']} steps, stratified order, shift schedule, temperature {ev['image_temperature']},
 CFG scale {ev['cfg_scale']} (uncond = prompt replaced by `[M]`). Text: gen length {TEXT_GEN_LENGTH}, block
 {ev['text_block_length']}, {ev['text_steps']} steps, greedy, low-confidence remasking. Each seed draws other
-held-out prompts, sums and sampling noise.
+held-out prompts, sums and sampling noise.{note}
 
 | metric | mean ± std | per seed |
 |---|---|---|
@@ -178,7 +179,7 @@ Targets of the demo (issue 9), by the means above: {targets}.
 Style agreement: fraction of style words the image follows (thick / thin = ink above / below the class's median
 ink among real training digits; slanted right / left = positive / negative shear); chance is about 0.5.
 Samples: {samples}.
-Command: `sparse-lavida eval {folder} --sampler {ev['sampler']}`. CI re-runs a small seeded subset
+Command: `sparse-lavida eval {DEMO}/{folder.name} --sampler {ev['sampler']}`. CI re-runs a small seeded subset
 (`test_subset` in eval_results.json). See docs/results.md for Tables 7 and 8.
 """
     path = folder / "README.md"

@@ -61,6 +61,7 @@ def run_tables(dense: Path, sparse: Path, work: Path, doc: Path, ablation_steps:
     base = TrainConfig(**{**shipped, "task_weights": tuple(shipped["task_weights"])})
     ev = EvalConfig(num_images=num_images, num_edits=num_edits, num_text=num_text)
     m = base.num_registers
+    steps = f"{base.stop_at} of {base.steps}" if base.stop_at else f"{base.steps}"
     rows: list[tuple[str, str, dict]] = []
 
     def trained(cfg: TrainConfig, out: Path) -> bool:
@@ -76,10 +77,10 @@ def run_tables(dense: Path, sparse: Path, work: Path, doc: Path, ablation_steps:
                        num_seeds)))
     full = work / "sft_full_attention"
     if trained(replace(base, mode="sparse_full"), full):
-        rows.append(("8", f"SFT without step-causal mask ({base.steps} steps), sparse sampling",
+        rows.append(("8", f"SFT without step-causal mask ({steps} steps), sparse sampling",
                      _eval(full, ev, work / "eval_sft_full.json", num_seeds)))
     shipped_eval = _eval(sparse, ev, work / "eval_sft_shipped.json", num_seeds)
-    rows.append(("8", f"step-causal SFT ({base.steps} steps, shipped), sparse sampling", shipped_eval))
+    rows.append(("8", f"step-causal SFT ({steps} steps, shipped), sparse sampling", shipped_eval))
     # Table 7 is about images (the paper's DPG / FID): its rows skip edits and text to fit the CPU budget.
     ev7 = replace(ev, num_edits=0, num_text=0)
     for r in REGISTER_COUNTS:

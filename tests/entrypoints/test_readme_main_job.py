@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_serve_and_ask_example_answers_through_a_real_server():
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "serve_and_ask.py")], capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=1200)  # a loaded 2-core CPU starts vLLM in minutes
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     lines = dict(line.split(": ", 1) for line in out.stdout.splitlines() if ": " in line)
     assert lines["prompt"] == "'Q: 37+48=? A:'"
