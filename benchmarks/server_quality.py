@@ -15,9 +15,7 @@ import io
 import json
 import random
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from sparse_lavida_vllm.training.tokenizer import load_tokenizer
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
-from serve_and_ask import free_port, wait_healthy  # noqa: E402  (examples/: start a server, wait for /health)
+from serve_and_ask import running_server  # noqa: E402  (examples/: start a server, stop it after)
 
 
 def levels_of(b64: str, data: DemoData) -> np.ndarray:
@@ -120,17 +118,8 @@ def main() -> None:
     if args.base_url:
         result = measure(args.base_url, args)
     else:
-        port = free_port()
-        log = tempfile.NamedTemporaryFile(prefix="sparse-lavida-serve-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "sparse_lavida_vllm.cli", "serve", *([args.model] if args.model else []),
-               "--host", "127.0.0.1", "--port", str(port)]
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_healthy(proc, f"http://127.0.0.1:{port}", log.name)
-            result = measure(f"http://127.0.0.1:{port}/v1", args)
-        finally:
-            proc.terminate()
-            proc.wait(60)
+        with running_server(args.model) as base_url:
+            result = measure(base_url, args)
     result["date_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -9,13 +9,10 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 from PIL import Image
-from serve_and_ask import free_port, wait_healthy  # examples/serve_and_ask.py: start a server, wait for /health
+from serve_and_ask import running_server  # examples/serve_and_ask.py: start a server, stop it after
 
 
 def save(result, path: Path) -> Image.Image:
@@ -65,22 +62,8 @@ def main() -> None:
     if args.base_url:
         run(args.base_url, Path(args.out_dir), args.prompt)
         return
-    port = free_port()
-    log = tempfile.NamedTemporaryFile(prefix="sparse-lavida-serve-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "sparse_lavida_vllm.cli", "serve", *([args.model] if args.model else []),
-           "--host", "127.0.0.1", "--port", str(port)]
-    print("starting:", " ".join(cmd[2:]), f"(log: {log.name})", flush=True)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_healthy(proc, f"http://127.0.0.1:{port}", log.name)
-        run(f"http://127.0.0.1:{port}/v1", Path(args.out_dir), args.prompt)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
+    with running_server(args.model) as base_url:
+        run(base_url, Path(args.out_dir), args.prompt)
 
 if __name__ == "__main__":
     main()

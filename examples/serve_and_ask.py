@@ -12,6 +12,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def free_port() -> int:
@@ -36,6 +38,26 @@ def wait_healthy(proc: subprocess.Popen, url: str, log_path: str, timeout: float
     sys.exit(f"server not healthy after {timeout:.0f}s; log in {log_path}")
 
 
+@contextmanager
+def running_server(model: str | None = None) -> Iterator[str]:
+    """`sparse-lavida serve` (the bundled demo model unless `model`) on a free port; yields its /v1 URL, stops it."""
+    port = free_port()
+    log = tempfile.NamedTemporaryFile(prefix="sparse-lavida-serve-", suffix=".log", delete=False)
+    cmd = [sys.executable, "-m", "sparse_lavida_vllm.cli", "serve", *([model] if model else []),
+           "--host", "127.0.0.1", "--port", str(port)]
+    print("starting:", " ".join(cmd[2:]), f"(log: {log.name})", flush=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{port}", log.name)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the bundled demo model)")
@@ -44,17 +66,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
 
-    port = free_port()
-    log = tempfile.NamedTemporaryFile(prefix="sparse-lavida-serve-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "sparse_lavida_vllm.cli", "serve", *([args.model] if args.model else []),
-           "--host", "127.0.0.1", "--port", str(port)]
-    print("starting:", " ".join(cmd[2:]), f"(log: {log.name})", flush=True)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_healthy(proc, f"http://127.0.0.1:{port}", log.name)
+    with running_server(args.model) as base_url:
         from openai import OpenAI
 
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        client = OpenAI(base_url=base_url, api_key="unused")
         model = client.models.list().data[0].id
         start = time.perf_counter()
         # The demo model answers in an 8-token canvas ("85" then [EOS]), one token per step (its eval setting).
@@ -74,13 +89,6 @@ def main() -> None:
                   f"{metrics['num_registers']} registers")
         else:
             print("diffusion: no sparse_lavida_metrics in the response")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
 
 if __name__ == "__main__":
     main()
