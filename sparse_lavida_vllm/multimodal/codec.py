@@ -46,7 +46,7 @@ class ImageCodec(ABC):
 class PixelCodec(ImageCodec):
     """One token per pixel: the grey level quantized to `levels` values, ids `token_offset + level`.
 
-    The demo model's "codebook": 16x16 images, 16 grey levels (black = 0 .. white = levels - 1).
+    The demo model's "codebook": 8x8 images, 16 grey levels (black = 0 .. white = levels - 1).
     """
 
     def __init__(self, height: int = 16, width: int = 16, levels: int = 16, token_offset: int = 0) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sparse_lavida_vllm.training.data import TEXT_GEN_LENGTH
+from sparse_lavida_vllm.training.data import SHIFT, SIDE, TEXT_GEN_LENGTH
 from sparse_lavida_vllm.training.trainer import TrainConfig
 
 EVALS = """sparse-lavida eval sparse_lavida_vllm/assets/demo/dense --sampler dense --card
@@ -127,18 +127,18 @@ and compare.
 This folder: **{kind}**. `num_registers` in config.json = {config['num_registers']}
 ({reg_note}).
 
-Tasks: text-to-image (16x16 digits, 16 grey levels: one token per pixel, `<img_0>`..`<img_15>`), image editing
-(thicker / shift left / shift right / invert / flip), arithmetic (`Q: 37+48=? A:` -> `85`, two numbers 0..99;
-answers padded with `[EOS]` to the canvas: 8 tokens at eval and by default, 8/16/32 in training so longer
-`max_tokens` still answer). Sequence formats:
-`<t2i> caption` -> 256 image tokens; `<edit> <image> [256 source tokens] instruction` -> 256 image tokens;
-`Q: ... A:` -> 8 text tokens.
+Tasks: text-to-image ({SIDE}x{SIDE} digits, 16 grey levels: one token per pixel, `<img_0>`..`<img_15>`), image
+editing (thicker / shift left or right by {SHIFT} pixels / invert / flip), arithmetic (`Q: 37+48=? A:` -> `85`, two
+numbers 0..99; answers padded with `[EOS]` to the canvas: 8 tokens at eval and by default, 8 or 16 in training so
+longer `max_tokens` still answer). Sequence formats: `<t2i> caption` -> {SIDE * SIDE} image tokens;
+`<edit> <image> [{SIDE * SIDE} source tokens] instruction` -> {SIDE * SIDE} image tokens; `Q: ... A:` -> 8 text tokens.
 
 ## Data (no downloads)
-scikit-learn's 1797 handwritten digits, upsampled 8x8 -> 16x16 (bilinear) and quantized to 16 levels; captions from
+scikit-learn's 1797 handwritten 8x8 digits at their own resolution, quantized to 16 levels; captions from
 the label plus styles computed from the pixels (thick/thin by ink tertile within the class, slanted left/right by
 the ink's shear); edits computed deterministically; synthetic sums. A fixed seeded 80/20 split of the digits
-(eval uses only the held-out 20%); about 10% of all sums are never trained on (eval uses only those).
+(eval uses only the held-out 20%); about 10% of all sums are never trained on (eval uses only those), chosen by a
+hash of the whole sum so that every units-digit pair and carry pattern still occurs in training.
 
 ## Tokenizer
 `tokenizer.json` is a Unigram model (sentencepiece-style, Metaspace word marks) whose pieces are every word of
@@ -154,8 +154,8 @@ reproduces these weights bit for bit (CI checks that the first losses equal `tra
 ```
 {commands}
 ```
-The trainings together took {recipe_minutes:.1f} min of wall time on this 2-core CPU, shared with other jobs
-(load average 7 to 14; 1 torch thread each; on an idle machine it is several times shorter).
+The trainings together took {recipe_minutes:.1f} min of wall time on this 2-core CPU ({summary['torch_threads']}
+torch threads, `--threads`).
 Training: AdamW (betas 0.9/0.98, wd {tc['weight_decay']}), lr {tc['lr']} cosine to {tc['min_lr_ratio']}x, warmup
 {tc['warmup']}, batch {tc['batch_size']} (x{tc['text_batch_multiplier']} for text), {tc['steps']} steps,
 task mix t2i/edit/text = {tc['task_weights']}, prompt dropout {tc['prompt_drop']} for CFG.

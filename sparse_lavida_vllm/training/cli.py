@@ -18,8 +18,7 @@ def checkpoint_subset_config(sampler: str):
     """The small seeded subset tests/training re-run against the shipped checkpoints (recorded in the card)."""
     from sparse_lavida_vllm.training.evaluate import EvalConfig
 
-    dense = sampler == "dense"  # dense sampling with CFG costs ~10x the rows per image: fewer images
-    return EvalConfig(sampler=sampler, num_images=8 if dense else 16, num_edits=0 if dense else 5, num_text=40)
+    return EvalConfig(sampler=sampler, num_images=20, num_edits=10, num_text=50)
 
 
 def _threads(args: argparse.Namespace) -> None:

@@ -12,12 +12,13 @@ from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_dense
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
 from sparse_lavida_vllm.model_executor.weights import load_pretrained
 from sparse_lavida_vllm.multimodal.layout import ImageLayout
-from sparse_lavida_vllm.training.data import DEMO_ROOT, DemoData
+from sparse_lavida_vllm.training.data import DEMO_ROOT, SIDE, DemoData
 from sparse_lavida_vllm.training.tokenizer import load_tokenizer
 from tests.serving_helpers import Server
 
 pytestmark = pytest.mark.slow
 MODEL = DEMO_ROOT / "sparse"
+NATIVE = f"{SIDE}x{SIDE}"  # the demo codec's own size (one pixel per token)
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +84,17 @@ def test_i4_server_image_equals_the_reference_sampler(client, demo, sparse, guid
     prompt_ids = layout.t2i_prompt(tokenizer.encode(caption, add_special_tokens=False))
     # the route lays the prompt out exactly as the model was trained on it
     assert prompt_ids == DemoData(load_tokenizer(MODEL)).t2i_prompt(caption).tolist()
-    result = client.images.generate(model="demo", prompt=caption, size="16x16",
+    result = client.images.generate(model="demo", prompt=caption, size=NATIVE,
                                     extra_body={"seed": 11, "sparse": sparse, "guidance_scale": guidance})
     assert tokens_of(png(result.data[0]), layout) == reference_image(demo, prompt_ids, 11, sparse, guidance)
 
 
 def test_n_images_in_one_request_equal_separate_seeded_requests(client):
     body = {"seed": 100, "guidance_scale": 1.0}
-    together = client.images.generate(model="demo", prompt="a handwritten digit four", n=3, size="16x16",
+    together = client.images.generate(model="demo", prompt="a handwritten digit four", n=3, size=NATIVE,
                                       extra_body=body)
     for i, data in enumerate(together.data):
-        alone = client.images.generate(model="demo", prompt="a handwritten digit four", size="16x16",
+        alone = client.images.generate(model="demo", prompt="a handwritten digit four", size=NATIVE,
                                        extra_body={**body, "seed": 100 + i})
         assert png(data).tobytes() == png(alone.data[0]).tobytes()
 
@@ -108,27 +109,27 @@ def _upload(image: Image.Image) -> io.BytesIO:
 
 def test_inpainting_keeps_every_token_outside_the_mask_and_all_keep_returns_the_source(client, demo):
     layout = demo[2]
-    source = png(client.images.generate(model="demo", prompt="a handwritten digit eight", size="16x16",
+    source = png(client.images.generate(model="demo", prompt="a handwritten digit eight", size=NATIVE,
                                         extra_body={"seed": 5}).data[0])
-    mask = Image.new("RGBA", (16, 16), (0, 0, 0, 255))
-    mask.paste((0, 0, 0, 0), (0, 0, 8, 16))  # transparent left half: repaint it
+    mask = Image.new("RGBA", (SIDE, SIDE), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, SIDE // 2, SIDE))  # transparent left half: repaint it
     result = client.images.edit(model="demo", image=_upload(source), mask=_upload(mask),
-                                prompt="invert the colours", size="16x16", extra_body={"seed": 9})
+                                prompt="invert the colours", size=NATIVE, extra_body={"seed": 9})
     before, after = tokens_of(source, layout), tokens_of(png(result.data[0]), layout)
-    right = [i for i in range(256) if i % 16 >= 8]
+    right = [i for i in range(SIDE * SIDE) if i % SIDE >= SIDE // 2]
     assert all(after[i] == before[i] for i in right)
-    assert any(after[i] != before[i] for i in range(256) if i % 16 < 8)  # the left half was repainted
-    keep_all = Image.new("RGBA", (16, 16), (0, 0, 0, 255))
+    assert any(after[i] != before[i] for i in range(SIDE * SIDE) if i % SIDE < SIDE // 2)  # the left half was repainted
+    keep_all = Image.new("RGBA", (SIDE, SIDE), (0, 0, 0, 255))
     same = client.images.edit(model="demo", image=_upload(source), mask=_upload(keep_all), prompt="invert the colours")
     assert tokens_of(png(same.data[0]), layout) == before
 
 
 def test_edit_without_mask_runs_three_way_guidance(client):
-    source = Image.new("L", (16, 16), 0)
-    source.paste(255, (6, 2, 10, 14))
+    source = Image.new("L", (2 * SIDE, 2 * SIDE), 0)  # twice the native size: the codec scales it down
+    source.paste(255, (SIDE * 3 // 4, SIDE // 4, SIDE * 5 // 4, SIDE * 7 // 4))
     result = client.images.edit(model="demo", image=_upload(source), prompt="shift it left",
                                 extra_body={"seed": 1, "guidance_scale": 1.0, "image_guidance_scale": 1.0})
-    assert png(result.data[0]).size == (16, 16)
+    assert png(result.data[0]).size == (SIDE, SIDE)
     assert result.model_extra["sparse_lavida_metrics"][0]["steps"] == 16
 
 
@@ -192,7 +193,7 @@ def test_malformed_bodies_are_400_and_the_server_keeps_serving(server, client):
                          headers={"Content-Type": "application/json"}).status_code == 400
     assert requests.post(server.base_url + "/v1/images/edits", data=b"junk",
                          headers={"Content-Type": "multipart/form-data; boundary=x"}).status_code == 400
-    ok = client.images.generate(model="demo", prompt="a handwritten digit one", size="16x16")
-    assert png(ok.data[0]).size == (16, 16)
+    ok = client.images.generate(model="demo", prompt="a handwritten digit one", size=NATIVE)
+    assert png(ok.data[0]).size == (SIDE, SIDE)
     assert server.metric("vllm:num_requests_running") == 0
     assert server.metric("vllm:kv_cache_usage_perc") == 0  # I5 after all of the above

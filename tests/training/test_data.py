@@ -10,6 +10,7 @@ import pytest
 from sparse_lavida_vllm.training.data import (
     DIGIT_WORDS,
     EDITS,
+    SIDE,
     TEXT_GEN_LENGTH,
     TRAIN_GEN_LENGTHS,
     DemoData,
@@ -29,9 +30,9 @@ def data() -> DemoData:
     return DemoData(train_tokenizer(tokenizer_corpus(num_sums=500)))
 
 
-def test_digits_are_16x16_with_16_levels() -> None:
+def test_digits_are_8x8_with_16_levels() -> None:
     levels, labels = load_digit_images()
-    assert levels.shape == (1797, 16, 16) and levels.min() == 0 and levels.max() == 15
+    assert levels.shape == (1797, SIDE, SIDE) == (1797, 8, 8) and levels.min() == 0 and levels.max() == 15
     assert sorted(set(labels.tolist())) == list(range(10))
 
 
@@ -66,6 +67,18 @@ def test_held_out_sums_are_disjoint_from_training() -> None:
     assert is_held_out((37, 48))  # the README's question is never trained on
 
 
+def test_held_out_sums_are_about_ten_percent_and_leave_every_digit_pair_in_training() -> None:
+    # The eval tests addition, not an unseen input: every (units, units) and (tens, tens) digit pair, with and
+    # without a carry, occurs among the training sums.
+    pairs = [(a, b) for a in range(100) for b in range(100)]
+    held = [p for p in pairs if is_held_out(p)]
+    assert 0.08 < len(held) / len(pairs) < 0.12
+    train = [p for p in pairs if not is_held_out(p)]
+    assert {(a % 10, b % 10) for a, b in train} == {(x, y) for x in range(10) for y in range(10)}
+    assert {(a // 10, b // 10, a % 10 + b % 10 >= 10) for a, b in train} == {
+        (x, y, c) for x in range(10) for y in range(10) for c in (False, True)}
+
+
 def test_operands_are_two_digit_tokens_and_answers_right_aligned(data: DemoData) -> None:
     tokens = data.tok.encode("Q: 4+85=? A:").tokens
     assert tokens[tokens.index("+") - 2:tokens.index("+")] == ["0", "4"]  # the normalizer pads lone digits
@@ -81,8 +94,8 @@ def test_operands_are_two_digit_tokens_and_answers_right_aligned(data: DemoData)
 def test_examples_have_fixed_shapes(data: DemoData) -> None:
     rng = random.Random(0)
     t2i, edit, text = (data.sample(t, rng) for t in ("t2i", "edit", "text"))
-    assert t2i.response.shape == (256,) and int(t2i.response.min()) >= IMAGE_TOKEN_OFFSET
-    assert edit.prompt.numel() > 256 and edit.response.shape == (256,)
+    assert t2i.response.shape == (SIDE * SIDE,) and int(t2i.response.min()) >= IMAGE_TOKEN_OFFSET
+    assert edit.prompt.numel() > SIDE * SIDE and edit.response.shape == (SIDE * SIDE,)
     assert text.response.numel() in TRAIN_GEN_LENGTHS and int(text.response[-1]) == data.eos
     held = data.sample("text", rng, split="test")
     assert held.response.shape == (TEXT_GEN_LENGTH,)

@@ -114,13 +114,15 @@ def test_train_config_names_bad_field() -> None:
 
 
 def _shipped(kind: str) -> tuple[TrainConfig, list[dict], str | None]:
-    """A shipped run's config, loss log and init: dense stage 1 (from scratch) or the sparse SFT (from dense)."""
+    """A shipped run's config, loss log and init: the dense run from scratch (its stage 1 when the recipe has
+    stages) or the sparse SFT (from dense)."""
     import json
 
     from sparse_lavida_vllm.training.data import DEMO_ROOT
 
     folder = DEMO_ROOT / kind
-    summary_name, log_name = (("train_summary_stage1.json", "train_log_stage1.jsonl") if kind == "dense" else
+    staged = kind == "dense" and (folder / "train_summary_stage1.json").exists()
+    summary_name, log_name = (("train_summary_stage1.json", "train_log_stage1.jsonl") if staged else
                               ("train_summary.json", "train_log.jsonl"))
     summary = json.loads((folder / summary_name).read_text())
     tc = summary["train_config"]
