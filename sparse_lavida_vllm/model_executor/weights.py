@@ -16,13 +16,27 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
 
-def save_pretrained(model: LLaDAMDM, folder: str | Path) -> None:
+def save_pretrained(model: LLaDAMDM, folder: str | Path, max_shard_tensors: int | None = None) -> None:
+    """config.json + model.safetensors; with `max_shard_tensors`, the published (HF) sharded layout instead:
+    model-0000i-of-0000n.safetensors + model.safetensors.index.json."""
     if model.tp.world_size > 1:
         raise ValueError("save_pretrained needs the whole model; this one is one tensor-parallel shard")
     folder = Path(folder)
     model.config.save(folder)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    if not max_shard_tensors:
+        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        return
+    names = sorted(state)
+    chunks = [names[i:i + max_shard_tensors] for i in range(0, len(names), max_shard_tensors)]
+    weight_map = {}
+    for i, chunk in enumerate(chunks, start=1):
+        shard = f"model-{i:05d}-of-{len(chunks):05d}.safetensors"
+        save_file({n: state[n] for n in chunk}, str(folder / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(chunk, shard))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=2) + "\n")
 
 
 def check_safetensors(path: str | Path) -> None:
