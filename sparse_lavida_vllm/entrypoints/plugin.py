@@ -326,11 +326,12 @@ def register() -> None:
     from vllm.v1.engine.output_processor import OutputProcessor
 
     from sparse_lavida_vllm.entrypoints.metrics import count_diffusion_metrics
-    from sparse_lavida_vllm.worker.vllm_model import ARCHITECTURES, LLaDAHFConfig, SparseLLaDAForVLLM
+    from sparse_lavida_vllm.worker.vllm_model import HF_CONFIGS, MODEL_CLASSES
 
-    _CONFIG_REGISTRY[LLaDAHFConfig.model_type] = LLaDAHFConfig
-    for arch in ARCHITECTURES:
-        ModelRegistry.register_model(arch, SparseLLaDAForVLLM)
+    for config_class in HF_CONFIGS:
+        _CONFIG_REGISTRY[config_class.model_type] = config_class
+    for arch, model_class in MODEL_CLASSES.items():
+        ModelRegistry.register_model(arch, model_class)
         MODELS_CONFIG_MAP[arch] = DiffusionEngineConfig
     _patch(InputProcessor, "process_inputs", _validate_diffusion_request)
     _patch(OutputProcessor, "process_outputs", count_diffusion_metrics)

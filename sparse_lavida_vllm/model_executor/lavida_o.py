@@ -23,6 +23,9 @@ What this file models, with names as in adobe-research/LaVida-O (`llava_llada.py
   (mlp2x_gelu), `model.image_newline`; anyres tiles spliced into the prompt as text-stream rows. That half lives in
   lavida_o_vision.py; this file builds and loads its modules.
 
+Served through vLLM: the text path only (lavida_o_text.py maps the text tower onto LLaDAMDM); image generation, edits
+and understanding run here, in PyTorch.
+
 Flat rows. A pass is a list of rows with explicit RoPE positions; a row is either a text row (an id into `wte`,
 or a given embedding) or an image row holding one transformer position = a 2x2 patch of VQ codes (row-major
 inside the patch; some may be the mask code). `forward` returns text logits for text `logits_rows` and
@@ -891,13 +894,14 @@ def random_lavida_o(config: LaViDaOConfig, seed: int = 0, std: float = 0.05) -> 
 
 def write_tiny_checkpoint(folder: str | Path, config: LaViDaOConfig, seed: int = 0,
                           max_shard_tensors: int | None = None, vq_block_channels: tuple[int, ...] = (8, 16, 16),
-                          vq_sample_size: int = 16) -> LaViDaOMDM:
+                          vq_sample_size: int = 16, std: float = 0.05) -> LaViDaOMDM:
     """A random checkpoint in the published layout: config.json, safetensors (+ index), and a tiny diffusers VQModel
-    in vqvae/ whose codebook has config.num_vq_embeddings codes. Returns the model written."""
+    in vqvae/ whose codebook has config.num_vq_embeddings codes. Returns the model written. A larger `std` gives
+    decisive logits (token-for-token comparisons across GEMM shapes)."""
     from diffusers import VQModel
 
     folder = Path(folder)
-    model = random_lavida_o(config, seed)
+    model = random_lavida_o(config, seed, std)
     save_lavida_o(model, folder, max_shard_tensors)
     torch.manual_seed(seed)
     blocks = len(vq_block_channels)

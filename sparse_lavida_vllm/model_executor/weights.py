@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -92,6 +93,27 @@ def shard_state_dict(state: dict[str, torch.Tensor], model: LLaDAMDM) -> dict[st
     if model.tp.world_size == 1:
         return state
     return {name: model.load_shard(name, tensor) for name, tensor in state.items()}
+
+
+def load_weights_into(model: LLaDAMDM, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    """Copy full checkpoint tensors into `model` (this rank's slice of each); every bad or missing name is a
+    ValueError naming the tensor. What vLLM's loader calls (SparseLLaDAForVLLM.load_weights), over a stream."""
+    params = dict(model.named_parameters())
+    loaded = set()
+    for name, tensor in weights:
+        if name not in params:
+            raise ValueError(f"unexpected weight {name!r} in the checkpoint")
+        shard = model.load_shard(name, tensor)
+        if shard.shape != params[name].shape:  # copy_ would broadcast a wrong shape silently
+            raise ValueError(f"weight {name!r}: checkpoint shard {tuple(shard.shape)} does not fit the "
+                             f"parameter {tuple(params[name].shape)} (tensor-parallel {model.tp})")
+        with torch.no_grad():
+            params[name].copy_(shard.to(params[name].dtype))
+        loaded.add(name)
+    missing = set(params) - loaded
+    if missing:
+        raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}")
+    return loaded
 
 
 def load_pretrained(folder: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
