@@ -138,12 +138,13 @@ def make_checkpoint(folder: Path, config: MDMConfig = TINY, seed: int = 0, std: 
     return folder
 
 
-def reference_tokens(folder: Path, prompt_ids: list[int], gen_length: int, block_length: int, steps: int,
-                     num_registers: int, sparse: bool = True, temperature: float = 0.0, seed: int = 0,
+def reference_tokens(folder: Path | torch.nn.Module, prompt_ids: list[int], gen_length: int, block_length: int,
+                     steps: int, num_registers: int, sparse: bool = True, temperature: float = 0.0, seed: int = 0,
                      remasking: str = "low_confidence", top_k: int = 0, top_p: float = 1.0,
                      confidence_threshold: float = 0.9) -> list[int]:
-    """The pure-PyTorch reference sampler's tokens for the same request (the I4 oracle)."""
-    model = load_pretrained(folder)
+    """The pure-PyTorch reference sampler's tokens for the same request (the I4 oracle); `folder` may be a model
+    already loaded (e.g. a LaViDa-O checkpoint's)."""
+    model = folder if isinstance(folder, torch.nn.Module) else load_pretrained(folder)
     plan = text_plan(gen_length, block_length, steps)
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking,
                               confidence_threshold=confidence_threshold, seed=seed)
