@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -58,6 +59,78 @@ def save_char_tokenizer(folder: Path, config: MDMConfig) -> None:
     fast.save_pretrained(str(folder))
 
 
+# LLaDA-8B's config.json keys (scaled down): no register token, no registers, no step-causal training
+LLADA_KEYS = {"architectures": ["LLaDAModelLM"], "model_type": "llada", "d_model": 64, "n_layers": 2, "n_heads": 2,
+              "n_kv_heads": 2, "mlp_hidden_size": 128, "vocab_size": 256, "embedding_size": 256,
+              "mask_token_id": 254, "eos_token_id": 2, "pad_token_id": 0, "rope_theta": 500000.0,
+              "max_sequence_length": 512, "rms_norm_eps": 1e-5, "weight_tying": False, "include_bias": False,
+              "layer_norm_type": "rms", "activation_type": "silu", "block_type": "llama"}
+
+# LLaDA-8B-Instruct's special tokens by name. Published ids (vocab 126464): 126080 BOS, 126081 EOS (also pad),
+# 126336 mask, 126346/126347 header markers, 126348 eot; here scaled into the 256-row tiny vocab, same order.
+INSTRUCT_SPECIALS = {"<|startoftext|>": 192, "<|endoftext|>": 193, "<|mdm_mask|>": 240, "<|start_header_id|>": 244,
+                     "<|end_header_id|>": 245, "<|eot_id|>": 246}
+BOS, EOS, MASK, EOT = 192, 193, 240, 246
+# The chat_template of GSAI-ML/LLaDA-8B-Instruct's tokenizer_config.json (the early Llama-3 one): note the
+# assistant header is appended whether or not add_generation_prompt is set.
+LLADA_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 "
+    "%}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}")
+INSTRUCT_CHARS = [chr(i) for i in range(32, 127)] + ["\n", "\t"]  # ids 0..96; 97..191 are filler words
+
+
+def save_llada_instruct_tokenizer(folder: Path, vocab_size: int = 256) -> None:
+    """LLaDA-8B-Instruct's tokenizer files in their published form, over a character vocabulary.
+
+    tokenizer.json (a `tokenizers` BPE without merges: one token per character), tokenizer_config.json with the
+    special tokens in added_tokens_decoder, BOS/EOS/pad by name, add_bos_token false and the chat template inline,
+    and special_tokens_map.json. Ids the published tokenizer leaves unnamed are reserved special tokens here, so
+    every id a random tiny model can sample decodes.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    vocab = {c: i for i, c in enumerate(INSTRUCT_CHARS)}
+    vocab.update({f"<w{i}>": i for i in range(len(vocab), BOS)})
+    names = {i: n for n, i in INSTRUCT_SPECIALS.items()}
+    specials = [names.get(i, f"<|reserved_token_{i - BOS}|>") for i in range(BOS, vocab_size)]
+    vocab.update({t: BOS + k for k, t in enumerate(specials)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tok.save(str(folder / "tokenizer.json"))
+    added = {str(vocab[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                             "single_word": False, "special": True} for t in specials}
+    named = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    # written by hand, not by save_pretrained: transformers 5 would move the template out to chat_template.jinja
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": False, "add_eos_token": False, "added_tokens_decoder": added, **named,
+        "chat_template": LLADA_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
+        "model_max_length": 1000000000000000019884624838656, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+    (folder / "special_tokens_map.json").write_text(json.dumps(named, indent=2))
+
+
+def llada_instruct_checkpoint(folder: Path, seed: int = 0, stop_boost: float = 1.5) -> Path:
+    """A tiny LLaDA-8B-Instruct: its config.json keys and ids, sharded weights with an index, generation_config.json
+    declaring EOS and eot as end-of-sequence ids, its tokenizer files.
+
+    The lm-head rows of <|eot_id|> and <|endoftext|> are scaled by `stop_boost` so that, like the real model,
+    answers end with them (random weights alone rarely pick one of 256 ids).
+    """
+    folder = Path(folder)
+    model = random_model(TINY, seed=seed, std=0.3)  # weights of the LLaDA shapes; the ids come from config.json
+    with torch.no_grad():
+        model.model.transformer["ff_out"].weight[[EOT, EOS]] *= stop_boost
+    save_pretrained(model, folder, max_shard_tensors=8)
+    (folder / "config.json").write_text(json.dumps({**LLADA_KEYS, "mask_token_id": MASK, "eos_token_id": EOS,
+                                                    "pad_token_id": EOS}, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": BOS, "eos_token_id": [EOS, EOT],
+                                                               "pad_token_id": EOS}, indent=2))
+    save_llada_instruct_tokenizer(folder)
+    return folder
+
+
 def make_checkpoint(folder: Path, config: MDMConfig = TINY, seed: int = 0, std: float = 0.3) -> Path:
     folder = Path(folder)
     save_pretrained(random_model(config, seed=seed, std=std), folder)
@@ -65,12 +138,13 @@ def make_checkpoint(folder: Path, config: MDMConfig = TINY, seed: int = 0, std: 
     return folder
 
 
-def reference_tokens(folder: Path, prompt_ids: list[int], gen_length: int, block_length: int, steps: int,
-                     num_registers: int, sparse: bool = True, temperature: float = 0.0, seed: int = 0,
+def reference_tokens(folder: Path | torch.nn.Module, prompt_ids: list[int], gen_length: int, block_length: int,
+                     steps: int, num_registers: int, sparse: bool = True, temperature: float = 0.0, seed: int = 0,
                      remasking: str = "low_confidence", top_k: int = 0, top_p: float = 1.0,
                      confidence_threshold: float = 0.9) -> list[int]:
-    """The pure-PyTorch reference sampler's tokens for the same request (the I4 oracle)."""
-    model = load_pretrained(folder)
+    """The pure-PyTorch reference sampler's tokens for the same request (the I4 oracle); `folder` may be a model
+    already loaded (e.g. a LaViDa-O checkpoint's)."""
+    model = folder if isinstance(folder, torch.nn.Module) else load_pretrained(folder)
     plan = text_plan(gen_length, block_length, steps)
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, remasking=remasking,
                               confidence_threshold=confidence_threshold, seed=seed)

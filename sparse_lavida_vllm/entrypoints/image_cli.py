@@ -44,7 +44,7 @@ def generate_image(ns: argparse.Namespace) -> int:
     model_config = llm.llm_engine.model_config
     try:
         layout = ImageLayout.from_config(getattr(model_config.hf_config, "image_generation", None), model,
-                                         tokenizer.get_vocab().get)
+                                         tokenizer.get_vocab().get, model_config.architecture)
     except ValueError as e:
         sys.exit(f"{model}: {e}")
     text = list(tokenizer.encode(ns.prompt, add_special_tokens=False))

@@ -196,7 +196,8 @@ class ImageService:
         try:  # a text-only or tokenizer-less checkpoint: the routes answer 400 with the reason
             self.tokenizer = engine_client.renderer.get_tokenizer()
             self.layout = ImageLayout.from_config(getattr(self.hf_config, "image_generation", None),
-                                                  model_config.model, self.tokenizer.get_vocab().get)
+                                                  model_config.model, self.tokenizer.get_vocab().get,
+                                                  model_config.architecture)
         except ValueError as e:
             self.unavailable = str(e)
 

@@ -171,6 +171,57 @@ def _refuse_best_of(to_sampling_params):
     return wrapper
 
 
+# Chat content parts that carry media. The diffusion engine feeds token ids only: no multimodal processor.
+MEDIA_PARTS = ("image_url", "input_image", "image_pil", "image_embeds", "audio_url", "input_audio", "audio_embeds",
+               "video_url")
+
+
+def media_refusal(architecture: str) -> str:
+    """Why chat messages with images are refused for `architecture` (an HTTP 400 message)."""
+    from sparse_lavida_vllm.model_executor.lavida_o import ARCHITECTURE as LAVIDA_O
+
+    if architecture == LAVIDA_O:
+        return (f"image inputs are not served for {LAVIDA_O} (LaViDa-O / Sparse-LaViDa) through vLLM yet: this "
+                "server serves its text path; its image understanding (SigLIP tower, projector, anyres tiles) runs "
+                "in PyTorch (sparse_lavida_vllm.model_executor.lavida_o_vision). Send text-only messages")
+    return f"{architecture} serves text only: chat messages cannot carry images, audio or video"
+
+
+def _media_part(messages) -> str | None:
+    """The type of the first media part in chat `messages` (dicts as the request model parsed them), else None."""
+    for message in messages or ():
+        content = message.get("content") if isinstance(message, dict) else getattr(message, "content", None)
+        for part in content if isinstance(content, list) else ():
+            if not isinstance(part, dict):
+                continue
+            kind = part.get("type")
+            if kind in MEDIA_PARTS:
+                return kind
+            found = next((key for key in MEDIA_PARTS if key in part), None)  # vLLM also accepts a part by its key
+            if found is not None:
+                return found
+    return None
+
+
+def _refuse_chat_media(render_chat_request):
+    """Wrap OpenAIServingChat.render_chat_request: a chat with an image (or other media) part is a clear HTTP 400
+    before vLLM fetches the media or looks for a multimodal processor our model classes do not have."""
+
+    @functools.wraps(render_chat_request)
+    async def wrapper(self, request, *args, **kwargs):
+        from sparse_lavida_vllm.worker.vllm_model import ARCHITECTURES
+
+        architecture = self.model_config.architecture
+        kind = _media_part(request.messages) if architecture in ARCHITECTURES else None
+        if kind is not None:
+            return self.create_error_response(f"messages: {kind} parts are not supported: "
+                                              f"{media_refusal(architecture)}", param="messages")
+        return await render_chat_request(self, request, *args, **kwargs)
+
+    wrapper.__sparse_lavida__ = True
+    return wrapper
+
+
 def _keep_booleans(request_json):
     """Wrap starlette's Request.json: booleans in `vllm_xargs` reach the knobs as "true" / "false"; 503 when draining.
 
@@ -300,6 +351,7 @@ def _patch_request_path() -> None:
     """The API-server side hooks, installed once a process's config serves one of our architectures."""
     from starlette.requests import Request
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -310,6 +362,7 @@ def _patch_request_path() -> None:
         async_llm_logger.addFilter(_QuietOrderlyStop())
     _patch(CompletionRequest, "to_sampling_params", _refuse_best_of)
     _patch(ChatCompletionRequest, "to_sampling_params", _refuse_best_of)
+    _patch(OpenAIServingChat, "render_chat_request", _refuse_chat_media)
     _patch(Request, "json", _keep_booleans)
 
 
@@ -326,11 +379,12 @@ def register() -> None:
     from vllm.v1.engine.output_processor import OutputProcessor
 
     from sparse_lavida_vllm.entrypoints.metrics import count_diffusion_metrics
-    from sparse_lavida_vllm.worker.vllm_model import ARCHITECTURES, LLaDAHFConfig, SparseLLaDAForVLLM
+    from sparse_lavida_vllm.worker.vllm_model import HF_CONFIGS, MODEL_CLASSES
 
-    _CONFIG_REGISTRY[LLaDAHFConfig.model_type] = LLaDAHFConfig
-    for arch in ARCHITECTURES:
-        ModelRegistry.register_model(arch, SparseLLaDAForVLLM)
+    for config_class in HF_CONFIGS:
+        _CONFIG_REGISTRY[config_class.model_type] = config_class
+    for arch, model_class in MODEL_CLASSES.items():
+        ModelRegistry.register_model(arch, model_class)
         MODELS_CONFIG_MAP[arch] = DiffusionEngineConfig
     _patch(InputProcessor, "process_inputs", _validate_diffusion_request)
     _patch(OutputProcessor, "process_outputs", count_diffusion_metrics)

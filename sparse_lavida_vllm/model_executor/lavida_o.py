@@ -18,6 +18,13 @@ What this file models, with names as in adobe-research/LaVida-O (`llava_llada.py
   these are llava_arch's Sequentials plus `gen_embedding_2` (after the conv) and, for "dit2", `gen_predictor_2`.
 * the final `ln_f` is shared: the publishers run it on the image stream zero-padded to d_model, so its RMS
   divides by d_model, not d_model_gen; we reproduce that.
+* image understanding (when config.json names an `mm_vision_tower`): `model.vision_tower.vision_tower.vision_model.*`
+  (SigLIP, last layer dropped), `model.vision_resampler.pool` (stride-2 conv), `model.mm_projector.{0,2}`
+  (mlp2x_gelu), `model.image_newline`; anyres tiles spliced into the prompt as text-stream rows. That half lives in
+  lavida_o_vision.py; this file builds and loads its modules.
+
+Served through vLLM: the text path only (lavida_o_text.py maps the text tower onto LLaDAMDM); image generation, edits
+and understanding run here, in PyTorch.
 
 Flat rows. A pass is a list of rows with explicit RoPE positions; a row is either a text row (an id into `wte`,
 or a given embedding) or an image row holding one transformer position = a 2x2 patch of VQ codes (row-major
@@ -59,6 +66,13 @@ from sparse_lavida_vllm.diffusion.masks import build_step_causal_sequence, infer
 from sparse_lavida_vllm.diffusion.planners import UnmaskPlan
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig, guide_logits, sample_tokens, step_generator
 from sparse_lavida_vllm.model_executor.attention import AttentionBackend, KVCache, SpanAttention, sdpa_with_mask
+from sparse_lavida_vllm.model_executor.lavida_o_vision import (
+    OWNED_KEYS,
+    UNDERSTANDING_PREFIXES,
+    UnderstandingConfig,
+    build_understanding,
+    dropped_by_publishers,
+)
 from sparse_lavida_vllm.model_executor.model import RMSNorm, apply_rope, rope_cos_sin
 
 ARCHITECTURE = "LlavaLladaForMaskedDiffusion"
@@ -71,9 +85,8 @@ UPSAMPLE_NORM_EPS = 1e-6  # Simple_UVitBlock's layer_norm_eps (also the gen MLPs
 # build_gen_embedding's variants: "embed" = a table and a linear head; "dit" adds RMSNorm+Linear around them
 # (Sequentials: gen_embedding.{0,1,2}, gen_embedding_2.{0,1}, gen_predictor.{0,1,2}); "dit2" adds gen_predictor_2.
 GEN_MLP_TYPES = ("embed", "dit", "dit2")
-# Published-checkpoint namespaces this file does not model: understanding tower, projector, the VQ copy.
-IGNORED_PREFIXES = ("model.vision_tower.", "model.mm_projector.", "model.vision_resampler.", "model.image_newline",
-                    "model.vqvae.")
+# Published-checkpoint namespaces the model never holds: the VQ copy (loaded from vqvae/ by multimodal.vq).
+IGNORED_PREFIXES = ("model.vqvae.",)
 
 
 def _pair(value: Any, name: str) -> tuple[int, ...]:
@@ -132,6 +145,8 @@ class LaViDaOConfig:
     # Our extension keys: the ids registers are embedded with (none invented when absent)
     register_token_id: int | None = None  # a wte row (text registers)
     register_code: int | None = None  # a gen_embedding row (image registers)
+    # image understanding (SigLIP + projector, lavida_o_vision.py): the mm_* / image_* keys; None = no vision tower
+    understanding: UnderstandingConfig | None = None
     model_type: str = MODEL_TYPE
     architectures: tuple[str, ...] = (ARCHITECTURE,)
     extra: dict = field(default_factory=dict, compare=False)  # every other published key, written back as read
@@ -194,8 +209,10 @@ class LaViDaOConfig:
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = dict(self.extra)
+        if self.understanding is not None:
+            d.update(self.understanding.to_dict())
         for f in fields(self):
-            if f.name in ("extra", "num_vq_embeddings"):  # num_vq_embeddings belongs to vqvae/config.json
+            if f.name in ("extra", "num_vq_embeddings", "understanding"):  # num_vq_embeddings: vqvae/config.json
                 continue
             value = getattr(self, f.name)
             if f.name in ("num_register_tokens", "num_register_groups"):
@@ -224,8 +241,9 @@ class LaViDaOConfig:
         for key, allowed in (("layer_norm_type", "rms"), ("activation_type", "silu"), ("rope", True)):
             if d.get(key, allowed) not in (allowed, None):  # anything else would be silently computed wrong
                 raise ValueError(f"{key}={d[key]!r} is not supported by this model file (only {allowed!r})")
-        known = {f.name for f in fields(cls)} - {"extra"}
+        known = {f.name for f in fields(cls)} - {"extra", "understanding"}
         kw: dict[str, Any] = {k: v for k, v in d.items() if k in known}
+        kw["understanding"] = UnderstandingConfig.from_dict(d)
         if kw.get("mlp_hidden_size") is None and d.get("mlp_ratio"):  # LLaDA's fallback
             kw["mlp_hidden_size"] = int(d["mlp_ratio"] * kw.get("d_model", cls.d_model))
         if d.get("embedding_size"):  # LLaDA's padded table size is what the weights have
@@ -251,6 +269,8 @@ class LaViDaOConfig:
             kw["architectures"] = tuple(kw["architectures"])
         derived = {"embedding_size", "weight_tying", "include_qkv_bias", "block_type", "layer_norm_type",
                    "activation_type", "rope", "alibi", "block_group_size"}
+        if kw["understanding"] is not None:
+            derived |= set(OWNED_KEYS)
         extra = {k: v for k, v in d.items() if k not in known and k not in derived}
         return cls(**kw, extra=extra)
 
@@ -438,6 +458,8 @@ class LaViDaOMDM(nn.Module):
             self.model.downsample_gen.downsample = _Resample(dg, transpose=False)
             self.model.upsample_gen = nn.Module()
             self.model.upsample_gen.upsample = _Resample(dg, transpose=True)
+        if config.understanding is not None:  # vision_tower, vision_resampler, mm_projector, image_newline
+            build_understanding(self.model, config.understanding, config.d_model)
 
     @property
     def local_kv_heads(self) -> int:
@@ -812,9 +834,12 @@ def load_lavida_o(folder: str | Path, dtype: torch.dtype = torch.float32,
     expected = model.state_dict()
     found = read_checkpoint_tensors(folder)
     state: dict[str, Tensor] = {}
+    vision = config.understanding
     for name, (tensor, source) in found.items():
         if name.startswith(IGNORED_PREFIXES):
-            continue  # understanding tower / projector / VQ copy: not part of this model file
+            continue  # the VQ copy: not part of this model
+        if name.startswith(UNDERSTANDING_PREFIXES) and (vision is None or dropped_by_publishers(name, vision)):
+            continue  # no vision tower declared, or what SigLipVisionTower.load_model deletes (last layer, head)
         if name not in expected:
             raise ValueError(f"tensor {name} in {folder / source} is not a parameter of {ARCHITECTURE} "
                              f"with this config.json")
@@ -857,7 +882,7 @@ def random_lavida_o(config: LaViDaOConfig, seed: int = 0, std: float = 0.05) -> 
     """Seeded random weights (norms at 1), for tests and shapes with no checkpoint."""
     gen = torch.Generator().manual_seed(seed)
     model = LaViDaOMDM(config)
-    norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm | nn.LayerNorm)}  # SigLIP's LayerNorms
     with torch.no_grad():
         for p in model.parameters():
             if id(p) in norms:
@@ -869,13 +894,14 @@ def random_lavida_o(config: LaViDaOConfig, seed: int = 0, std: float = 0.05) -> 
 
 def write_tiny_checkpoint(folder: str | Path, config: LaViDaOConfig, seed: int = 0,
                           max_shard_tensors: int | None = None, vq_block_channels: tuple[int, ...] = (8, 16, 16),
-                          vq_sample_size: int = 16) -> LaViDaOMDM:
+                          vq_sample_size: int = 16, std: float = 0.05) -> LaViDaOMDM:
     """A random checkpoint in the published layout: config.json, safetensors (+ index), and a tiny diffusers VQModel
-    in vqvae/ whose codebook has config.num_vq_embeddings codes. Returns the model written."""
+    in vqvae/ whose codebook has config.num_vq_embeddings codes. Returns the model written. A larger `std` gives
+    decisive logits (token-for-token comparisons across GEMM shapes)."""
     from diffusers import VQModel
 
     folder = Path(folder)
-    model = random_lavida_o(config, seed)
+    model = random_lavida_o(config, seed, std)
     save_lavida_o(model, folder, max_shard_tensors)
     torch.manual_seed(seed)
     blocks = len(vq_block_channels)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -16,13 +17,27 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
 
-def save_pretrained(model: LLaDAMDM, folder: str | Path) -> None:
+def save_pretrained(model: LLaDAMDM, folder: str | Path, max_shard_tensors: int | None = None) -> None:
+    """config.json + model.safetensors; with `max_shard_tensors`, the published (HF) sharded layout instead:
+    model-0000i-of-0000n.safetensors + model.safetensors.index.json."""
     if model.tp.world_size > 1:
         raise ValueError("save_pretrained needs the whole model; this one is one tensor-parallel shard")
     folder = Path(folder)
     model.config.save(folder)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    if not max_shard_tensors:
+        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        return
+    names = sorted(state)
+    chunks = [names[i:i + max_shard_tensors] for i in range(0, len(names), max_shard_tensors)]
+    weight_map = {}
+    for i, chunk in enumerate(chunks, start=1):
+        shard = f"model-{i:05d}-of-{len(chunks):05d}.safetensors"
+        save_file({n: state[n] for n in chunk}, str(folder / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(chunk, shard))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=2) + "\n")
 
 
 def check_safetensors(path: str | Path) -> None:
@@ -78,6 +93,27 @@ def shard_state_dict(state: dict[str, torch.Tensor], model: LLaDAMDM) -> dict[st
     if model.tp.world_size == 1:
         return state
     return {name: model.load_shard(name, tensor) for name, tensor in state.items()}
+
+
+def load_weights_into(model: LLaDAMDM, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    """Copy full checkpoint tensors into `model` (this rank's slice of each); every bad or missing name is a
+    ValueError naming the tensor. What vLLM's loader calls (SparseLLaDAForVLLM.load_weights), over a stream."""
+    params = dict(model.named_parameters())
+    loaded = set()
+    for name, tensor in weights:
+        if name not in params:
+            raise ValueError(f"unexpected weight {name!r} in the checkpoint")
+        shard = model.load_shard(name, tensor)
+        if shard.shape != params[name].shape:  # copy_ would broadcast a wrong shape silently
+            raise ValueError(f"weight {name!r}: checkpoint shard {tuple(shard.shape)} does not fit the "
+                             f"parameter {tuple(params[name].shape)} (tensor-parallel {model.tp})")
+        with torch.no_grad():
+            params[name].copy_(shard.to(params[name].dtype))
+        loaded.add(name)
+    missing = set(params) - loaded
+    if missing:
+        raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}")
+    return loaded
 
 
 def load_pretrained(folder: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",

@@ -1,18 +1,30 @@
-"""Our MDM as vLLM sees it: the HF config class for model_type "llada" and a vLLM-loadable model class."""
+"""Our MDMs as vLLM sees them: HF config classes for model_types "llada" and "llava_llada", vLLM model classes."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
+from dataclasses import fields
 
-import torch
 from torch import Tensor
 from transformers import PretrainedConfig
 
 from sparse_lavida_vllm.model_executor.config import ARCHITECTURE, LLADA_ARCHITECTURE, MDMConfig
+from sparse_lavida_vllm.model_executor.lavida_o import ARCHITECTURE as LAVIDA_O_ARCHITECTURE
+from sparse_lavida_vllm.model_executor.lavida_o import MODEL_TYPE as LAVIDA_O_MODEL_TYPE
+from sparse_lavida_vllm.model_executor.lavida_o_text import (
+    lavida_config,
+    summarize_skipped,
+    text_tower_config,
+    text_tower_weights,
+    unused_text_registers,
+)
 from sparse_lavida_vllm.model_executor.model import LLaDAMDM
 from sparse_lavida_vllm.model_executor.parallel import TensorParallel
+from sparse_lavida_vllm.model_executor.weights import load_weights_into
 
-ARCHITECTURES = (ARCHITECTURE, LLADA_ARCHITECTURE)
+ARCHITECTURES = (ARCHITECTURE, LLADA_ARCHITECTURE, LAVIDA_O_ARCHITECTURE)
+logger = logging.getLogger("vllm.sparse_lavida." + __name__)  # under "vllm": shown in vLLM's log format
 
 
 # model_type "llada" also names LLaDA-MoE; LLaDA 2.x is a block-diffusion MoE of its own type. Neither is this
@@ -61,6 +73,27 @@ class LLaDAHFConfig(PretrainedConfig):
         return MDMConfig.from_dict(self.to_dict())
 
 
+# The MDMConfig fields a llava_llada config.json is rewritten with (the rest are not config.json keys of ours).
+_TEXT_FIELDS = tuple(f.name for f in fields(MDMConfig) if f.name not in ("image_generation", "model_type",
+                                                                          "architectures"))
+
+
+class LlavaLladaHFConfig(LLaDAHFConfig):
+    """LaViDa-O / Sparse-LaViDa's config.json (model_type "llava_llada") as the LLaDA tower it serves text with.
+
+    The published keys are read by lavida_o.LaViDaOConfig (refusals name the key) and mapped to the tower's
+    MDMConfig (lavida_o_text.text_tower_config: sparse by default iff `block_causal`, text registers only with a
+    `register_token_id`); every published key stays on the object as read.
+    """
+
+    model_type = LAVIDA_O_MODEL_TYPE
+
+    def __init__(self, **kwargs) -> None:
+        text = text_tower_config(lavida_config(kwargs))
+        kwargs.update({name: getattr(text, name) for name in _TEXT_FIELDS})
+        super().__init__(**kwargs)
+
+
 class VLLMTensorParallel(TensorParallel):
     """The tensor-parallel group of vLLM's parallel state (set up by the worker before the model is built)."""
 
@@ -97,19 +130,35 @@ class SparseLLaDAForVLLM(LLaDAMDM):
         return t["ff_out"](t["ln_f"](hidden_states))
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        loaded = set()
-        for name, tensor in weights:
-            if name not in params:
-                raise ValueError(f"unexpected weight {name!r} in the checkpoint")
-            shard = self.load_shard(name, tensor)
-            if shard.shape != params[name].shape:  # copy_ would broadcast a wrong shape silently
-                raise ValueError(f"weight {name!r}: checkpoint shard {tuple(shard.shape)} does not fit the "
-                                 f"parameter {tuple(params[name].shape)} (tensor-parallel {self.tp})")
-            with torch.no_grad():
-                params[name].copy_(shard.to(params[name].dtype))
-            loaded.add(name)
-        missing = set(params) - loaded
-        if missing:
-            raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}")
+        return load_weights_into(self, weights)
+
+
+class LlavaLladaTextForVLLM(SparseLLaDAForVLLM):
+    """LaViDa-O / Sparse-LaViDa (`LlavaLladaForMaskedDiffusion`) served on its text path: the LLaDA tower.
+
+    Text-only rows use `model.transformer.*` alone (lavida_o_text.py), so this is SparseLLaDAForVLLM loading those
+    tensors (same names, same tensor-parallel sharding); the image-path tensors are checked, listed and skipped.
+    Image generation, edits and understanding are not served through vLLM (they run in PyTorch, lavida_o.py).
+    """
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.lavida_config = lavida_config(vllm_config.model_config.hf_config.to_dict())
+        unused = unused_text_registers(self.lavida_config)
+        if unused:
+            logger.warning("%s: config.json declares %d text registers (num_register_tokens) but no "
+                           "register_token_id, so requests run with 0 registers; add register_token_id to serve "
+                           "them", LAVIDA_O_ARCHITECTURE, unused)
+
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
+        skipped: list[str] = []
+        loaded = load_weights_into(self, text_tower_weights(weights, self.lavida_config, skipped))
+        logger.info("%s: serving the text path (the LLaDA tower, %d tensors); skipped the image-path %s",
+                    LAVIDA_O_ARCHITECTURE, len(loaded), summarize_skipped(skipped))
         return loaded
+
+
+# architecture -> the vLLM model class the plugin registers for it
+MODEL_CLASSES = {ARCHITECTURE: SparseLLaDAForVLLM, LLADA_ARCHITECTURE: SparseLLaDAForVLLM,
+                 LAVIDA_O_ARCHITECTURE: LlavaLladaTextForVLLM}
+HF_CONFIGS = (LLaDAHFConfig, LlavaLladaHFConfig)

@@ -9,14 +9,7 @@ import pytest
 
 from sparse_lavida_vllm.model_executor.config import MDMConfig
 from sparse_lavida_vllm.model_executor.weights import random_model, save_pretrained
-from tests.serving_helpers import TINY, VLLM_ENV, save_char_tokenizer
-
-# LLaDA-8B's config.json keys (scaled down): no register token, no registers, no step-causal training
-LLADA_KEYS = {"architectures": ["LLaDAModelLM"], "model_type": "llada", "d_model": 64, "n_layers": 2, "n_heads": 2,
-              "n_kv_heads": 2, "mlp_hidden_size": 128, "vocab_size": 256, "embedding_size": 256,
-              "mask_token_id": 254, "eos_token_id": 2, "pad_token_id": 0, "rope_theta": 500000.0,
-              "max_sequence_length": 512, "rms_norm_eps": 1e-5, "weight_tying": False, "include_bias": False,
-              "layer_norm_type": "rms", "activation_type": "silu", "block_type": "llama"}
+from tests.serving_helpers import LLADA_KEYS, TINY, VLLM_ENV, save_char_tokenizer
 
 
 def llada_checkpoint(folder: Path, tokenizer: bool = True, **overrides) -> Path:

@@ -503,6 +503,11 @@ def published_like_config() -> dict:
         "mm_vqvae": "/mnt/localssd/Meissonic/vqvae", "mm_vision_tower": "google/siglip-so400m-patch14-384",
         "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 1152, "block_causal": True,
         "num_register_tokens": "64,64", "num_register_groups": "25,25", "gen_enc_add_pos_emb": True,
+        # what train.py writes for scripts/train/base.sh's understanding flags
+        "image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad", "mm_vision_select_layer": -2,
+        "image_grid_pinpoints": [[384, 768], [768, 384], [768, 768], [1152, 384], [384, 1152]],
+        "mm_resampler_type": "spatial_pool", "mm_spatial_pool_mode": "conv", "mm_spatial_pool_stride": 2,
+        "mm_spatial_pool_out_channels": 1152, "mm_newline_position": "grid",
     }
 
 
@@ -513,7 +518,8 @@ def test_config_reads_the_published_keys() -> None:
     assert c.mask_code == 8193 and c.codes_per_position == 4 and c.image_token_id == 126089
     assert c.num_register_tokens == (64, 64) and c.registers("image") == 64 and c.num_register_groups == (25, 25)
     assert c.register_token_id is None and c.register_code is None  # never invented
-    assert c.extra["mm_projector_type"] == "mlp2x_gelu"
+    assert c.understanding.mm_projector_type == "mlp2x_gelu" and c.understanding.pooled_side == 13
+    assert c.extra["mm_vision_select_layer"] == -2  # read by no code path of SigLipVisionTower: kept as read
     back = c.to_dict()
     assert back["num_register_tokens"] == "64,64" and back["mm_vision_tower"] == "google/siglip-so400m-patch14-384"
     assert LaViDaOConfig.from_dict(back, num_vq_embeddings=8192) == c

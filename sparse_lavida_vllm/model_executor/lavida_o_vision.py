@@ -1,0 +1,496 @@
+"""LaViDa-O image understanding: SigLIP tower, spatial-pool resampler, `mlp2x_gelu` projector, anyres tiles.
+
+What this file models, with names and semantics as in adobe-research/LaVida-O (the publishers' code wins over
+anything written about it elsewhere):
+
+* `multimodal_encoder/siglip_encoder.py` `SigLipVisionTower`: a SigLIP vision model whose *last encoder layer is
+  deleted* (`load_model`: `del encoder.layers[-1:]`, `head = nn.Identity()`), read at `hidden_states[-1]`, i.e. the
+  last kept layer before `post_layernorm`: layer -2 of the hub model, all patches (SigLIP has no CLS token). The
+  tower ignores `mm_vision_select_layer` / `mm_vision_select_feature` and hard-codes its config
+  (`SigLipVisionConfig()`: so400m, 384 px, patch 14, 27 layers). Checkpoint names:
+  `model.vision_tower.vision_tower.vision_model.{embeddings,encoder.layers.N,post_layernorm}.*` (26 layers).
+* `multimodal_resampler/spatial_pool.py` `SpatialPool` (`mm_resampler_type` "spatial_pool"), mode "conv": a
+  stride x stride Conv2d (bias) over the P x P patch grid of each tile, before the projector (27 x 27 -> 13 x 13:
+  the odd row and column are dropped). `model.vision_resampler.pool.{weight,bias}`.
+* `multimodal_projector/builder.py` `mlp2x_gelu`: Linear(mm_hidden_size, d_model), GELU, Linear(d_model, d_model):
+  `model.mm_projector.{0,2}.{weight,bias}`.
+* `mm_utils.py` `process_anyres_image` (with `DEBUG_FIX_PADDING=1`, which LaViDa-O's demo, eval and training
+  scripts all set): tiles of the best `image_grid_pinpoints` resolution (`select_best_resolution`,
+  `resize_and_pad_image`: bicubic, black padding, `divide_to_patches` row-major) after a base view = the image padded
+  to a square with the processor's mean grey (127) and resized to the tile size.
+* `llava_arch.py` `encode_images` (tower -> resampler -> projector) and `prepare_inputs_labels_for_multimodal`
+  with `NOT_ALWASY_DO_2DPOOL=1` (set by the same scripts: no `get_2dPool` after the projector),
+  `mm_patch_merge_type` "spatial_unpad", `image_aspect_ratio` "anyres": the base tile's tokens, then the tile grid
+  assembled spatially (`get_anyres_image_grid_shape`), cropped back to the image's aspect (`unpad_image`), with
+  `model.image_newline` appended to every row. The result replaces the prompt's `<image>` (`IMAGE_TOKEN_INDEX`
+  -200 after `tokenizer_image_token`); positions simply run on (arange over the spliced sequence).
+* Understanding features are *text-stream* rows of the dual tower: `LlavaLladaForMaskedDiffusion.forward` puts only
+  generation placeholders (126089) and, with `enc_use_image_branch`, edit placeholders (126090) into
+  `modality_indices`. So an understanding prompt is a text-only sequence given as embeddings and runs through the
+  engine's text samplers (`diffusion.reference`) unchanged, dense or sparse (`ImagePromptModel`).
+
+Configuration keys read (as train.py writes them into config.json): `mm_vision_tower`, `mm_hidden_size`,
+`mm_projector_type`, `mm_resampler_type`, `mm_spatial_pool_mode`, `mm_spatial_pool_stride`,
+`mm_spatial_pool_out_channels`, `image_aspect_ratio`, `image_grid_pinpoints`, `mm_patch_merge_type`; plus our
+extension `vision_config` (SigLIP sizes; absent = the publishers' hard-coded so400m config) so tiny checkpoints can
+exist. Other branches of the publishers' code (square / pad / anyres_max / crop_split images, flat / maxpool /
+nobase merges, other resamplers and projectors, 2-D pooling after the projector) are refused, naming the key.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from sparse_lavida_vllm.diffusion.planners import UnmaskPlan
+from sparse_lavida_vllm.diffusion.reference import GenerateResult, SparseOptions, generate_dense, generate_sparse
+from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
+from sparse_lavida_vllm.model_executor.attention import AttentionBackend
+
+if TYPE_CHECKING:  # lavida_o imports this module; the model type is only needed for hints
+    from PIL import Image
+
+    from sparse_lavida_vllm.model_executor.lavida_o import LaViDaOConfig, LaViDaOMDM
+
+IMAGE_TOKEN_INDEX = -200  # llava.constants: what tokenizer_image_token puts where the prompt says "<image>"
+# SigLipImageProcessor's constants (the publishers hard-code them; the tile size is the tower's image_size)
+IMAGE_MEAN = 0.5
+IMAGE_STD = 0.5
+BASE_PAD_GREY = int(IMAGE_MEAN * 255)  # expand2square(image, tuple(int(x * 255) for x in image_mean)) -> 127
+TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
+UNDERSTANDING_PREFIXES = ("model.vision_tower.", "model.mm_projector.", "model.vision_resampler.",
+                          "model.image_newline")
+# The keys UnderstandingConfig owns in config.json (everything else stays in LaViDaOConfig.extra, written back)
+OWNED_KEYS = ("mm_vision_tower", "mm_hidden_size", "mm_projector_type", "mm_resampler_type", "mm_spatial_pool_mode",
+              "mm_spatial_pool_stride", "mm_spatial_pool_out_channels", "image_aspect_ratio", "image_grid_pinpoints",
+              "mm_patch_merge_type", "vision_config")
+
+
+@dataclass(frozen=True)
+class VisionTowerConfig:
+    """SigLIP sizes. Defaults: siglip_encoder.SigLipVisionConfig(), what SigLipVisionTower always builds
+    (google/siglip-so400m-patch14-384). `num_hidden_layers` counts the hub model's layers: the last is dropped."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 384
+    patch_size: int = 14
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.num_hidden_layers < 2:
+            raise ValueError(f"vision_config.num_hidden_layers must be >= 2 (the tower drops the last layer), got "
+                             f"{self.num_hidden_layers}")
+        if self.patch_size < 1 or self.image_size < self.patch_size:
+            raise ValueError(f"vision_config.image_size ({self.image_size}) must hold at least one patch of "
+                             f"patch_size ({self.patch_size})")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"vision_config.hidden_size ({self.hidden_size}) must be divisible by "
+                             f"num_attention_heads ({self.num_attention_heads})")
+
+    @property
+    def kept_layers(self) -> int:
+        return self.num_hidden_layers - 1
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> VisionTowerConfig:
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - {"model_type"})
+        if unknown:
+            raise ValueError(f"vision_config has keys this model file does not read: {unknown}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _pinpoints(value: Any) -> tuple[tuple[int, int], ...]:
+    """image_grid_pinpoints: a list of (width, height) pairs, or its string form (train.py literal_evals both)."""
+    if isinstance(value, str):
+        if "x" in value:  # the "(1x1),...,(3x3)" range form: train.py expands it before saving, so it never lands here
+            raise ValueError(f"image_grid_pinpoints {value!r}: the '(AxB)' range form is not supported; give the "
+                             "(width, height) list train.py saves")
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError) as exc:
+            raise ValueError(f"image_grid_pinpoints {value!r} is not a list of (width, height) pairs") from exc
+    try:
+        out = tuple((int(w), int(h)) for w, h in value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"image_grid_pinpoints {value!r} is not a list of (width, height) pairs") from exc
+    if not out:
+        raise ValueError("image_grid_pinpoints is empty")
+    return out
+
+
+@dataclass(frozen=True)
+class UnderstandingConfig:
+    """The understanding keys of a `llava_llada` config.json; only LaViDa-O's branch of llava_arch is accepted."""
+
+    mm_vision_tower: str
+    mm_hidden_size: int
+    image_grid_pinpoints: tuple[tuple[int, int], ...]
+    mm_projector_type: str = "mlp2x_gelu"
+    mm_resampler_type: str | None = "spatial_pool"
+    mm_spatial_pool_mode: str | None = "conv"
+    mm_spatial_pool_stride: int | None = 2
+    image_aspect_ratio: str = "anyres"
+    mm_patch_merge_type: str = "spatial_unpad"
+    vision: VisionTowerConfig = VisionTowerConfig()
+
+    def __post_init__(self) -> None:
+        def refuse(key: str, value: Any, supported: str) -> None:
+            raise ValueError(f"{key}={value!r} is not supported by this model file ({supported}, what LaViDa-O's "
+                             "released training and inference scripts use)")
+
+        if "siglip" not in self.mm_vision_tower:  # multimodal_encoder/builder.py dispatches on the name
+            refuse("mm_vision_tower", self.mm_vision_tower, "a SigLIP tower: the name must contain 'siglip'")
+        if self.mm_projector_type != "mlp2x_gelu":
+            refuse("mm_projector_type", self.mm_projector_type, "only 'mlp2x_gelu'")
+        if self.mm_hidden_size != self.vision.hidden_size:
+            raise ValueError(f"mm_hidden_size ({self.mm_hidden_size}) must equal the vision tower's hidden_size "
+                             f"({self.vision.hidden_size})")
+        if self.mm_resampler_type not in (None, "spatial_pool"):
+            refuse("mm_resampler_type", self.mm_resampler_type, "'spatial_pool' or none")
+        if self.mm_resampler_type == "spatial_pool":
+            if self.mm_spatial_pool_mode != "conv":
+                refuse("mm_spatial_pool_mode", self.mm_spatial_pool_mode, "only 'conv' for the spatial_pool resampler")
+            if not self.mm_spatial_pool_stride or self.mm_spatial_pool_stride < 1:
+                raise ValueError(f"mm_spatial_pool_stride must be >= 1, got {self.mm_spatial_pool_stride}")
+        if self.image_aspect_ratio != "anyres":
+            refuse("image_aspect_ratio", self.image_aspect_ratio, "only 'anyres'")
+        if self.mm_patch_merge_type != "spatial_unpad":
+            refuse("mm_patch_merge_type", self.mm_patch_merge_type, "only 'spatial_unpad'")
+        tile = self.tile_size
+        for w, h in self.image_grid_pinpoints:
+            if w < 1 or h < 1 or w % tile or h % tile:  # the grid shape (//) and the tiles (crops) would disagree
+                raise ValueError(f"image_grid_pinpoints entry ({w}, {h}) must be positive multiples of the tile "
+                                 f"size {tile}")
+
+    # ---- derived sizes ----
+
+    @property
+    def tile_size(self) -> int:
+        return self.vision.image_size
+
+    @property
+    def patches_per_side(self) -> int:
+        # a 'valid' conv: 384 px / patch 14 -> 27 patches, the last 6 pixels unseen (num_patches_per_side)
+        return self.vision.image_size // self.vision.patch_size
+
+    @property
+    def pooled_side(self) -> int:
+        """Tokens per tile side after the resampler (Conv2d with kernel = stride floors: 27 -> 13)."""
+        p = self.patches_per_side
+        return p if self.mm_resampler_type is None else (p - self.mm_spatial_pool_stride) // \
+            self.mm_spatial_pool_stride + 1
+
+    # ---- config.json ----
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UnderstandingConfig | None:
+        """From config.json; None when it declares no vision tower. Absent keys take the publishers' code defaults
+        (llava_arch's getattr defaults), so a config that relies on them is refused by name."""
+        if not d.get("mm_vision_tower"):
+            return None
+        vision = VisionTowerConfig.from_dict(d.get("vision_config"))
+        resampler = d.get("mm_resampler_type")
+        out_channels = d.get("mm_spatial_pool_out_channels")
+        if resampler == "spatial_pool" and out_channels not in (None, vision.hidden_size):
+            # SpatialPool asserts this for mode conv
+            raise ValueError(f"mm_spatial_pool_out_channels ({out_channels}) must equal the vision tower's "
+                             f"hidden_size ({vision.hidden_size})")
+        if d.get("mm_hidden_size") is None:
+            raise ValueError("mm_hidden_size is missing from config.json (the projector's input width)")
+        if d.get("image_grid_pinpoints") is None:
+            raise ValueError("image_grid_pinpoints is missing from config.json (anyres needs the tile resolutions)")
+        return cls(mm_vision_tower=str(d["mm_vision_tower"]), mm_hidden_size=int(d["mm_hidden_size"]),
+                   image_grid_pinpoints=_pinpoints(d["image_grid_pinpoints"]),
+                   mm_projector_type=d.get("mm_projector_type", "linear"),  # build_vision_projector's default
+                   mm_resampler_type=resampler, mm_spatial_pool_mode=d.get("mm_spatial_pool_mode"),
+                   mm_spatial_pool_stride=d.get("mm_spatial_pool_stride"),
+                   image_aspect_ratio=d.get("image_aspect_ratio", "square"),
+                   mm_patch_merge_type=d.get("mm_patch_merge_type", "flat"), vision=vision)
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"mm_vision_tower": self.mm_vision_tower, "mm_hidden_size": self.mm_hidden_size,
+                             "mm_projector_type": self.mm_projector_type, "mm_resampler_type": self.mm_resampler_type,
+                             "image_aspect_ratio": self.image_aspect_ratio,
+                             "image_grid_pinpoints": [list(p) for p in self.image_grid_pinpoints],
+                             "mm_patch_merge_type": self.mm_patch_merge_type}
+        if self.mm_resampler_type == "spatial_pool":
+            d.update(mm_spatial_pool_mode=self.mm_spatial_pool_mode, mm_spatial_pool_stride=self.mm_spatial_pool_stride,
+                     mm_spatial_pool_out_channels=self.vision.hidden_size)
+        if self.vision != VisionTowerConfig():  # the published config has none: the tower is hard-coded
+            d["vision_config"] = {f.name: getattr(self.vision, f.name) for f in fields(self.vision)}
+        return d
+
+
+# ---- anyres geometry (mm_utils / llava_arch) ----------------------------------------------------------------
+
+def select_best_resolution(image_size: tuple[int, int], resolutions: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """mm_utils.select_best_resolution: the (width, height) that keeps most of the image, then wastes least."""
+    width, height = image_size
+    best, best_effective, best_wasted = resolutions[0], 0, float("inf")
+    for w, h in resolutions:
+        scale = min(w / width, h / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = w * h - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (w, h), effective, wasted
+    return best
+
+
+def anyres_grid(config: UnderstandingConfig, image_size: tuple[int, int]) -> tuple[int, int]:
+    """get_anyres_image_grid_shape: (tiles across, tiles down) for an image of (width, height)."""
+    w, h = select_best_resolution(image_size, config.image_grid_pinpoints)
+    return w // config.tile_size, h // config.tile_size
+
+
+def unpad_slices(grid_height: int, grid_width: int, image_size: tuple[int, int]) -> tuple[slice, slice]:
+    """llava_arch.unpad_image on a (grid_height, grid_width) feature grid: the rows and columns that hold the image
+    (the tiles were cut from the image letterboxed into the best resolution). Same float/int arithmetic."""
+    width, height = image_size
+    if width / height > grid_width / grid_height:  # padding was added above and below
+        new_height = int(height * (grid_width / width))
+        pad = (grid_height - new_height) // 2
+        return slice(pad, grid_height - pad), slice(0, grid_width)
+    new_width = int(width * (grid_height / height))
+    pad = (grid_width - new_width) // 2
+    return slice(0, grid_height), slice(pad, grid_width - pad)
+
+
+def num_image_rows(config: UnderstandingConfig, image_size: tuple[int, int]) -> int:
+    """How many prompt rows one image becomes (base tile + unpadded grid with a newline per row), without running
+    the tower: what a serving front end needs to size the placeholder."""
+    side = config.pooled_side
+    cols, rows = anyres_grid(config, image_size)
+    rs, cs = unpad_slices(rows * side, cols * side, image_size)
+    height, width = len(range(rows * side)[rs]), len(range(cols * side)[cs])
+    return side * side + height * (width + 1)
+
+
+# ---- pixels -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImageTiles:
+    """One image as the tower sees it: (1 + tiles, 3, S, S) normalised pixels (base view first, then the tiles
+    row-major) and the original (width, height), which the unpadding needs."""
+
+    pixel_values: Tensor
+    image_size: tuple[int, int]
+
+
+def _to_pixels(image: Image.Image) -> Tensor:
+    """SigLipImageProcessor.preprocess on an S x S view: rescale 1/255 (float64 -> float32, as transformers does),
+    normalise with mean = std = 0.5, channels first. Its resize to (S, S) is a no-op on S x S views."""
+    import numpy as np
+
+    arr = (np.asarray(image, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)
+    arr = (arr - np.float32(IMAGE_MEAN)) / np.float32(IMAGE_STD)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def preprocess_image(config: UnderstandingConfig, image: Image.Image) -> ImageTiles:
+    """mm_utils.process_anyres_image with DEBUG_FIX_PADDING=1 (LaViDa-O's setting) for one PIL image."""
+    from PIL import Image as PILImage
+
+    bicubic = PILImage.Resampling.BICUBIC  # PIL's default for resize(), which the publishers call without one
+    image = image.convert("RGB")
+    width, height = image.size
+    tile = config.tile_size
+    target_w, target_h = select_best_resolution((width, height), config.image_grid_pinpoints)
+    # resize_and_pad_image: fill one side exactly (ceil on the other, capped), centre on black
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        new_w, new_h = target_w, min(math.ceil(height * scale_w), target_h)
+    else:
+        new_w, new_h = min(math.ceil(width * scale_h), target_w), target_h
+    canvas = PILImage.new("RGB", (target_w, target_h), (0, 0, 0))
+    canvas.paste(image.resize((new_w, new_h), bicubic), ((target_w - new_w) // 2, (target_h - new_h) // 2))
+    tiles = [canvas.crop((x, y, x + tile, y + tile))  # divide_to_patches: row-major
+             for y in range(0, target_h, tile) for x in range(0, target_w, tile)]
+    # the base view: expand2square with the mean grey, then a plain resize to the tile size
+    side = max(width, height)
+    square = PILImage.new("RGB", (side, side), (BASE_PAD_GREY,) * 3)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    base = square.resize((tile, tile), bicubic)
+    return ImageTiles(torch.stack([_to_pixels(v) for v in [base, *tiles]]), (width, height))
+
+
+# ---- modules and features -----------------------------------------------------------------------------------
+
+def build_understanding(model_ns: nn.Module, config: UnderstandingConfig, d_model: int) -> None:
+    """Attach the understanding modules under LaViDaOMDM.model with the published parameter names."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    v = config.vision
+    hf_config = SiglipVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                                   num_hidden_layers=v.kept_layers, num_attention_heads=v.num_attention_heads,
+                                   num_channels=v.num_channels, image_size=v.image_size, patch_size=v.patch_size,
+                                   hidden_act=v.hidden_act, layer_norm_eps=v.layer_norm_eps, vision_use_head=False)
+    siglip = SiglipVisionModel(hf_config)
+    model_ns.vision_tower = nn.Module()
+    if hasattr(siglip, "vision_model"):  # transformers 4.x nests the transformer under .vision_model already
+        model_ns.vision_tower.vision_tower = siglip
+    else:  # transformers 5.x: the model *is* the transformer; nest it so names match the checkpoint
+        model_ns.vision_tower.vision_tower = nn.Module()
+        model_ns.vision_tower.vision_tower.vision_model = siglip
+    if config.mm_resampler_type == "spatial_pool":
+        model_ns.vision_resampler = nn.Module()
+        stride = config.mm_spatial_pool_stride
+        model_ns.vision_resampler.pool = nn.Conv2d(v.hidden_size, v.hidden_size, kernel_size=stride, stride=stride)
+    model_ns.mm_projector = nn.Sequential(nn.Linear(config.mm_hidden_size, d_model), nn.GELU(),
+                                          nn.Linear(d_model, d_model))
+    model_ns.image_newline = nn.Parameter(torch.zeros(d_model))  # "unpad" merge types create it
+
+
+def dropped_by_publishers(name: str, config: UnderstandingConfig) -> bool:
+    """Tensors a checkpoint may hold that SigLipVisionTower.load_model throws away: the last encoder layer and the
+    attention-pooling head."""
+    last = f"{TOWER_PREFIX}encoder.layers.{config.vision.kept_layers}."
+    return name.startswith((last, f"{TOWER_PREFIX}head."))
+
+
+def _understanding(model: LaViDaOMDM) -> UnderstandingConfig:
+    config = model.config.understanding
+    if config is None:
+        raise ValueError("this checkpoint's config.json declares no vision tower (mm_vision_tower): no image "
+                         "understanding")
+    return config
+
+
+def encode_tiles(model: LaViDaOMDM, pixel_values: Tensor) -> Tensor:
+    """llava_arch.encode_images: (T, 3, S, S) -> (T, tokens per tile, d_model): tower, resampler, projector."""
+    config = _understanding(model)
+    ns = model.model
+    s = config.tile_size
+    if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (config.vision.num_channels, s, s):
+        raise ValueError(f"pixel_values must have shape (tiles, {config.vision.num_channels}, {s}, {s}), got "
+                         f"{tuple(pixel_values.shape)}")
+    siglip = ns.vision_tower.vision_tower.vision_model
+    dtype = ns.mm_projector[0].weight.dtype
+    x = siglip.embeddings(pixel_values.to(device=ns.image_newline.device, dtype=dtype))
+    # the encoder's output is the last kept layer before post_layernorm: the publishers' hidden_states[-1]
+    x = siglip.encoder(inputs_embeds=x).last_hidden_state
+    if config.mm_resampler_type == "spatial_pool":
+        p = config.patches_per_side
+        grid = x.view(x.shape[0], p, p, x.shape[-1]).permute(0, 3, 1, 2)  # patches are row-major
+        x = ns.vision_resampler.pool(grid).flatten(2).transpose(1, 2)
+    return ns.mm_projector(x)
+
+
+def image_features(model: LaViDaOMDM, tiles: ImageTiles) -> Tensor:
+    """One image's prompt rows (n, d_model): the spatial_unpad / anyres branch of
+    prepare_inputs_labels_for_multimodal (no 2-D pooling after the projector: NOT_ALWASY_DO_2DPOOL=1)."""
+    config = _understanding(model)
+    feats = encode_tiles(model, tiles.pixel_values)
+    newline = model.model.image_newline.to(feats.dtype)
+    if feats.shape[0] == 1:  # a lone view: its tokens and one newline
+        return torch.cat([feats[0], newline[None]])
+    base, rest = feats[0], feats[1:]
+    side = config.pooled_side
+    cols, rows = anyres_grid(config, tiles.image_size)
+    if rest.shape[0] != cols * rows:
+        raise ValueError(f"an image of size {tiles.image_size} is cut into {rows}x{cols} tiles by "
+                         f"image_grid_pinpoints, but {rest.shape[0]} tiles were given")
+    d = feats.shape[-1]
+    grid = rest.view(rows, cols, side, side, d).permute(0, 2, 1, 3, 4).reshape(rows * side, cols * side, d)
+    rs, cs = unpad_slices(rows * side, cols * side, tiles.image_size)
+    grid = grid[rs, cs]
+    grid = torch.cat([grid, newline.view(1, 1, d).expand(grid.shape[0], 1, d)], dim=1)  # newline ends every row
+    return torch.cat([base, grid.reshape(-1, d)])
+
+
+# ---- prompts with images ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class UnderstandingPrompt:
+    """A prompt with its images spliced in: `ids` (rows,) are the text ids with IMAGE_TOKEN_INDEX on every image
+    row (as LLaVA's new_input_ids), `embeds` (rows, d_model) every row's input embedding."""
+
+    ids: Tensor
+    embeds: Tensor
+
+
+def understanding_prompt(model: LaViDaOMDM, prompt_ids: Tensor,
+                         images: Sequence[ImageTiles | Image.Image]) -> UnderstandingPrompt:
+    """prompt ids holding one IMAGE_TOKEN_INDEX per `<image>` -> rows with each image's features at its place."""
+    config = _understanding(model)
+    slots = (prompt_ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
+    if len(slots) != len(images):
+        raise ValueError(f"the prompt has {len(slots)} image placeholders ({IMAGE_TOKEN_INDEX}) but {len(images)} "
+                         "images were given")
+    if bool((prompt_ids[prompt_ids != IMAGE_TOKEN_INDEX] < 0).any()):
+        raise ValueError(f"prompt ids must be >= 0 apart from the image placeholder {IMAGE_TOKEN_INDEX}")
+    wte = model.model.transformer["wte"]
+    ids, embeds, start = [], [], 0
+    with torch.no_grad():
+        for slot, image in zip(slots, images):
+            tiles = image if isinstance(image, ImageTiles) else preprocess_image(config, image)
+            feats = image_features(model, tiles)
+            text = prompt_ids[start:slot]
+            ids += [text, torch.full((feats.shape[0],), IMAGE_TOKEN_INDEX, dtype=torch.long, device=text.device)]
+            embeds += [wte(text), feats.to(wte.weight.dtype)]
+            start = slot + 1
+        ids.append(prompt_ids[start:])
+        embeds.append(wte(prompt_ids[start:]))
+    return UnderstandingPrompt(torch.cat(ids), torch.cat(embeds))
+
+
+class ImagePromptModel(nn.Module):
+    """LaViDaOMDM seen by the text samplers with one understanding prompt: a row whose id is IMAGE_TOKEN_INDEX gets
+    the prompt's embedding at its position. The samplers put the prompt at positions 0..p-1 in every pass (dense,
+    sparse prefill or live prefix, Algorithm 1 oracle), so the position names the feature row."""
+
+    def __init__(self, model: LaViDaOMDM, prompt: UnderstandingPrompt) -> None:
+        super().__init__()
+        self.inner = model
+        self.prompt = prompt
+
+    @property
+    def config(self) -> LaViDaOConfig:
+        return self.inner.config
+
+    @property
+    def local_kv_heads(self) -> int:
+        return self.inner.local_kv_heads
+
+    def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionBackend | None = None,
+                logits_rows: Tensor | None = None) -> Tensor:
+        image = input_ids == IMAGE_TOKEN_INDEX
+        if not bool(image.any()):
+            return self.inner(input_ids, positions, attention, logits_rows)
+        where = positions[image]
+        if int(where.max()) >= self.prompt.ids.numel() or bool((self.prompt.ids[where] != IMAGE_TOKEN_INDEX).any()):
+            raise ValueError("image rows must sit at the prompt positions of the image features")
+        embeds = self.inner.model.transformer["wte"](input_ids.clamp(min=0))
+        embeds[image] = self.prompt.embeds[where].to(embeds.dtype)
+        return self.inner(input_ids, positions, attention, logits_rows, text_embeds=embeds)
+
+
+@torch.no_grad()
+def generate_understanding(model: LaViDaOMDM, prompt: UnderstandingPrompt, plan: UnmaskPlan,
+                           sampling: SamplingConfig, options: SparseOptions | None = None) -> GenerateResult:
+    """Answer a prompt with images: the engine's text samplers on the spliced rows. `options` None: dense MDM (every
+    step sees prompt + whole response). With options: the sparse sampler; the publishers' `llada_generate(...,
+    prefix_lm=True)` (their demo) is SparseOptions(num_registers=0, cache_prompt=True, cache_response=False,
+    truncate=False): the prompt, image rows included, is prefilled once and attends only to itself."""
+    wrapped = ImagePromptModel(model, prompt)
+    if options is None:
+        return generate_dense(wrapped, prompt.ids, plan, sampling)
+    return generate_sparse(wrapped, prompt.ids, plan, sampling, options)
+
+
+__all__ = ["IMAGE_TOKEN_INDEX", "VisionTowerConfig", "UnderstandingConfig", "ImageTiles", "UnderstandingPrompt",
+           "ImagePromptModel", "select_best_resolution", "anyres_grid", "unpad_slices", "num_image_rows",
+           "preprocess_image", "build_understanding", "encode_tiles", "image_features", "understanding_prompt",
+           "generate_understanding", "dropped_by_publishers"]

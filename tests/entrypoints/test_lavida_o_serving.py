@@ -1,0 +1,323 @@
+"""LaViDa-O / Sparse-LaViDa (`llava_llada`) served on its text path: a tiny checkpoint in the published layout
+(sharded, dual tower with per-modality layers, generation branch, SigLIP understanding, vqvae/) through vLLM.
+
+The mapping is proved in PyTorch first: LaViDaOMDM's text-only logits and reference-sampler tokens equal LLaDAMDM's
+over the checkpoint's `model.transformer.*` tensors (lavida_o_text.load_text_tower, the loader vLLM runs). Then the
+engine (offline, a real `sparse-lavida serve`, TP=2) gives the reference tokens.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")  # write_tiny_checkpoint writes the vqvae/ a published checkpoint ships
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from sparse_lavida_vllm.diffusion.planners import text_plan  # noqa: E402
+from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_dense, generate_sparse  # noqa: E402
+from sparse_lavida_vllm.diffusion.sampling import SamplingConfig  # noqa: E402
+from sparse_lavida_vllm.model_executor.attention import SpanAttention  # noqa: E402
+from sparse_lavida_vllm.model_executor.lavida_o import (  # noqa: E402
+    LaViDaOConfig,
+    load_lavida_o,
+    write_tiny_checkpoint,
+)
+from sparse_lavida_vllm.model_executor.lavida_o_text import load_text_tower  # noqa: E402
+from sparse_lavida_vllm.model_executor.lavida_o_vision import UnderstandingConfig, VisionTowerConfig  # noqa: E402
+from tests.serving_helpers import TINY, VLLM_ENV, Server, reference_tokens, save_char_tokenizer  # noqa: E402
+
+ARCH = "LlavaLladaForMaskedDiffusion"
+PROMPT = [40, 72, 69, 76, 76, 79, 12]
+KNOBS = {"block_length": 8, "steps": 8}
+GEN = 16
+
+
+def sparse_lavida_config(**kw) -> LaViDaOConfig:
+    """Sparse-LaViDa scaled down: text ids as the helpers' char tokenizer (mask 254, register 255), head_dim 32 (a
+    vLLM CPU size), 3 layers of which 1-2 attend per modality, 4 text registers, step-causal training."""
+    understanding = UnderstandingConfig(
+        mm_vision_tower="google/siglip-so400m-patch14-384", mm_hidden_size=24,
+        image_grid_pinpoints=((30, 60), (60, 30), (60, 60)), mm_resampler_type="spatial_pool",
+        mm_spatial_pool_mode="conv", mm_spatial_pool_stride=2,
+        vision=VisionTowerConfig(hidden_size=24, intermediate_size=40, num_hidden_layers=3, num_attention_heads=2,
+                                 image_size=30, patch_size=4))
+    base = dict(vocab_size=256, d_model=64, n_layers=3, n_heads=2, n_kv_heads=2, mlp_hidden_size=128,
+                rope_theta=500000.0, max_sequence_length=512, mask_token_id=TINY.mask_token_id, eos_token_id=2,
+                pad_token_id=0, d_model_gen=32, mlp_hidden_size_gen=48, dual_tower=True, dual_tower_layers=0,
+                downsample=True, num_vq_embeddings=16, image_token_id=200, edit_image_token_id=201,
+                num_register_tokens=(4, 3), num_register_groups=(25, 25), block_causal=True,
+                register_token_id=TINY.register_token_id, register_code=18, understanding=understanding)
+    base.update(kw)
+    return LaViDaOConfig(**base)
+
+
+def plain_lavida_config() -> LaViDaOConfig:
+    """LaViDa-O as published: no registers, no step-causal training."""
+    return sparse_lavida_config(block_causal=False, num_register_tokens=(), num_register_groups=(),
+                                register_token_id=None, register_code=None)
+
+
+def lavida_checkpoint(folder: Path, config: LaViDaOConfig) -> Path:
+    write_tiny_checkpoint(folder, config, seed=0, max_shard_tensors=12, std=0.3)  # sharded, with an index
+    save_char_tokenizer(folder, TINY)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("lavida-o")
+    return {"sparse": lavida_checkpoint(root / "sparse-lavida", sparse_lavida_config()),
+            "plain": lavida_checkpoint(root / "lavida-o", plain_lavida_config())}
+
+
+# ---- the mapping, in PyTorch ----------------------------------------------------------------------------------
+
+def test_config_maps_to_the_text_tower_with_the_checkpoints_defaults(checkpoints):
+    from sparse_lavida_vllm.worker.vllm_model import LlavaLladaHFConfig
+    from tests.model_executor.test_lavida_o import published_like_config
+
+    raw = json.loads((checkpoints["sparse"] / "config.json").read_text())
+    hf = LlavaLladaHFConfig(**raw)
+    mdm = hf.to_mdm_config()
+    assert (mdm.d_model, mdm.n_layers, mdm.vocab_size, mdm.mask_token_id) == (64, 3, 256, TINY.mask_token_id)
+    # Sparse-LaViDa: sparse by default with its text register count (the first of "4,3")
+    assert (mdm.block_causal, mdm.register_token_id, mdm.num_registers) == (True, TINY.register_token_id, 4)
+    assert (hf.hidden_size, hf.num_attention_heads, hf.num_hidden_layers, hf.num_key_value_heads) == (64, 2, 3, 2)
+    assert LlavaLladaHFConfig(**hf.to_dict()).to_mdm_config() == mdm  # vLLM re-creates configs from dicts
+    plain = LlavaLladaHFConfig(**json.loads((checkpoints["plain"] / "config.json").read_text())).to_mdm_config()
+    assert (plain.block_causal, plain.register_token_id, plain.num_registers) == (False, None, 0)  # like LLaDA
+    # the published config.json: registers are declared but no register_token_id names their row -> none served
+    published = LlavaLladaHFConfig(**published_like_config()).to_mdm_config()
+    assert (published.d_model, published.n_layers, published.vocab_size) == (4096, 32, 126464)
+    assert (published.block_causal, published.num_registers) == (True, 0)
+    ours = LlavaLladaHFConfig(**{**published_like_config(), "register_token_id": 126350}).to_mdm_config()
+    assert ours.num_registers == 64
+    with pytest.raises(ValueError, match="weight_tying"):  # what the text tower would compute wrong: refused
+        LlavaLladaHFConfig(**{**published_like_config(), "weight_tying": True})
+    # image-path-only branches lavida_o.py does not model do not stop the text path
+    assert LlavaLladaHFConfig(**{**published_like_config(), "gen_mlp_type": "unitok"}).to_mdm_config() == published
+
+
+def test_text_rows_of_lavida_o_are_the_llada_tower(checkpoints):
+    folder = checkpoints["sparse"]
+    lavida, llada = load_lavida_o(folder), load_text_tower(folder)
+    full = lavida.state_dict()
+    assert set(llada.state_dict()) == {n for n in full if n.startswith("model.transformer.") and "_vision" not in n}
+    assert all(torch.equal(t, full[n]) for n, t in llada.state_dict().items())
+    assert lavida.config.first_split_layer == 1 < lavida.config.n_layers  # per-modality layers are in the pass
+    ids = torch.randint(3, 250, (12,), generator=torch.Generator().manual_seed(0))
+    ids[6:] = TINY.mask_token_id
+    positions = torch.arange(12)
+    with torch.no_grad():
+        assert torch.allclose(lavida(ids, positions), llada(ids, positions), atol=1e-5)
+        # step-causal spans: prompt rows see the prompt, masked rows everything
+        spans = torch.tensor([[[0, 6], [0, 0]]] * 6 + [[[0, 12], [0, 0]]] * 6)
+        assert torch.allclose(lavida(ids, positions, SpanAttention(spans)), llada(ids, positions, SpanAttention(spans)),
+                              atol=1e-5)
+    prompt = torch.tensor(PROMPT)
+    for name, sampling in (("greedy", SamplingConfig()), ("sampled", SamplingConfig(temperature=0.9, seed=5))):
+        plan = text_plan(GEN, 8, 8)
+        assert torch.equal(generate_dense(lavida, prompt, plan, sampling).tokens,
+                           generate_dense(llada, prompt, plan, sampling).tokens), name
+        assert torch.equal(generate_sparse(lavida, prompt, plan, sampling, SparseOptions(num_registers=4)).tokens,
+                           generate_sparse(llada, prompt, plan, sampling, SparseOptions(num_registers=4)).tokens), name
+
+
+def test_chat_media_parts_are_found_and_refused_naming_the_architecture():
+    from sparse_lavida_vllm.entrypoints.plugin import _media_part, media_refusal
+
+    url = {"url": "data:image/png;base64,AAAA"}
+    assert _media_part([{"role": "user", "content": "hi"}, {"role": "user", "content": [{"type": "text"}]}]) is None
+    assert _media_part([{"role": "user", "content": [{"type": "text", "text": "x"},
+                                                     {"type": "image_url", "image_url": url}]}]) == "image_url"
+    assert _media_part([{"role": "user", "content": [{"image_url": url}]}]) == "image_url"  # a part by its key
+    assert ARCH in media_refusal(ARCH) and "lavida_o_vision" in media_refusal(ARCH)
+    assert media_refusal("LLaDAModelLM").startswith("LLaDAModelLM serves text only")
+
+
+def _rewrite(folder: Path, name: str, tensor: torch.Tensor | None) -> None:
+    """Put `tensor` under `name` in the sharded checkpoint (None: delete it), keeping the index consistent."""
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = index["weight_map"].get(name) or sorted(set(index["weight_map"].values()))[0]
+    state = load_file(str(folder / shard))
+    if tensor is None:
+        del state[name], index["weight_map"][name]
+    else:
+        state[name] = tensor
+        index["weight_map"][name] = shard
+    save_file(state, str(folder / shard))
+    index_path.write_text(json.dumps(index))
+
+
+def test_a_bad_text_tower_tensor_is_one_error_naming_it(tmp_path):
+    cases = [
+        ("model.transformer.blocks.1.ff_out.weight", None, r"missing weights: \['model.transformer.blocks.1.ff_out"),
+        ("model.transformer.blocks.0.ff_proj.weight", torch.zeros(3, 3),
+         r"'model.transformer.blocks.0.ff_proj.weight': checkpoint shard \(3, 3\) does not fit .*\(128, 64\)"),
+        ("model.transformer.ln_f.weight", torch.zeros(3), r"'model.transformer.ln_f.weight'.*\(3,\)"),
+        ("model.transformer.blocks.2.q_proj_vision.weight", torch.zeros(3, 3),
+         r"model.transformer.blocks.2.q_proj_vision.weight has shape \(3, 3\), config.json implies \(64, 32\)"),
+        ("model.transformer.blocks.7.q_proj_vision.weight", torch.zeros(64, 32),
+         "blocks.7.q_proj_vision.weight is not a parameter"),
+        ("lm_head.weight", torch.zeros(256, 64), "lm_head.weight is not a parameter of " + ARCH),
+    ]
+    for name, tensor, message in cases:
+        folder = tmp_path / name.replace(".", "_")
+        write_tiny_checkpoint(folder, sparse_lavida_config(understanding=None), seed=1, max_shard_tensors=12)
+        _rewrite(folder, name, tensor)
+        with pytest.raises(ValueError, match=message):
+            load_text_tower(folder)
+
+
+# ---- through vLLM ------------------------------------------------------------------------------------------------
+
+SCRIPT = """
+import json, sys
+from vllm import LLM, SamplingParams
+folder, prompt, knobs, gen = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+llm = LLM(model=folder, dtype="float32", enforce_eager=True, max_model_len=256, seed=0)
+cases = {"default": {}, "dense": {"sparse": False}, "sparse": {"sparse": True}}
+outs = llm.generate([{"prompt_token_ids": prompt}] * len(cases), [
+    SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True, extra_args={**knobs, **c}) for c in cases.values()])
+result = {name: {"tokens": list(o.outputs[0].token_ids), "metrics": o.kv_transfer_params["sparse_lavida_metrics"]}
+          for name, o in zip(cases, outs)}
+try:  # registers without a register token: refused when the request is added
+    llm.generate([{"prompt_token_ids": prompt}], [SamplingParams(max_tokens=gen, extra_args={
+        **knobs, "sparse": True, "num_registers": 4})])
+    result["registers"] = "ran"
+except Exception as e:
+    result["registers"] = f"{type(e).__name__}: {e}"
+print("RESULT " + json.dumps(result), flush=True)
+"""
+
+
+def _offline(folder: Path) -> tuple[dict, str]:
+    run = subprocess.run([sys.executable, "-c", SCRIPT, str(folder), json.dumps(PROMPT), json.dumps(KNOBS), str(GEN)],
+                         env={**os.environ, **VLLM_ENV}, capture_output=True, text=True, timeout=600)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stdout[-2000:] + run.stderr[-4000:]
+    return json.loads(lines[-1].removeprefix("RESULT ")), run.stdout + run.stderr
+
+
+@pytest.fixture(scope="module")
+def offline_sparse(checkpoints) -> dict:
+    return _offline(checkpoints["sparse"])[0]
+
+
+def _reference(model: torch.nn.Module, num_registers: int, sparse: bool) -> list[int]:
+    return reference_tokens(model, PROMPT, GEN, KNOBS["block_length"], KNOBS["steps"], num_registers, sparse=sparse)
+
+
+@pytest.mark.slow
+def test_offline_engine_serves_sparse_lavida_text_sparse_by_default(checkpoints, offline_sparse):
+    out = offline_sparse
+    lavida = load_lavida_o(checkpoints["sparse"])  # the pure-PyTorch model of the whole architecture
+    assert out["default"]["metrics"]["mode"] == "sparse" and out["default"]["metrics"]["num_registers"] == 4
+    assert "warning" not in out["default"]["metrics"]
+    assert out["default"]["tokens"] == out["sparse"]["tokens"] == _reference(lavida, 4, sparse=True)
+    assert out["dense"]["metrics"]["mode"] == "dense"
+    assert out["dense"]["tokens"] == _reference(lavida, 0, sparse=False)
+    assert out["registers"] == "ran"  # this checkpoint has a register token
+
+
+@pytest.mark.slow
+def test_offline_engine_serves_plain_lavida_o_dense_by_default_and_warns_on_sparse(checkpoints):
+    out, log = _offline(checkpoints["plain"])
+    lavida = load_lavida_o(checkpoints["plain"])
+    assert out["default"]["metrics"]["mode"] == "dense" and "warning" not in out["default"]["metrics"]
+    assert out["default"]["tokens"] == out["dense"]["tokens"] == _reference(lavida, 0, sparse=False)
+    assert out["sparse"]["metrics"]["mode"] == "sparse" and "Table 8" in out["sparse"]["metrics"]["warning"]
+    assert out["sparse"]["tokens"] == _reference(lavida, 0, sparse=True)
+    assert out["registers"].startswith("VLLMValidationError") and "num_registers" in out["registers"]
+    assert "Table 8" in log
+    # the load log lists what the text path skipped
+    assert "skipped the image-path" in log and "model.vision_tower" in log and "_vision" in log
+
+
+@pytest.mark.slow
+def test_server_answers_text_and_refuses_images_by_name(checkpoints, offline_sparse, tmp_path):
+    import requests
+    from openai import BadRequestError, OpenAI
+
+    folder = checkpoints["sparse"]
+    srv = Server(folder, log_dir=tmp_path)
+    try:
+        client = OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0)
+        r = client.completions.create(model=str(folder), prompt=PROMPT, max_tokens=GEN, temperature=0,
+                                      extra_body={"vllm_xargs": KNOBS, "ignore_eos": True, "return_token_ids": True})
+        assert r.choices[0].token_ids == offline_sparse["default"]["tokens"]  # sparse by default, 4 registers
+        metrics = r.model_extra["kv_transfer_params"]["sparse_lavida_metrics"]
+        assert metrics["mode"] == "sparse" and metrics["num_registers"] == 4
+        chat = client.chat.completions.create(model=str(folder), messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=8, temperature=0, extra_body={"vllm_xargs": {"steps": 4}})
+        assert chat.choices[0].message.content is not None
+        pixel = base64.b64encode(_png()).decode()
+        with pytest.raises(BadRequestError) as info:
+            client.chat.completions.create(model=str(folder), max_tokens=8, messages=[{"role": "user", "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{pixel}"}}]}])
+        assert ARCH in str(info.value) and "image_url" in str(info.value) and "lavida_o_vision" in str(info.value)
+        with pytest.raises(BadRequestError) as info:
+            client.images.generate(model=str(folder), prompt="a red square")
+        assert ARCH in str(info.value) and "not served through vLLM" in str(info.value)
+        edit = requests.post(srv.base_url + "/v1/images/edits", data={"prompt": "make it blue"},
+                             files={"image": ("a.png", _png(), "image/png")}, timeout=60)
+        assert edit.status_code == 400 and ARCH in edit.json()["error"]["message"], edit.text
+    finally:
+        srv.stop()
+
+
+def _png() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.slow
+def test_tp2_serves_the_text_tower_as_the_reference(checkpoints):
+    from tests.worker.test_tensor_parallel import CASES
+    from tests.worker.test_tensor_parallel import PROMPT as PROMPT_TP
+
+    folder = checkpoints["sparse"]
+    env = dict(os.environ, **VLLM_ENV, VLLM_CPU_OMP_THREADS_BIND="0|1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.run([sys.executable, "-m", "tests.worker.test_tensor_parallel", str(folder)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    assert sorted(w["rank"] for w in result["workers"]) == [0, 1]
+    for w in result["workers"]:  # each rank holds one of the 2 heads, half the MLP, the whole LM head
+        assert w["world_size"] == 2 and w["local_kv_heads"] == 1 and w["pool_kv_heads"] == 1
+        assert w["q_proj"] == [32, 64] and w["ff_out"] == [64, 64] and w["lm_head"] == [256, 64]
+    tower = load_text_tower(folder)
+    for name, knobs in CASES.items():
+        knobs = dict(knobs)
+        want = reference_tokens(tower, PROMPT_TP, knobs.pop("gen_length"), knobs.pop("block_length"),
+                                knobs.pop("steps"), knobs.pop("num_registers"), **knobs)
+        assert result["tokens"][name] == want, name
+
+
+@pytest.mark.slow
+def test_the_engine_stops_on_a_bad_text_tower_tensor_naming_it(tmp_path):
+    folder = lavida_checkpoint(tmp_path / "bad", sparse_lavida_config(understanding=None))
+    _rewrite(folder, "model.transformer.blocks.0.ff_proj.weight", torch.zeros(3, 3))
+    run = subprocess.run([sys.executable, "-m", "sparse_lavida_vllm.cli", "generate", str(folder), "hi",
+                          "--gen-length", "8", "--steps", "4", "--max-model-len", "128"],
+                         env={**os.environ, **VLLM_ENV}, capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0
+    assert "'model.transformer.blocks.0.ff_proj.weight': checkpoint shard (3, 3) does not fit" in run.stderr, \
+        run.stderr[-3000:]
