@@ -34,46 +34,67 @@ def request_slots(block_ids: list[int], start: int, end: int, block_size: int) -
 
 
 class _SegmentAttention(SpanAttention):
-    """The reference backend's attention for one request, with keys gathered from the paged pool.
+    """The reference backend's attention for one request, on its slice of the pass's gathered keys.
 
     Only where keys come from changes: the mask / prefix-run logic is the reference's own code,
     so the vLLM path stays bit-identical to the reference sampler (I4) as that code evolves.
     """
 
-    def __init__(self, pool: list[Tensor], seg: Segment) -> None:
+    def __init__(self, batch: PagedSpanAttention, seg: Segment, offset: int) -> None:
         super().__init__(seg.spans)
-        self.pool = pool
-        self.seg = seg
+        self.batch = batch
+        self.keys = slice(offset, offset + seg.cached_slots.numel() + seg.end - seg.start)
 
     def keys_values(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        cache, seg = self.pool[layer], self.seg
-        cached = seg.cached_slots.numel()
-        keys = torch.empty(k.shape[1], cached + k.shape[0], k.shape[2], dtype=k.dtype, device=k.device)
-        values = torch.empty_like(keys)
-        if cached:
-            keys[:, :cached] = cache[0, seg.cached_slots].transpose(0, 1)
-            values[:, :cached] = cache[1, seg.cached_slots].transpose(0, 1)
-        keys[:, cached:] = k.transpose(0, 1)
-        values[:, cached:] = v.transpose(0, 1)
-        n = seg.commit_slots.numel()
-        if n:  # only C_{k-1} (or the prompt) reaches the pool; masks and registers never do (I1)
-            cache[0, seg.commit_slots] = k[:n]
-            cache[1, seg.commit_slots] = v[:n]
-        return keys, values
+        return self.batch.keys[:, self.keys], self.batch.values[:, self.keys]
 
 
 class PagedSpanAttention(AttentionBackend):
     """A flat batch of requests; each attends to [its cached K/V gathered from the pool | its rows].
 
     pool[layer] is (2, num_slots, kv_heads, head_dim): the K and V planes of vLLM's block pool
-    seen as flat slots. The gather keeps write order, so a request's keys come in the same order
-    as the reference KVCache's.
+    seen as flat slots. Per layer, one index_select gathers every request's cached K/V from the pool
+    and one cat lays out [request 0's cache | its rows | request 1's cache | ...] in a key-major buffer;
+    one index_copy writes every request's commit rows to the pool. Each request then attends on its
+    slice with the reference's arithmetic (per-request SDPA calls): moving data in fewer calls changes
+    no value, and the gather keeps write order, so a request's keys come in the same order as the
+    reference KVCache's. Requests own disjoint slots, so gathering every request's cache before any
+    commit row is written reads what a request-by-request pass would read.
     """
 
     def __init__(self, pool: list[Tensor], segments: list[Segment]) -> None:
-        self.segments = [(seg, _SegmentAttention(pool, seg)) for seg in segments]
+        self.pool = pool
+        device = pool[0].device
+        self.segments: list[tuple[Segment, _SegmentAttention]] = []
+        self.parts: list[tuple[int, int, int, int]] = []  # per request: cached [a, b) of the gather, rows [c, d)
+        gathered = offset = 0
+        for seg in segments:
+            cached = seg.cached_slots.numel()
+            self.segments.append((seg, _SegmentAttention(self, seg, offset)))
+            self.parts.append((gathered, gathered + cached, seg.start, seg.end))
+            gathered += cached
+            offset += cached + seg.end - seg.start
+        self.cached_slots = torch.cat([seg.cached_slots for seg in segments]).to(device)
+        self.commit_rows = torch.cat([torch.arange(seg.start, seg.start + seg.commit_slots.numel())
+                                      for seg in segments]).to(device)
+        self.commit_slots = torch.cat([seg.commit_slots for seg in segments]).to(device)
+        self.keys = self.values = torch.empty(0)  # this layer's (kv_heads, keys, head_dim), set by attend
+
+    def _gather(self, plane: Tensor, rows: Tensor) -> Tensor:
+        """(kv_heads, keys, head_dim): a transposed view of the key-major buffer (SDPA computes the same bits on it
+        as on per-head contiguous keys: tests/worker/test_paged_attention.py checks it)."""
+        cached = plane.index_select(0, self.cached_slots)
+        pieces = []
+        for a, b, c, d in self.parts:
+            pieces += [cached[a:b], rows[c:d]]
+        return torch.cat(pieces).transpose(0, 1)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        cache = self.pool[layer]
+        self.keys, self.values = self._gather(cache[0], k), self._gather(cache[1], v)
+        if self.commit_rows.numel():  # only C_{k-1} (or the prompt) reaches the pool; masks and registers never do (I1)
+            cache[0].index_copy_(0, self.commit_slots, k.index_select(0, self.commit_rows))
+            cache[1].index_copy_(0, self.commit_slots, v.index_select(0, self.commit_rows))
         outs = [backend.attend(layer, q[s.start:s.end], k[s.start:s.end], v[s.start:s.end])
                 for s, backend in self.segments]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
