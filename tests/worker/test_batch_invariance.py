@@ -145,10 +145,10 @@ def test_a_request_s_logits_are_the_same_bits_alone_and_beside_others():
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_every_request_s_logits_and_cache_writes_are_the_same_bits_in_batches_of_any_size(threads):
-    """The invariant forward (tiled GEMMs + PagedSpanAttention's one gather per layer): each request of a pass gives
-    the logits and writes the pool values it gives alone, in batches of 2, 3 and 6 requests (mixed cache lengths,
-    commit rows, registers, a dense request), with 1 and 2 threads, on shapes where one plain GEMM over all rows
-    varies with the row count (d 384, MLP 1152)."""
+    """The invariant forward (tiled GEMMs; PagedSpanAttention's one gather per layer and SDPA calls shared by
+    consecutive same-shape requests): each request of a pass gives the logits and writes the pool values it gives
+    alone, in batches of 2, 3 and 8 requests (mixed cache lengths, commit rows, registers, dense requests, pairs of
+    one shape), with 1 and 2 threads, on shapes where one plain GEMM over all rows varies with the row count."""
     from sparse_lavida_vllm.diffusion.masks import inference_step_spans
     from sparse_lavida_vllm.model_executor.config import MDMConfig
     from sparse_lavida_vllm.model_executor.weights import random_model
@@ -160,7 +160,7 @@ def test_every_request_s_logits_and_cache_writes_are_the_same_bits_in_batches_of
     empty = torch.empty(0, dtype=torch.long)
     gen = torch.Generator().manual_seed(1)
     # (cached prompt, commit rows, decode rows, registers); None: a dense request (full attention, nothing cached)
-    shapes = [(7, 2, 5, 3), (20, 0, 9, 8), (3, 3, 2, 0), (12, 1, 30, 4), (40, 2, 17, 32), None]
+    shapes = [(7, 2, 5, 3), (20, 0, 9, 8), (3, 3, 2, 0), (12, 1, 30, 4), (40, 2, 17, 32), None, (7, 2, 5, 3), None]
     requests = []
     for k, shape in enumerate(shapes):
         if shape is None:
@@ -170,6 +170,8 @@ def test_every_request_s_logits_and_cache_writes_are_the_same_bits_in_batches_of
         ids = torch.cat([torch.randint(5, 500, (p + n_commit,), generator=gen), torch.full((n_decode,), 510),
                          torch.full((regs,), 511)])
         requests.append((k, ids, shape))
+
+    shared = []  # the largest SDPA batch of each pass
 
     def run(order: list[int]) -> dict[int, tuple[Tensor, Tensor]]:
         """One pass over the requests in `order` (prompts prefilled first); each one's logits and commit K."""
@@ -195,7 +197,9 @@ def test_every_request_s_logits_and_cache_writes_are_the_same_bits_in_batches_of
             positions.append(torch.arange(p, p + n))
             wanted.append(torch.arange(start + n_commit, start + n_commit + n_decode))
             start += n
-        logits = model(torch.cat(ids), torch.cat(positions), PagedSpanAttention(pool, segments), torch.cat(wanted))
+        attention = PagedSpanAttention(pool, segments)
+        shared.append(max(g.size for g in attention.groups))
+        logits = model(torch.cat(ids), torch.cat(positions), attention, torch.cat(wanted))
         out = {}
         for k, part, seg in zip(order, torch.split(logits, [w.numel() for w in wanted]), segments, strict=True):
             out[k] = (part, pool[-1][0, seg.commit_slots])
@@ -206,9 +210,10 @@ def test_every_request_s_logits_and_cache_writes_are_the_same_bits_in_batches_of
     try:
         with torch.inference_mode():
             alone = {k: run([k])[k] for k in range(len(requests))}
-            for order in ([0, 3], [5, 1, 2], [4, 2, 0, 5, 1, 3]):
+            for order in ([0, 6], [5, 1, 7], [4, 2, 0, 6, 5, 7, 1, 3]):
                 for k, (logits, written) in run(order).items():
                     assert torch.equal(logits, alone[k][0]), (order, k)
                     assert torch.equal(written, alone[k][1]), (order, k)
+        assert shared[-3:] == [2, 1, 2]  # [0, 6] and [5, 7] did share SDPA calls; 5 and 7 were not adjacent
     finally:
         torch.set_num_threads(old)

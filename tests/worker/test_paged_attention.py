@@ -166,3 +166,23 @@ def test_sdpa_on_key_major_strided_keys_equals_contiguous_keys(threads):
                 assert torch.equal(strided, contiguous), (rows, keys, heads, dim, end)
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sdpa_gives_each_request_of_a_same_shape_batch_the_bits_it_gets_alone(threads):
+    """PagedSpanAttention batches consecutive same-shape requests into one SDPA call: each must get its solo bits
+    (views of a key-major buffer, as the backend passes them; GQA included)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for rows, keys, heads, kv_heads, dim in ((51, 147, 4, 4, 64), (2, 98, 4, 2, 64), (200, 300, 4, 4, 64),
+                                                 (49, 147, 32, 8, 128), (1, 5, 2, 2, 16), (700, 900, 4, 4, 64)):
+            for size in (2, 3, 8):
+                q = torch.randn(size, rows, heads, dim, generator=gen).transpose(1, 2)
+                k, v = (torch.randn(size, keys, kv_heads, dim, generator=gen).transpose(1, 2) for _ in range(2))
+                together = sdpa_with_mask(q, k, v, None)
+                for b in range(size):
+                    assert torch.equal(together[b], sdpa_with_mask(q[b], k[b], v[b], None)), (rows, keys, size, b)
+    finally:
+        torch.set_num_threads(old)
