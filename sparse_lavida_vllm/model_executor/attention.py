@@ -121,8 +121,9 @@ class SpanAttention(AttentionBackend):
     def keys_values(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """(kv_heads, keys, dim) K and V over [cache | this pass]; writes the commit rows to the cache.
 
-        The override point for other caches: the paged vLLM backend supplies its keys here and reuses
-        the attention arithmetic below unchanged, which keeps its logits bit-identical to the reference.
+        (The paged vLLM backend, worker/paged_attention.py, gathers its keys itself and repeats the dispatch of
+        attend() below with the same prefix_runs / sdpa_with_mask calls, which keeps its logits bit-identical to
+        the reference: keep the two in step; the I4 tests compare them.)
         """
         cache, rows = self.cache, k.shape[0]
         if cache is None:
