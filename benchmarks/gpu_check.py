@@ -26,7 +26,7 @@ from sparse_lavida_vllm.diffusion.planners import image_plan, text_plan
 from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_dense, generate_sparse
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
 from sparse_lavida_vllm.model_executor.config import MDMConfig
-from sparse_lavida_vllm.model_executor.model import LLaDAMDM
+from sparse_lavida_vllm.model_executor.model import ROW_TILE, LLaDAMDM
 from sparse_lavida_vllm.worker.flex_attention import FlexPagedAttention
 from sparse_lavida_vllm.worker.paged_attention import PagedSpanAttention, Segment, StepLayout, request_slots
 
@@ -152,7 +152,7 @@ def runner_core(config: MDMConfig, device: torch.device, quick: bool) -> dict:
             try:
                 return model(ids, pos, FlexPagedAttention(pool, layout), rows)
             finally:
-                model.row_tile = 32
+                model.row_tile = ROW_TILE
 
         runs = {"invariant_sdpa": invariant, "unconstrained_flex": unconstrained}
         with torch.inference_mode():

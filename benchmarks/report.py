@@ -178,6 +178,11 @@ def section_serve(data: dict) -> list[str]:
                       [[m, round(r["step_ms"], 2), round(r["reference_step_ms"], 2), round(r["overhead_ratio"], 2),
                         *(round(r["tokens_per_s"].get(n, float("nan")), 1) for n in levels)]
                        for m, r in modes.items()]), ""]
+        cost = data.get("invariance_cost")
+        if cost:
+            out += ["Cost of batch invariance (unconstrained tokens/s over invariant tokens/s): "
+                    + ", ".join(f"{v:.2f}x at {n}" for n, v in sorted(cost.items(), key=lambda x: int(x[0])))
+                    + (f"; torch threads {data['machine']['torch_threads']}" if "machine" in data else "") + ".", ""]
     else:
         out += ["```json", json.dumps(data, indent=1)[:6000], "```", ""]
     return out

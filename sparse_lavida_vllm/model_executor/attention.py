@@ -46,11 +46,17 @@ class KVCache:
 
 
 def sdpa_with_mask(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    """q: (heads, rows, dim); k, v: (kv_heads, keys, dim); mask: bool (rows, keys) or None (full)."""
-    groups = q.shape[0] // k.shape[0]
+    """q: ([batch,] heads, rows, dim); k, v: ([batch,] kv_heads, keys, dim); mask: bool (rows, keys) or None (full).
+
+    A batch of same-shape requests gives each the bits it gets alone (the CPU kernel works per (batch, head, row
+    block); tests/worker/test_paged_attention.py checks it), which lets the paged backend batch them.
+    """
+    groups = q.shape[-3] // k.shape[-3]
     if groups > 1:
-        k = k.repeat_interleave(groups, dim=0)
-        v = v.repeat_interleave(groups, dim=0)
+        k = k.repeat_interleave(groups, dim=-3)
+        v = v.repeat_interleave(groups, dim=-3)
+    if q.dim() == 4:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
                                           attn_mask=mask).squeeze(0)
 
@@ -115,8 +121,9 @@ class SpanAttention(AttentionBackend):
     def keys_values(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """(kv_heads, keys, dim) K and V over [cache | this pass]; writes the commit rows to the cache.
 
-        The override point for other caches: the paged vLLM backend supplies its keys here and reuses
-        the attention arithmetic below unchanged, which keeps its logits bit-identical to the reference.
+        (The paged vLLM backend, worker/paged_attention.py, gathers its keys itself and repeats the dispatch of
+        attend() below with the same prefix_runs / sdpa_with_mask calls, which keeps its logits bit-identical to
+        the reference: keep the two in step; the I4 tests compare them.)
         """
         cache, rows = self.cache, k.shape[0]
         if cache is None:

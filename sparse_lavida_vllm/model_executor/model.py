@@ -44,21 +44,38 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-# Inference GEMMs run in tiles of this many rows: every call then has one shape, so CPU BLAS picks one kernel and one
+# Inference GEMMs run in tiles of this many rows: every call then has one shape, so the BLAS picks one kernel and one
 # thread split for all of them and a row's result does not depend on how many rows share the pass (measured: with
 # one call over all rows, results change below ~16 rows and, with 2 threads, for some K between 64 and 128 rows).
-ROW_TILE = 32
+# Larger tiles cost less per row (one weight packing per call; fewer calls) but pad more rows; per 768 rows on one
+# CPU thread, 32-row tiles took 1.4-2x a plain GEMM, 64-row tiles 1.2-1.5x and 128-row tiles 1.1-1.2x (K, N from
+# 256 to 4096); in the serving benchmark 128-row tiles served one request 1.4x slower than 64-row ones (a pass of
+# 36-66 rows) and 8-32 requests no faster.
+ROW_TILE = 64
 
 
 def tiled(layer: nn.Linear, x: Tensor, tile: int | None) -> Tensor:
-    """layer(x) over fixed tiles of `tile` rows (the last one zero-padded); plain layer(x) when tile is None."""
+    """layer(x) over fixed tiles of `tile` rows (the last one zero-padded); plain layer(x) when tile is None.
+
+    Each tile is one GEMM call of shape (tile, in) x (in, out) writing its slice of the output in place: full tiles
+    read x where it lies (a fresh activation, so every tile starts 64-byte aligned, as the padded last tile does).
+    One batched call over the tiles (bmm) is not used: for a batch of one tile torch calls MKL's threaded GEMM and
+    for more it calls MKL's batched GEMM, which runs each tile on one thread, so with 2 threads a row's bits
+    depended on the tile count (measured for K, N >= 1024); over 2+ tiles it was no faster than this loop.
+    """
     n = x.shape[0]
     if tile is None or n == 0:
         return layer(x)
-    pad = -n % tile
-    if pad:
-        x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
-    return torch.cat([layer(chunk) for chunk in x.split(tile)])[:n]
+    weight = layer.weight.t()
+    full = n - n % tile
+    out = x.new_empty(full + (tile if full < n else 0), weight.shape[1])
+    for start in range(0, full, tile):
+        torch.mm(x[start:start + tile], weight, out=out[start:start + tile])
+    if full < n:
+        last = x.new_zeros(tile, x.shape[1])
+        last[:n - full] = x[full:]
+        torch.mm(last, weight, out=out[full:])
+    return out[:n] if layer.bias is None else out[:n] + layer.bias
 
 
 def check_divisible(config: MDMConfig, world_size: int) -> None:

@@ -111,8 +111,9 @@ class DiffusionRunnerMixin:
         Sparse rows per request: [prompt on its first step | C_{k-1} | decode masks | registers]; the prompt
         and C_{k-1} are the commit rows (written to the pool, seeing only the cache and each other), so a new
         request's prefill rides in the same pass. Dense: prompt + canvas, full attention, nothing cached.
-        Batch invariance: attention runs per request (PagedSpanAttention), and the model's GEMMs run in
-        fixed row tiles (model.row_tile), so no row's arithmetic depends on which rows share the pass.
+        Batch invariance: attention has per-request arithmetic (PagedSpanAttention: same-shape neighbours share
+        an SDPA call, which gives each its solo bits), and the model's GEMMs run in fixed row tiles
+        (model.row_tile), so no row's arithmetic depends on which rows share the pass.
         """
         cfg = self.model.config
         ids: list[int] = []

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparse_lavida_vllm.model_executor.attention import AttentionBackend, SpanAttention
+from sparse_lavida_vllm.diffusion.masks import spans_to_mask
+from sparse_lavida_vllm.model_executor.attention import AttentionBackend, prefix_runs, sdpa_with_mask
 
 
 @dataclass
@@ -33,50 +34,88 @@ def request_slots(block_ids: list[int], start: int, end: int, block_size: int) -
     return torch.tensor(block_ids, dtype=torch.long)[idx // block_size] * block_size + idx % block_size
 
 
-class _SegmentAttention(SpanAttention):
-    """The reference backend's attention for one request, with keys gathered from the paged pool.
+@dataclass
+class _Group:
+    """Consecutive requests of one shape: `size` blocks of `rows` pass rows from `start` and of `keys` keys
+    ([cache | rows]) from `key_start` in the layer's key buffer; `runs` as prefix_runs, else the spans' `mask`."""
 
-    Only where keys come from changes: the mask / prefix-run logic is the reference's own code,
-    so the vLLM path stays bit-identical to the reference sampler (I4) as that code evolves.
-    """
+    start: int
+    key_start: int
+    size: int
+    rows: int
+    keys: int
+    runs: list[tuple[int, int, int]] | None
+    mask: Tensor | None
 
-    def __init__(self, pool: list[Tensor], seg: Segment) -> None:
-        super().__init__(seg.spans)
-        self.pool = pool
-        self.seg = seg
 
-    def keys_values(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        cache, seg = self.pool[layer], self.seg
-        cached = seg.cached_slots.numel()
-        keys = torch.empty(k.shape[1], cached + k.shape[0], k.shape[2], dtype=k.dtype, device=k.device)
-        values = torch.empty_like(keys)
-        if cached:
-            keys[:, :cached] = cache[0, seg.cached_slots].transpose(0, 1)
-            values[:, :cached] = cache[1, seg.cached_slots].transpose(0, 1)
-        keys[:, cached:] = k.transpose(0, 1)
-        values[:, cached:] = v.transpose(0, 1)
-        n = seg.commit_slots.numel()
-        if n:  # only C_{k-1} (or the prompt) reaches the pool; masks and registers never do (I1)
-            cache[0, seg.commit_slots] = k[:n]
-            cache[1, seg.commit_slots] = v[:n]
-        return keys, values
+def _blocks(x: Tensor, start: int, size: int, n: int) -> Tensor:
+    """(size, heads, n, dim) view of `size` consecutive blocks of n rows of x (rows, heads, dim) from row `start`."""
+    return x[start:start + size * n].view(size, n, *x.shape[1:]).transpose(1, 2)
 
 
 class PagedSpanAttention(AttentionBackend):
     """A flat batch of requests; each attends to [its cached K/V gathered from the pool | its rows].
 
-    pool[layer] is (2, num_slots, kv_heads, head_dim): the K and V planes of vLLM's block pool
-    seen as flat slots. The gather keeps write order, so a request's keys come in the same order
-    as the reference KVCache's.
+    pool[layer] is (2, num_slots, kv_heads, head_dim): the K and V planes of vLLM's block pool seen as flat
+    slots. Per layer, one index_select gathers every request's cached K/V (in write order, so a request's keys
+    come in the reference KVCache's order) and one cat lays out [request 0's cache | its rows | request 1's
+    cache | ...] in a key-major buffer; one index_copy writes every request's commit rows to the pool. Requests
+    own disjoint slots, so gathering before any commit row is written reads what request-by-request would.
+
+    Attention has the reference's arithmetic (SpanAttention: one maskless SDPA call per prefix run of the spans,
+    or one masked call): moving data in fewer calls changes no value, and consecutive requests of one shape (same
+    cache length, rows and spans, e.g. requests started together) share each SDPA call as a batch, which gives
+    each the bits it gets alone. Each request's result is therefore independent of the batch (batch invariance).
     """
 
     def __init__(self, pool: list[Tensor], segments: list[Segment]) -> None:
-        self.segments = [(seg, _SegmentAttention(pool, seg)) for seg in segments]
+        self.pool = pool
+        device = pool[0].device
+        self.groups: list[_Group] = []
+        self.parts: list[tuple[int, int, int, int]] = []  # per request: cached [a, b) of the gather, rows [c, d)
+        gathered = offset = 0
+        for seg in segments:
+            cached, rows = seg.cached_slots.numel(), seg.end - seg.start
+            keys = cached + rows
+            runs = prefix_runs(seg.spans, rows, keys)
+            last = self.groups[-1] if self.groups else None
+            if last is not None and runs is not None and (last.rows, last.keys, last.runs) == (rows, keys, runs):
+                last.size += 1
+            else:
+                mask = None if runs is not None or seg.spans is None else spans_to_mask(seg.spans.to(device), keys)
+                self.groups.append(_Group(seg.start, offset, 1, rows, keys, runs, mask))
+            self.parts.append((gathered, gathered + cached, seg.start, seg.end))
+            gathered += cached
+            offset += keys
+        self.cached_slots = torch.cat([seg.cached_slots for seg in segments]).to(device)
+        self.commit_rows = torch.cat([torch.arange(seg.start, seg.start + seg.commit_slots.numel())
+                                      for seg in segments]).to(device)
+        self.commit_slots = torch.cat([seg.commit_slots for seg in segments]).to(device)
+
+    def _gather(self, plane: Tensor, rows: Tensor) -> Tensor:
+        """(keys, kv_heads, head_dim): the key-major buffer (SDPA computes the same bits on its per-head strided
+        views as on per-head contiguous keys: tests/worker/test_paged_attention.py checks it)."""
+        cached = plane.index_select(0, self.cached_slots)
+        pieces = []
+        for a, b, c, d in self.parts:
+            pieces += [cached[a:b], rows[c:d]]
+        return torch.cat(pieces)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        outs = [backend.attend(layer, q[s.start:s.end], k[s.start:s.end], v[s.start:s.end])
-                for s, backend in self.segments]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        cache = self.pool[layer]
+        keys, values = self._gather(cache[0], k), self._gather(cache[1], v)
+        if self.commit_rows.numel():  # only C_{k-1} (or the prompt) reaches the pool; masks and registers never do (I1)
+            cache[0].index_copy_(0, self.commit_slots, k.index_select(0, self.commit_rows))
+            cache[1].index_copy_(0, self.commit_slots, v.index_select(0, self.commit_rows))
+        out = q.new_empty(q.shape)
+        for g in self.groups:
+            qg, og = _blocks(q, g.start, g.size, g.rows), _blocks(out, g.start, g.size, g.rows)
+            kg, vg = _blocks(keys, g.key_start, g.size, g.keys), _blocks(values, g.key_start, g.size, g.keys)
+            if g.runs is None:
+                og.copy_(sdpa_with_mask(qg, kg, vg, g.mask))
+            for a, b, end in g.runs or []:
+                og[:, :, a:b] = sdpa_with_mask(qg[:, :, a:b], kg[:, :, :end], vg[:, :, :end], None)
+        return out
 
 
 @dataclass

@@ -2,27 +2,30 @@
 
 import pytest
 import torch
+from torch import Tensor
 
-from sparse_lavida_vllm.model_executor.model import tiled
+from sparse_lavida_vllm.model_executor.model import ROW_TILE, tiled
 from tests.serving_helpers import engine_scheduler, reference_tokens, set_vllm_env, shared_llm
 
 set_vllm_env()
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_tiled_gemm_rows_do_not_depend_on_their_neighbours(threads):
+@pytest.mark.parametrize("tile", [32, ROW_TILE])
+def test_tiled_gemm_rows_do_not_depend_on_their_neighbours(threads, tile):
     """The model's inference GEMMs: a row gives the same bits alone, at any offset, in any batch size."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         gen = torch.Generator().manual_seed(0)
-        for k, n in ((128, 384), (1152, 384), (384, 1152), (256, 2048)):  # (1152, 384): plain GEMMs vary here
+        # (1152, 384): plain GEMMs vary here; (1024, 2048): a batched GEMM over the tiles varies here with 2 threads
+        for k, n in ((128, 384), (1152, 384), (384, 1152), (256, 2048), (1024, 2048)):
             layer = torch.nn.Linear(k, n, bias=False)
             x = torch.randn(700, k, generator=gen)
             with torch.no_grad():
-                together = tiled(layer, x, 32)
+                together = tiled(layer, x, tile)
                 for start, rows in ((0, 1), (5, 3), (40, 17), (100, 64), (300, 129), (0, 700)):
-                    assert torch.equal(tiled(layer, x[start:start + rows], 32), together[start:start + rows])
+                    assert torch.equal(tiled(layer, x[start:start + rows], tile), together[start:start + rows])
     finally:
         torch.set_num_threads(old)
 
@@ -138,3 +141,79 @@ def test_a_request_s_logits_are_the_same_bits_alone_and_beside_others():
                           torch.arange(n_decode))
     assert torch.equal(a_batched, alone)
     assert torch.equal(alone, reference)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_every_request_s_logits_and_cache_writes_are_the_same_bits_in_batches_of_any_size(threads):
+    """The invariant forward (tiled GEMMs; PagedSpanAttention's one gather per layer and SDPA calls shared by
+    consecutive same-shape requests): each request of a pass gives the logits and writes the pool values it gives
+    alone, in batches of 2, 3 and 8 requests (mixed cache lengths, commit rows, registers, dense requests, pairs of
+    one shape), with 1 and 2 threads, on shapes where one plain GEMM over all rows varies with the row count."""
+    from sparse_lavida_vllm.diffusion.masks import inference_step_spans
+    from sparse_lavida_vllm.model_executor.config import MDMConfig
+    from sparse_lavida_vllm.model_executor.weights import random_model
+    from sparse_lavida_vllm.worker.paged_attention import PagedSpanAttention, Segment, request_slots
+
+    config = MDMConfig(vocab_size=512, d_model=384, n_layers=2, n_heads=6, n_kv_heads=3, mlp_hidden_size=1152,
+                       mask_token_id=510, register_token_id=511)
+    model = random_model(config, seed=4, std=0.05)
+    empty = torch.empty(0, dtype=torch.long)
+    gen = torch.Generator().manual_seed(1)
+    # (cached prompt, commit rows, decode rows, registers); None: a dense request (full attention, nothing cached)
+    shapes = [(7, 2, 5, 3), (20, 0, 9, 8), (3, 3, 2, 0), (12, 1, 30, 4), (40, 2, 17, 32), None, (7, 2, 5, 3), None]
+    requests = []
+    for k, shape in enumerate(shapes):
+        if shape is None:
+            requests.append((k, torch.randint(5, 500, (10,), generator=gen), None))
+            continue
+        p, n_commit, n_decode, regs = shape
+        ids = torch.cat([torch.randint(5, 500, (p + n_commit,), generator=gen), torch.full((n_decode,), 510),
+                         torch.full((regs,), 511)])
+        requests.append((k, ids, shape))
+
+    shared = []  # the largest SDPA batch of each pass
+
+    def run(order: list[int]) -> dict[int, tuple[Tensor, Tensor]]:
+        """One pass over the requests in `order` (prompts prefilled first); each one's logits and commit K."""
+        pool = [torch.zeros(2, 64 * 16, config.n_kv_heads, config.head_dim) for _ in range(config.n_layers)]
+        ids, positions, segments, wanted, start = [], [], [], [], 0
+        for k, r_ids, shape in (requests[i] for i in order):
+            blocks = [8 * k + j for j in range(8)]  # each request its own blocks
+            if shape is None:
+                segments.append(Segment(start, start + r_ids.numel(), empty, empty, None))
+                ids.append(r_ids)
+                positions.append(torch.arange(r_ids.numel()))
+                wanted.append(torch.arange(start, start + r_ids.numel()))
+                start += r_ids.numel()
+                continue
+            p, n_commit, n_decode, regs = shape
+            model(r_ids[:p], torch.arange(p), PagedSpanAttention(pool, [Segment(
+                0, p, empty, request_slots(blocks, 0, p, 16), None)]), empty)
+            n = r_ids.numel() - p
+            segments.append(Segment(start, start + n, request_slots(blocks, 0, p, 16),
+                                    request_slots(blocks, p, p + n_commit, 16),
+                                    inference_step_spans(p, n, n_commit, n_commit)))
+            ids.append(r_ids[p:])
+            positions.append(torch.arange(p, p + n))
+            wanted.append(torch.arange(start + n_commit, start + n_commit + n_decode))
+            start += n
+        attention = PagedSpanAttention(pool, segments)
+        shared.append(max(g.size for g in attention.groups))
+        logits = model(torch.cat(ids), torch.cat(positions), attention, torch.cat(wanted))
+        out = {}
+        for k, part, seg in zip(order, torch.split(logits, [w.numel() for w in wanted]), segments, strict=True):
+            out[k] = (part, pool[-1][0, seg.commit_slots])
+        return out
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            alone = {k: run([k])[k] for k in range(len(requests))}
+            for order in ([0, 6], [5, 1, 7], [4, 2, 0, 6, 5, 7, 1, 3]):
+                for k, (logits, written) in run(order).items():
+                    assert torch.equal(logits, alone[k][0]), (order, k)
+                    assert torch.equal(written, alone[k][1]), (order, k)
+        assert shared[-3:] == [2, 1, 2]  # [0, 6] and [5, 7] did share SDPA calls; 5 and 7 were not adjacent
+    finally:
+        torch.set_num_threads(old)

@@ -1,9 +1,10 @@
 """The paged backend computes exactly what the reference contiguous cache computes, and writes only commit rows."""
 
+import pytest
 import torch
 
 from sparse_lavida_vllm.diffusion.masks import inference_step_spans
-from sparse_lavida_vllm.model_executor.attention import KVCache, SpanAttention
+from sparse_lavida_vllm.model_executor.attention import KVCache, SpanAttention, sdpa_with_mask
 from sparse_lavida_vllm.model_executor.weights import random_model
 from sparse_lavida_vllm.worker.paged_attention import (
     BatchedPagedAttention,
@@ -145,3 +146,43 @@ def test_batched_backend_one_request_equals_the_reference():
     cache.advance(5)
     ref = model(ids[5:], positions[5:], SpanAttention(inference_step_spans(5, 5, 0, 0), cache, 0), torch.arange(3))
     assert torch.allclose(flat, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sdpa_on_key_major_strided_keys_equals_contiguous_keys(threads):
+    """PagedSpanAttention hands each request a (kv_heads, keys, dim) view of a key-major buffer, the reference cache
+    a per-head contiguous one: SDPA must give the same bits for both, on whole and prefix key ranges."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for rows, keys, heads, dim in ((36, 100, 4, 64), (66, 180, 4, 64), (5, 7, 6, 16), (200, 700, 4, 64),
+                                       (50, 130, 32, 128), (1, 3, 2, 64)):
+            q = torch.randn(rows, heads, dim, generator=gen).transpose(0, 1)
+            k, v = (torch.randn(keys, heads, dim, generator=gen).transpose(0, 1) for _ in range(2))
+            for end in (keys, max(keys - 3, 1)):
+                strided = sdpa_with_mask(q, k[:, :end], v[:, :end], None)
+                contiguous = sdpa_with_mask(q, k[:, :end].contiguous(), v[:, :end].contiguous(), None)
+                assert torch.equal(strided, contiguous), (rows, keys, heads, dim, end)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sdpa_gives_each_request_of_a_same_shape_batch_the_bits_it_gets_alone(threads):
+    """PagedSpanAttention batches consecutive same-shape requests into one SDPA call: each must get its solo bits
+    (views of a key-major buffer, as the backend passes them; GQA included)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for rows, keys, heads, kv_heads, dim in ((51, 147, 4, 4, 64), (2, 98, 4, 2, 64), (200, 300, 4, 4, 64),
+                                                 (49, 147, 32, 8, 128), (1, 5, 2, 2, 16), (700, 900, 4, 4, 64)):
+            for size in (2, 3, 8):
+                q = torch.randn(size, rows, heads, dim, generator=gen).transpose(1, 2)
+                k, v = (torch.randn(size, keys, kv_heads, dim, generator=gen).transpose(1, 2) for _ in range(2))
+                together = sdpa_with_mask(q, k, v, None)
+                for b in range(size):
+                    assert torch.equal(together[b], sdpa_with_mask(q[b], k[b], v[b], None)), (rows, keys, size, b)
+    finally:
+        torch.set_num_threads(old)
