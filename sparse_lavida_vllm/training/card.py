@@ -154,14 +154,14 @@ reproduces these weights bit for bit (CI checks that the first losses equal `tra
 ```
 {commands}
 ```
-The trainings together took {recipe_minutes:.1f} min of wall time on this 2-core CPU ({summary['torch_threads']}
-torch threads, `--threads`).
+The trainings together took {recipe_minutes:.1f} min of wall time on this 2-core CPU, one after the other, with
+{summary['torch_threads']} torch thread each (`--threads`) while other jobs shared the machine (load average 2 to 5).
 Training: AdamW (betas 0.9/0.98, wd {tc['weight_decay']}), lr {tc['lr']} cosine to {tc['min_lr_ratio']}x, warmup
 {tc['warmup']}, batch {tc['batch_size']} (x{tc['text_batch_multiplier']} for text), {tc['steps']} steps,
 task mix t2i/edit/text = {tc['task_weights']}, prompt dropout {tc['prompt_drop']} for CFG.
 {method}
 {stage_note}
-Training time: {summary['train_time_s'] / 60:.1f} min on {summary['torch_threads']} shared CPU threads; final loss
+Training time of this run: {summary['train_time_s'] / 60:.1f} min; final loss
 (EMA) {summary['final_loss_ema']}. The loss log is `train_log.jsonl`.
 
 ## Evaluation ({ev['sampler']} sampler, seeds {results['seeds']}: mean ± std over seeds)
