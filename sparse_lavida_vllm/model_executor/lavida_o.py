@@ -74,6 +74,7 @@ from sparse_lavida_vllm.model_executor.lavida_o_vision import (
     dropped_by_publishers,
 )
 from sparse_lavida_vllm.model_executor.model import RMSNorm, apply_rope, rope_cos_sin
+from sparse_lavida_vllm.model_executor.weights import INDEX_NAME, WEIGHTS_NAME, save_state_dict
 
 ARCHITECTURE = "LlavaLladaForMaskedDiffusion"
 MODEL_TYPE = "llava_llada"
@@ -773,8 +774,6 @@ def image_step_causal_logits(model: LaViDaOMDM, context: ImageContext | Tensor, 
 # ---- checkpoints in the published layout ------------------------------------------------------------------
 
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 VQ_SUBFOLDER = "vqvae"
 
 
@@ -857,25 +856,10 @@ def load_lavida_o(folder: str | Path, dtype: torch.dtype = torch.float32,
 
 def save_lavida_o(model: LaViDaOMDM, folder: str | Path, max_shard_tensors: int | None = None) -> None:
     """config.json + safetensors in the published layout; with `max_shard_tensors`, sharded with an index."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if not max_shard_tensors:
-        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-        return
-    names = sorted(state)
-    chunks = [names[i:i + max_shard_tensors] for i in range(0, len(names), max_shard_tensors)]
-    weight_map = {}
-    for i, chunk in enumerate(chunks, start=1):
-        shard = f"model-{i:05d}-of-{len(chunks):05d}.safetensors"
-        save_file({n: state[n] for n in chunk}, str(folder / shard), metadata={"format": "pt"})
-        weight_map.update({n: shard for n in chunk})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                indent=2) + "\n")
+    save_state_dict(model.state_dict(), folder, max_shard_tensors)
 
 
 def random_lavida_o(config: LaViDaOConfig, seed: int = 0, std: float = 0.05) -> LaViDaOMDM:

@@ -24,7 +24,15 @@ def save_pretrained(model: LLaDAMDM, folder: str | Path, max_shard_tensors: int 
         raise ValueError("save_pretrained needs the whole model; this one is one tensor-parallel shard")
     folder = Path(folder)
     model.config.save(folder)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_state_dict(model.state_dict(), folder, max_shard_tensors)
+
+
+def save_state_dict(state_dict: dict[str, torch.Tensor], folder: str | Path,
+                    max_shard_tensors: int | None = None) -> None:
+    """model.safetensors, or with `max_shard_tensors` the HF sharded layout (model-0000i-of-0000n.safetensors +
+    model.safetensors.index.json), as published checkpoints ship."""
+    folder = Path(folder)
+    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     if not max_shard_tensors:
         save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
         return

@@ -288,27 +288,10 @@ def _png() -> bytes:
 
 @pytest.mark.slow
 def test_tp2_serves_the_text_tower_as_the_reference(checkpoints):
-    from tests.worker.test_tensor_parallel import CASES
-    from tests.worker.test_tensor_parallel import PROMPT as PROMPT_TP
+    from tests.worker.test_tensor_parallel import check_tp2_result, run_tp2
 
     folder = checkpoints["sparse"]
-    env = dict(os.environ, **VLLM_ENV, VLLM_CPU_OMP_THREADS_BIND="0|1", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    proc = subprocess.run([sys.executable, "-m", "tests.worker.test_tensor_parallel", str(folder)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(lines[-1].removeprefix("RESULT "))
-    assert sorted(w["rank"] for w in result["workers"]) == [0, 1]
-    for w in result["workers"]:  # each rank holds one of the 2 heads, half the MLP, the whole LM head
-        assert w["world_size"] == 2 and w["local_kv_heads"] == 1 and w["pool_kv_heads"] == 1
-        assert w["q_proj"] == [32, 64] and w["ff_out"] == [64, 64] and w["lm_head"] == [256, 64]
-    tower = load_text_tower(folder)
-    for name, knobs in CASES.items():
-        knobs = dict(knobs)
-        want = reference_tokens(tower, PROMPT_TP, knobs.pop("gen_length"), knobs.pop("block_length"),
-                                knobs.pop("steps"), knobs.pop("num_registers"), **knobs)
-        assert result["tokens"][name] == want, name
+    check_tp2_result(run_tp2(folder, timeout=600), load_text_tower(folder))
 
 
 @pytest.mark.slow

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from sparse_lavida_vllm.entrypoints.ray_platform import ENV_VAR, PLATFORM_QUALNAME, RayCpuPlatform, activate
-from tests.serving_helpers import VLLM_ENV, make_checkpoint, reference_tokens
-from tests.worker.test_tensor_parallel import CASES, PROMPT, STANDARD, _worker_view
+from tests.serving_helpers import VLLM_ENV, make_checkpoint
+from tests.worker.test_tensor_parallel import CASES, PROMPT, STANDARD, _worker_view, check_tp2_result
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRY_POINT = "sparse_lavida_ray_cpu"
@@ -177,16 +177,7 @@ def test_ray_tp2_llm_matches_the_reference(tmp_path, v2):
     assert len({w["pid"] for w in result["ray"]}) == 2
     for w in result["ray"]:  # two Ray actors, each on our platform, with the env var from the actor runtime env
         assert w == dict(w, platform="RayCpuPlatform", env="1", actor=True)
-    hd = 32  # TINY: d_model 64, 2 heads, 2 K/V heads, MLP 128, vocab 256
-    assert sorted(w["rank"] for w in result["workers"]) == [0, 1]
-    for w in result["workers"]:
-        assert w["world_size"] == 2 and w["local_kv_heads"] == 1 and w["pool_kv_heads"] == 1
-        assert w["q_proj"] == [1 * hd, 64] and w["ff_out"] == [64, 64] and w["lm_head"] == [256, 64]
-    for name, knobs in CASES.items():
-        knobs = dict(knobs)
-        want = reference_tokens(folder, PROMPT, knobs.pop("gen_length"), knobs.pop("block_length"),
-                                knobs.pop("steps"), knobs.pop("num_registers"), **knobs)
-        assert result["tokens"][name] == want, name
+    check_tp2_result(result, folder)  # the same shards and reference tokens as TP=2 without Ray
 
 
 if __name__ == "__main__":  # vLLM's engine must start under this guard

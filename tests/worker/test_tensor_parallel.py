@@ -52,17 +52,20 @@ def main(folder: str) -> None:
     print("RESULT " + json.dumps({"tokens": tokens, "workers": llm.collective_rpc(_worker_view)}), flush=True)
 
 
-@pytest.mark.slow
-def test_tp2_llm_shards_the_model_and_matches_the_reference(tmp_path):
-    folder = make_checkpoint(tmp_path / "ck")
+def run_tp2(folder: Path, timeout: int = 300) -> dict:
+    """This module's engine on `folder` with TP=2 in a child process: its RESULT (tokens per case, worker views)."""
     env = dict(os.environ, **VLLM_ENV, VLLM_CPU_OMP_THREADS_BIND="0|1", OMP_NUM_THREADS="1",
                PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.run([sys.executable, "-m", "tests.worker.test_tensor_parallel", str(folder)], env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(lines[-1].removeprefix("RESULT "))
+    return json.loads(lines[-1].removeprefix("RESULT "))
 
+
+def check_tp2_result(result: dict, reference_model) -> None:
+    """Each rank holds one of TINY's 2 heads, half the MLP and the whole LM head; every case's tokens equal the
+    reference sampler's on `reference_model` (a checkpoint folder or a model)."""
     hd = 32  # TINY: d_model 64, 2 heads, 2 K/V heads, MLP 128, vocab 256
     assert sorted(w["rank"] for w in result["workers"]) == [0, 1]
     for w in result["workers"]:
@@ -70,9 +73,15 @@ def test_tp2_llm_shards_the_model_and_matches_the_reference(tmp_path):
         assert w["q_proj"] == [1 * hd, 64] and w["ff_out"] == [64, 64] and w["lm_head"] == [256, 64]
     for name, knobs in CASES.items():
         knobs = dict(knobs)
-        want = reference_tokens(folder, PROMPT, knobs.pop("gen_length"), knobs.pop("block_length"),
+        want = reference_tokens(reference_model, PROMPT, knobs.pop("gen_length"), knobs.pop("block_length"),
                                 knobs.pop("steps"), knobs.pop("num_registers"), **knobs)
         assert result["tokens"][name] == want, name
+
+
+@pytest.mark.slow
+def test_tp2_llm_shards_the_model_and_matches_the_reference(tmp_path):
+    folder = make_checkpoint(tmp_path / "ck")
+    check_tp2_result(run_tp2(folder), folder)
 
 
 if __name__ == "__main__":  # vLLM spawns its workers: the engine must start under this guard
