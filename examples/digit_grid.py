@@ -39,11 +39,12 @@ def classify(images: list[Image.Image]) -> list[int]:
     """The eval's digit classifier (trained on the real training digits) on the generated pictures."""
     from sparse_lavida_vllm.training.data import DemoData
     from sparse_lavida_vllm.training.evaluate import DigitClassifier
-    from sparse_lavida_vllm.training.tokenizer import NUM_LEVELS, load_tokenizer
+    from sparse_lavida_vllm.training.tokenizer import load_tokenizer
 
     data = DemoData(load_tokenizer(DEMO_ROOT / "sparse"))
-    levels = np.stack([np.rint(np.asarray(im, dtype=np.float64) / 255 * (NUM_LEVELS - 1)) for im in images])
-    return DigitClassifier(data).predict(levels.astype(np.int64)).tolist()
+    # the demo codec maps its own PNGs back to their grey levels exactly
+    levels = np.stack([data.codec.levels_of(data.codec.encode(im)).numpy().reshape(SIDE, SIDE) for im in images])
+    return DigitClassifier(data).predict(levels).tolist()
 
 
 def grid(images: list[Image.Image]) -> Image.Image:
