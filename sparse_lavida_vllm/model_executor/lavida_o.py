@@ -73,7 +73,7 @@ from sparse_lavida_vllm.model_executor.lavida_o_vision import (
     build_understanding,
     dropped_by_publishers,
 )
-from sparse_lavida_vllm.model_executor.model import RMSNorm, apply_rope, rope_cos_sin
+from sparse_lavida_vllm.model_executor.model import ROW_TILE, RMSNorm, apply_rope, rope_cos_sin, tiled
 from sparse_lavida_vllm.model_executor.weights import INDEX_NAME, WEIGHTS_NAME, save_state_dict
 
 ARCHITECTURE = "LlavaLladaForMaskedDiffusion"
@@ -293,6 +293,86 @@ def patches_to_codes(patches: Tensor, height: int, width: int) -> Tensor:
     return grid.permute(0, 2, 1, 3, *range(4, 4 + len(rest))).reshape(height * width, *rest)
 
 
+@dataclass(frozen=True)
+class PatchIds:
+    """One int64 id per image position, above the text vocabulary: how the served engine carries image rows.
+
+    The scheduler's canvas, KV bookkeeping and the runner's rows stay one id per position; an image position's
+    codes (each a row of gen_embedding, mask and register codes included) are packed base-`table` into one id:
+    `base + ((c0 * T + c1) * T + c2) * T + c3` (row-major inside the 2x2 patch, as codes_to_patches). Two ranges:
+    `gen_base` ids are image-stream rows (generated positions, image registers, and an edit's source image when
+    the checkpoint sets enc_use_image_branch), `source_base` ids are text-stream rows carrying the zero-padded
+    patch embedding (an edit's source image otherwise: context_inputs' two paths). Published sizes: 8448^4 ~ 5e15
+    ids per range, well inside int64.
+    """
+
+    vocab_size: int
+    table: int  # gen_embedding rows (num_vq_embeddings + 256)
+    codes_per_position: int
+    mask_code: int
+    register_code: int | None
+    enc_use_image_branch: bool
+
+    @classmethod
+    def of(cls, config: LaViDaOConfig) -> PatchIds:
+        return cls(config.vocab_size, config.num_vq_embeddings + EXTRA_GEN_EMBEDDINGS, config.codes_per_position,
+                   config.mask_code, config.register_code, config.enc_use_image_branch)
+
+    @property
+    def span(self) -> int:
+        return self.table ** self.codes_per_position
+
+    @property
+    def codebook(self) -> int:
+        """VQ codes the image head predicts (num_vq_embeddings)."""
+        return self.table - EXTRA_GEN_EMBEDDINGS
+
+    @property
+    def gen_base(self) -> int:
+        return self.vocab_size
+
+    @property
+    def source_base(self) -> int:
+        return self.vocab_size + self.span
+
+    def pack(self, patches: Tensor, source: bool = False) -> Tensor:
+        """(n, codes_per_position) codes -> (n,) ids; `source`: an edit's source image (its stream per config)."""
+        if patches.dim() != 2 or patches.shape[1] != self.codes_per_position:
+            raise ValueError(f"patches must have shape (n, {self.codes_per_position}), got {tuple(patches.shape)}")
+        if patches.numel() and (int(patches.min()) < 0 or int(patches.max()) >= self.table):
+            raise ValueError(f"codes must lie in [0, {self.table}) (gen_embedding rows)")
+        ids = torch.zeros(patches.shape[0], dtype=torch.long, device=patches.device)
+        for i in range(self.codes_per_position):
+            ids = ids * self.table + patches[:, i].long()
+        base = self.source_base if source and not self.enc_use_image_branch else self.gen_base
+        return ids + base
+
+    def unpack(self, ids: Tensor) -> Tensor:
+        """(n,) image ids of either range -> (n, codes_per_position) codes."""
+        rest = (ids - self.gen_base) % self.span
+        codes = []
+        for _ in range(self.codes_per_position):
+            codes.append(rest % self.table)
+            rest = rest // self.table
+        return torch.stack(codes[::-1], dim=1)
+
+    def kinds(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(image-stream rows, text-stream patch rows) as bool masks over ids."""
+        return (ids >= self.gen_base) & (ids < self.source_base), ids >= self.source_base
+
+    def fill(self, code: int) -> int:
+        """The id of a position whose codes are all `code` (the mask patch, the register patch)."""
+        return int(self.pack(torch.full((1, self.codes_per_position), code, dtype=torch.long))[0])
+
+    @property
+    def mask_id(self) -> int:
+        return self.fill(self.mask_code)
+
+    @property
+    def register_id(self) -> int | None:
+        return None if self.register_code is None else self.fill(self.register_code)
+
+
 # ---- attention: step-causal spans x per-modality layers --------------------------------------
 
 class ModalKVCache(KVCache):
@@ -319,18 +399,24 @@ class ModalityAttention(AttentionBackend):
         self.row_is_image = row_is_image.to(torch.bool)
         self.first_split_layer = first_split_layer
         self._key_is_image: Tensor | None = None
-        self._masks: dict[int, Tensor] = {}
+        self._masks: dict[int, Tensor | None] = {}
         cache = inner.cache
         if isinstance(cache, ModalKVCache):  # mirrors SpanAttention's in-place K/V staging of this pass's rows
             room = min(self.row_is_image.numel(), cache.capacity - cache.length)
             cache.is_image[cache.length:cache.length + room] = self.row_is_image[:room]
 
-    def _mask(self, num_keys: int, device: torch.device) -> Tensor:
-        if num_keys not in self._masks:  # same for every split layer of the pass
+    def _mask(self, num_keys: int, device: torch.device) -> Tensor | None:
+        """The split layers' mask (same for every split layer of the pass); None when every row and key has one
+        modality, where per-modality attention is the joint one (so such a pass keeps the joint arithmetic, as a
+        text request's pass does on the served path)."""
+        if num_keys not in self._masks:
             cache = self.inner.cache
             cached = cache.is_image[:num_keys - self.row_is_image.numel()] if cache is not None else \
                 self.row_is_image[:0]
             keys = torch.cat([cached.to(device), self.row_is_image.to(device)])
+            if bool((keys == keys[0]).all()) if keys.numel() else True:
+                self._masks[num_keys] = None
+                return None
             mask = self.row_is_image.to(device).view(-1, 1) == keys.view(1, -1)
             if self.inner.spans is not None:
                 mask = mask & spans_to_mask(self.inner.spans.to(device), num_keys)
@@ -340,15 +426,20 @@ class ModalityAttention(AttentionBackend):
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if layer < self.first_split_layer:
             return self.inner.attend(layer, q, k, v)
+        cache = self.inner.cache
+        num_keys = (cache.length if cache is not None else 0) + q.shape[0]
+        mask = self._mask(num_keys, q.device)
+        if mask is None:
+            return self.inner.attend(layer, q, k, v)
         keys, values = self.inner.keys_values(layer, k, v)
-        out = sdpa_with_mask(q.transpose(0, 1), keys, values, self._mask(keys.shape[1], q.device))
+        out = sdpa_with_mask(q.transpose(0, 1), keys, values, mask)
         return out.transpose(0, 1)
 
 
 # ---- the model ------------------------------------------------------------------------------
 
-def _swiglu(x: Tensor, ff_proj: nn.Linear, up_proj: nn.Linear, ff_out: nn.Linear) -> Tensor:
-    return ff_out(F.silu(ff_proj(x)) * up_proj(x))
+def _swiglu(x: Tensor, ff_proj: nn.Linear, up_proj: nn.Linear, ff_out: nn.Linear, tile: int | None) -> Tensor:
+    return tiled(ff_out, F.silu(tiled(ff_proj, x, tile)) * tiled(up_proj, x, tile), tile)
 
 
 class LaViDaOBlock(nn.Module):
@@ -380,35 +471,37 @@ class LaViDaOBlock(nn.Module):
             self.up_proj_vision = nn.Linear(dg, config.mlp_hidden_size_gen, bias=False)
             self.ff_out_vision = nn.Linear(config.mlp_hidden_size_gen, dg, bias=False)
 
-    def _qkv(self, x: Tensor, vision: bool) -> tuple[Tensor, Tensor, Tensor]:
+    def _qkv(self, x: Tensor, vision: bool, tile: int | None) -> tuple[Tensor, Tensor, Tensor]:
         if vision and self.dual_tower:
             h = self.attn_norm_vision(x)
-            return self.q_proj_vision(h), self.k_proj_vision(h), self.v_proj_vision(h)
+            return (tiled(self.q_proj_vision, h, tile), tiled(self.k_proj_vision, h, tile),
+                    tiled(self.v_proj_vision, h, tile))
         h = self.attn_norm(x)
-        return self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        return tiled(self.q_proj, h, tile), tiled(self.k_proj, h, tile), tiled(self.v_proj, h, tile)
 
     def forward(self, x_text: Tensor, x_image: Tensor, text_rows: Tensor, image_rows: Tensor, cos: Tensor,
-                sin: Tensor, layer: int, attention: AttentionBackend) -> tuple[Tensor, Tensor]:
+                sin: Tensor, layer: int, attention: AttentionBackend,
+                tile: int | None = None) -> tuple[Tensor, Tensor]:
         rows = text_rows.numel() + image_rows.numel()
         q = x_text.new_empty(rows, self.n_heads * self.head_dim)
         k = x_text.new_empty(rows, self.n_kv_heads * self.head_dim)
         v = torch.empty_like(k)
         for idx, x, vision in ((text_rows, x_text, False), (image_rows, x_image, True)):
             if idx.numel():
-                q[idx], k[idx], v[idx] = self._qkv(x, vision)
+                q[idx], k[idx], v[idx] = self._qkv(x, vision, tile)
         q = apply_rope(q.view(rows, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(rows, self.n_kv_heads, self.head_dim), cos, sin)
-        att = self.attn_out(attention.attend(layer, q, k, v.view(rows, self.n_kv_heads, self.head_dim))
-                            .reshape(rows, -1))
+        att = tiled(self.attn_out, attention.attend(layer, q, k, v.view(rows, self.n_kv_heads, self.head_dim))
+                    .reshape(rows, -1), tile)
         x_text = x_text + att[text_rows]
         # the publishers add the d_model-wide output to the zero-padded image stream, then truncate it
         x_image = x_image + att[image_rows, :x_image.shape[-1]]
-        x_text = x_text + _swiglu(self.ff_norm(x_text), self.ff_proj, self.up_proj, self.ff_out)
+        x_text = x_text + _swiglu(self.ff_norm(x_text), self.ff_proj, self.up_proj, self.ff_out, tile)
         if self.dual_tower:
             x_image = x_image + _swiglu(self.ff_norm_vision(x_image), self.ff_proj_vision, self.up_proj_vision,
-                                        self.ff_out_vision)
+                                        self.ff_out_vision, tile)
         else:
-            x_image = x_image + _swiglu(self.ff_norm(x_image), self.ff_proj, self.up_proj, self.ff_out)
+            x_image = x_image + _swiglu(self.ff_norm(x_image), self.ff_proj, self.up_proj, self.ff_out, tile)
         return x_text, x_image
 
 
@@ -428,7 +521,13 @@ class LaViDaOMDM(nn.Module):
     forward(input_ids, positions, attention, logits_rows, image_rows=..., image_codes=...) -> text logits of the
     text `logits_rows`; `image_logits(...)` -> (n, codes_per_position, num_vq_embeddings) for image rows. Both
     go through `hidden_states`, so one pass can feed the LM head and the image head.
+
+    Batch invariance as LLaDAMDM: without autograd the linear layers run in fixed tiles of `row_tile` rows
+    (model.tiled), so a row's values do not depend on how many rows share the pass (the served path batches
+    requests and guidance branches into one forward; the reference driver runs each branch alone).
     """
+
+    row_tile: int | None = ROW_TILE
 
     def __init__(self, config: LaViDaOConfig) -> None:
         super().__init__()
@@ -466,6 +565,11 @@ class LaViDaOMDM(nn.Module):
     def local_kv_heads(self) -> int:
         return self.config.n_kv_heads
 
+    @property
+    def tile(self) -> int | None:
+        """The GEMM row tile of this call: tiles for inference, plain GEMMs under autograd (training)."""
+        return None if torch.is_grad_enabled() else self.row_tile
+
     # ---- embeddings and heads ----
 
     def embed_patches(self, codes: Tensor) -> Tensor:
@@ -497,11 +601,15 @@ class LaViDaOMDM(nn.Module):
         else:
             h = h.unsqueeze(1)
         second = getattr(self.model, "gen_predictor_2", None)  # call_gen_predictor: after the upsampling
-        return self.model.gen_predictor(second(h) if second is not None else h)
+        h = second(h) if second is not None else h
+        predictor = self.model.gen_predictor
+        if isinstance(predictor, nn.Linear):
+            return tiled(predictor, h.reshape(-1, h.shape[-1]), self.tile).view(*h.shape[:-1], predictor.out_features)
+        return predictor(h)
 
     def text_head(self, x_text: Tensor) -> Tensor:
         t = self.model.transformer
-        return t["ff_out"](t["ln_f"](x_text))
+        return tiled(t["ff_out"], t["ln_f"](x_text), self.tile)
 
     # ---- the pass ----
 
@@ -511,6 +619,11 @@ class LaViDaOMDM(nn.Module):
         split = self.config.first_split_layer
         if split >= self.config.n_layers or isinstance(attention, ModalityAttention):
             return attention
+        with_modality = getattr(attention, "with_modality", None)
+        if with_modality is not None:  # the paged backend (worker/paged_attention.py) keeps per-slot modality
+            is_image = torch.zeros(rows, dtype=torch.bool, device=image_rows.device)
+            is_image[image_rows] = True
+            return with_modality(is_image, split)
         if (not image_rows.numel() and isinstance(attention, SpanAttention)
                 and not isinstance(attention.cache, ModalKVCache)):
             # A text pass over a plain KVCache is a text-only sequence (the caller's contract: image sequences
@@ -551,8 +664,9 @@ class LaViDaOMDM(nn.Module):
             x_text = self.model.transformer["wte"](input_ids[text_rows])
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x_text.dtype)
         attention = self.wrap_attention(attention, image_rows, rows)
+        tile = self.tile
         for i, block in enumerate(self.model.transformer["blocks"]):
-            x_text, x_image = block(x_text, x_image, text_rows, image_rows, cos, sin, i, attention)
+            x_text, x_image = block(x_text, x_image, text_rows, image_rows, cos, sin, i, attention, tile)
         return x_text, x_image, text_rows, image_rows
 
     def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionBackend | None = None,
@@ -898,7 +1012,7 @@ def write_tiny_checkpoint(folder: str | Path, config: LaViDaOConfig, seed: int =
     return model
 
 
-__all__ = ["LaViDaOConfig", "LaViDaOMDM", "ModalKVCache", "ModalityAttention", "codes_to_patches",
+__all__ = ["LaViDaOConfig", "LaViDaOMDM", "PatchIds", "ModalKVCache", "ModalityAttention", "codes_to_patches",
            "patches_to_codes", "generate_image_sparse", "image_step_causal_logits", "ImageContext", "image_context",
            "edit_branches", "context_inputs", "load_lavida_o",
            "save_lavida_o", "write_tiny_checkpoint", "random_lavida_o"]

@@ -24,6 +24,7 @@ from sparse_lavida_vllm.model_executor.lavida_o import (
     ARCHITECTURE,
     CONFIG_NAME,
     IGNORED_PREFIXES,
+    VQ_SUBFOLDER,
     LaViDaOBlock,
     LaViDaOConfig,
     read_checkpoint_tensors,
@@ -64,6 +65,18 @@ def text_tower_config(config: LaViDaOConfig) -> MDMConfig:
 def unused_text_registers(config: LaViDaOConfig) -> int:
     """Text registers the checkpoint was trained with but cannot be served (no register_token_id names their row)."""
     return config.registers("text") if config.register_token_id is None else 0
+
+
+def serves_lavida_o_images(model: str | Path, tensor_parallel_size: int) -> str | None:
+    """None when a `llava_llada` checkpoint is served whole (text and image rows: worker/vllm_model.LlavaLladaForVLLM),
+    else why only its text path is (this file's mapping)."""
+    if tensor_parallel_size > 1:
+        return (f"image generation for {ARCHITECTURE} runs with tensor_parallel_size 1 (its image branch is not "
+                "sharded); this server serves its text path")
+    if not (Path(model) / VQ_SUBFOLDER / CONFIG_NAME).is_file():
+        return (f"the checkpoint has no {VQ_SUBFOLDER}/{CONFIG_NAME} (the VQ codec of its images); this server serves "
+                "its text path")
+    return None
 
 
 def _vision_shapes(config: LaViDaOConfig) -> dict[str, tuple[int, ...]]:
@@ -129,4 +142,4 @@ def load_text_tower(folder: str | Path, dtype: torch.dtype = torch.float32, devi
 
 
 __all__ = ["lavida_config", "text_tower_config", "text_tower_weights", "load_text_tower", "unused_text_registers",
-           "summarize_skipped", "IMAGE_PATH_PREFIXES", "IMAGE_PATH_KEYS"]
+           "summarize_skipped", "serves_lavida_o_images", "IMAGE_PATH_PREFIXES", "IMAGE_PATH_KEYS"]

@@ -16,7 +16,8 @@ from sparse_lavida_vllm.scheduler.params import DiffusionParamError, _bool, _int
 # The keys of an image request's `extra_args` (the images routes and `generate-image` fill them in).
 IMAGE_KNOBS = ("kind", "height", "width", "steps", "schedule", "order", "shift", "sparse", "num_registers",
                "guidance_scale", "image_guidance_scale", "guidance_interval", "temperature_schedule",
-               "min_temperature", "token_range", "init_canvas", "uncond_prompt_ids", "source_span")
+               "min_temperature", "token_range", "init_canvas", "uncond_prompt_ids", "source_span", "suffix_ids",
+               "source_codes")
 GENERATE = -1  # an init_canvas entry that marks a position to generate (everything else is given)
 
 
@@ -41,6 +42,11 @@ class ImageParams:
     uncond_prompt_ids: tuple[int, ...] | None  # None: the prompt replaced by masks (LaViDa-O)
     source_span: tuple[int, int] | None  # [start, end) of the edit's source image tokens in the prompt
     sampling: SamplingConfig
+    # text after the image (LaViDa-O's closing <|eot_id|>): prefilled at its true positions after the canvas
+    suffix_ids: tuple[int, ...] = ()
+    # LaViDa-O edits: the source image's VQ codes (codes_per_position per position of source_span, raster inside
+    # each 2x2 patch); the prompt holds placeholders there, the scheduler feeds the packed patches (lavida_o.PatchIds)
+    source_codes: tuple[int, ...] | None = None
     # the text request's fields, neutral for images, so the scheduler treats both kinds alike
     min_tokens: int = 0
     stop_at_eos: bool = False
@@ -72,13 +78,20 @@ class ImageParams:
 
     def branch_prompts(self, prompt: list[int], mask_id: int) -> list[list[int]]:
         """The prompts of the guidance branches: cond, then uncond and image-only when guidance asks for them."""
-        prompts = [prompt]
+        return [p for p, _ in self.branches(prompt, mask_id)]
+
+    def branches(self, prompt: list[int], mask_id: int) -> list[tuple[list[int], list[int]]]:
+        """(prompt, text after the image) of each guidance branch, LaViDa-O's edit_branches: cond; uncond = the prompt
+        all masks (the source image too), the suffix kept; image-only = every text row masked, the source kept."""
+        suffix = list(self.suffix_ids)
+        out = [(prompt, suffix)]
         if self.sampling.cfg_scale > 0:
-            prompts.append(list(self.uncond_prompt_ids) if self.uncond_prompt_ids else [mask_id] * len(prompt))
+            out.append((list(self.uncond_prompt_ids) if self.uncond_prompt_ids else [mask_id] * len(prompt), suffix))
             if self.sampling.image_cfg_scale > 0:
                 start, end = self.source_span
-                prompts.append([t if start <= i < end else mask_id for i, t in enumerate(prompt)])
-        return prompts
+                out.append(([t if start <= i < end else mask_id for i, t in enumerate(prompt)],
+                            [mask_id] * len(suffix)))
+        return out
 
 
 def _number(extra: dict, name: str, default: float, lo: float | None = None, hi: float | None = None) -> float:
@@ -118,7 +131,10 @@ def parse_image_params(sampling_params: Any, extra: dict, prompt_len: int, max_m
     for name, value in (("height", height), ("width", width)):
         if value is None or value < 1:
             raise DiffusionParamError(name, f"{name} (image tokens) must be an integer >= 1, got {value}", value)
-    if prompt_len + height * width > max_model_len:
+    suffix = _ints(extra, "suffix_ids") or ()
+    if any(t < 0 for t in suffix):
+        raise DiffusionParamError("suffix_ids", "suffix_ids must be token ids (>= 0)", None)
+    if prompt_len + height * width + len(suffix) > max_model_len:
         raise DiffusionParamError("size", f"the image ({height}x{width} tokens) plus the prompt ({prompt_len} "
                                   f"tokens) exceeds max_model_len ({max_model_len})", height * width)
     init_canvas = _ints(extra, "init_canvas", height * width)
@@ -144,6 +160,14 @@ def parse_image_params(sampling_params: Any, extra: dict, prompt_len: int, max_m
     if span is not None and not 0 <= span[0] < span[1] <= prompt_len:
         raise DiffusionParamError("source_span", f"source_span must be [start, end) inside the prompt "
                                   f"({prompt_len} tokens), got {list(span)}", None)
+    source_codes = _ints(extra, "source_codes")
+    if source_codes is not None:
+        if span is None:
+            raise DiffusionParamError("source_codes", "source_codes needs source_span (where the source image sits)")
+        per = len(source_codes) // max(span[1] - span[0], 1)
+        if per < 1 or per * (span[1] - span[0]) != len(source_codes) or any(c < 0 for c in source_codes):
+            raise DiffusionParamError("source_codes", f"source_codes must hold the same number of codes (>= 0) for "
+                                      f"each of the {span[1] - span[0]} source positions, got {len(source_codes)}")
     image_guidance = _number(extra, "image_guidance_scale", 0.0, 0.0, 100.0)
     if image_guidance > 0 and span is None:
         raise DiffusionParamError("image_guidance_scale", "image_guidance_scale needs a source image (an edit)",
@@ -174,4 +198,4 @@ def parse_image_params(sampling_params: Any, extra: dict, prompt_len: int, max_m
                        schedule=_choice(extra, "schedule", "shift", SCHEDULES), order=order,
                        shift=_number(extra, "shift", 5.0, 1e-3, 1e3), sparse=_bool(extra, "sparse", default_sparse),
                        num_registers=num_registers, init_canvas=init_canvas, uncond_prompt_ids=uncond,
-                       source_span=span, sampling=sampling)
+                       source_span=span, sampling=sampling, suffix_ids=tuple(suffix), source_codes=source_codes)

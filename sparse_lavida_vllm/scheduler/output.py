@@ -59,6 +59,10 @@ class RequestStep:
     cfg_scale: float = 0.0
     image_cfg_scale: float = 0.0
     token_range: tuple[int, int] | None = None  # only these ids are sampled (an image canvas: the codebook)
+    # what decode rows and registers are fed; None: the model's mask / register token (a LaViDa-O image request:
+    # the packed ids of the mask patch and the register patch, lavida_o.PatchIds)
+    mask_id: int | None = None
+    register_id: int | None = None
 
     @property
     def num_step_rows(self) -> int:

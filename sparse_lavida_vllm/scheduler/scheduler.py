@@ -15,6 +15,9 @@ from vllm.v1.engine import EngineCoreEventType, EngineCoreOutput, EngineCoreOutp
 from vllm.v1.request import Request, RequestStatus
 
 from sparse_lavida_vllm.diffusion.reference import PlanWalker
+from sparse_lavida_vllm.model_executor.lavida_o import ARCHITECTURE as LAVIDA_O
+from sparse_lavida_vllm.model_executor.lavida_o import LaViDaOConfig, PatchIds, load_config
+from sparse_lavida_vllm.model_executor.lavida_o_text import serves_lavida_o_images
 from sparse_lavida_vllm.scheduler.image_params import GENERATE, ImageParams
 from sparse_lavida_vllm.scheduler.output import (
     METRICS_KEY,
@@ -41,6 +44,7 @@ class Branch:
     kv: Request
     prompt: list[int]
     prefilled: bool = False
+    suffix: list[int] = field(default_factory=list)  # text after the image, prefilled after the canvas
 
 
 @dataclass
@@ -69,6 +73,35 @@ class DiffusionState:
         return self.decoded.nonzero().flatten().tolist() if self.step == 0 else []
 
 
+def lavida_o_image_config(vllm_config) -> LaViDaOConfig | None:
+    """The whole LaViDa-O config when such a checkpoint is served whole, text and images (else None)."""
+    model_config = vllm_config.model_config
+    if model_config.architecture != LAVIDA_O or serves_lavida_o_images(
+            model_config.model, vllm_config.parallel_config.tensor_parallel_size) is not None:
+        return None
+    return load_config(model_config.model)
+
+
+def check_lavida_o_image(params: ImageParams, ids: PatchIds) -> None:
+    """What only the model knows about an image request on LaViDa-O: the canvas is the position grid, a given
+    (inpainting) position is a packed patch, an edit's source codes are whole patches of the codebook."""
+    if params.sampling.token_range is not None:
+        raise DiffusionParamError("token_range", "token_range does not apply to LaViDa-O images (the image head "
+                                  "predicts codebook ids)")
+    given = [t for t in params.init_canvas or () if t != GENERATE]
+    if any(not ids.gen_base <= t < ids.source_base for t in given):
+        raise DiffusionParamError("init_canvas", "init_canvas entries must be packed image positions "
+                                  "(lavida_o.PatchIds.pack) or -1 (generate)")
+    if params.source_codes is not None:
+        start, end = params.source_span
+        if len(params.source_codes) != (end - start) * ids.codes_per_position:
+            raise DiffusionParamError("source_codes", f"source_codes must hold {ids.codes_per_position} codes per "
+                                      f"source position ({(end - start) * ids.codes_per_position}), got "
+                                      f"{len(params.source_codes)}")
+        if any(c >= ids.codebook for c in params.source_codes):
+            raise DiffusionParamError("source_codes", f"source_codes must be codebook ids (< {ids.codebook})")
+
+
 class DiffusionScheduler(Scheduler):
     """vLLM's V1 scheduler with a diffusion schedule() and update_from_output().
 
@@ -82,6 +115,11 @@ class DiffusionScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         hf_config = self.vllm_config.model_config.hf_config
         self.mdm_config = hf_config.to_mdm_config()
+        lavida = lavida_o_image_config(self.vllm_config)  # LaViDa-O served whole: image positions as packed ids
+        self.patch_ids = PatchIds.of(lavida) if lavida is not None else None
+        # its image registers: the checkpoint's image count, only with a declared register_code (never invented)
+        self.image_registers = lavida.registers("image") if lavida is not None and lavida.register_code is not None \
+            else 0
         self.states: dict[str, DiffusionState] = {}
         self.rejected: dict[str, str] = {}  # request id -> validation error (finished as errors)
         self.batch_sizes: list[int] = []  # requests per engine step (continuous batching evidence)
@@ -103,14 +141,23 @@ class DiffusionScheduler(Scheduler):
 
     def _parse(self, request: Request) -> DiffusionParams | ImageParams:
         """The request's frozen params, with this checkpoint's defaults (sparse only if trained for it)."""
-        return parse_params(request.sampling_params, request.num_prompt_tokens, self.max_model_len,
-                            self.mdm_config.num_registers, default_sparse=self.mdm_config.block_causal,
-                            has_register_token=self.mdm_config.register_token_id is not None)
+        registers, has_register = self.mdm_config.num_registers, self.mdm_config.register_token_id is not None
+        extra = request.sampling_params.extra_args or {}
+        if self.patch_ids is not None and extra.get("kind") == "image":  # LaViDa-O's image registers
+            registers, has_register = self.image_registers, self.patch_ids.register_code is not None
+        params = parse_params(request.sampling_params, request.num_prompt_tokens, self.max_model_len, registers,
+                              default_sparse=self.mdm_config.block_causal, has_register_token=has_register)
+        if isinstance(params, ImageParams) and self.patch_ids is not None:
+            check_lavida_o_image(params, self.patch_ids)
+        return params
 
     def _new_state(self, request: Request) -> DiffusionState:
         params = self._parse(request)
         mask_id = self.mdm_config.mask_token_id
-        canvas = torch.full((params.gen_length,), mask_id, dtype=torch.long)
+        lavida_image = isinstance(params, ImageParams) and self.patch_ids is not None
+        # a LaViDa-O canvas position is a packed code patch: all mask codes until decoded
+        canvas = torch.full((params.gen_length,), self.patch_ids.mask_id if lavida_image else mask_id,
+                            dtype=torch.long)
         decoded = torch.zeros(params.gen_length, dtype=torch.bool)
         if isinstance(params, ImageParams) and params.init_canvas is not None:  # inpainting: given tokens
             init = torch.tensor(params.init_canvas, dtype=torch.long)
@@ -119,16 +166,25 @@ class DiffusionScheduler(Scheduler):
         plan = params.plan()
         stepper = PlanWalker(plan, params.sampling, canvas)
         prompt = list(request.prompt_token_ids)
-        branches = [Branch(request, prompt)]
-        for i, branch_prompt in enumerate(params.branch_prompts(prompt, mask_id)[1:], start=1):
+        if isinstance(params, ImageParams):
+            if lavida_image and params.source_codes is not None:  # the source image's placeholders -> its patches
+                start, end = params.source_span
+                codes = torch.tensor(params.source_codes, dtype=torch.long).view(end - start, -1)
+                prompt[start:end] = self.patch_ids.pack(codes, source=True).tolist()
+            branch_texts = params.branches(prompt, mask_id)
+        else:
+            branch_texts = [(prompt, [])]
+        branches = [Branch(request, branch_texts[0][0], suffix=branch_texts[0][1])]
+        for i, (branch_prompt, suffix) in enumerate(branch_texts[1:], start=1):
             companion = copy.copy(request)  # its own id, so its own KV blocks; freed with the request
             companion.request_id = f"{request.request_id}#{('uncond', 'image')[i - 1]}"
             companion.num_computed_tokens = 0
-            branches.append(Branch(companion, branch_prompt))
+            branches.append(Branch(companion, branch_prompt, suffix=suffix))
         state = DiffusionState(params, prompt, canvas, decoded, stepper, stepper.decode_sets(), branches,
                                plan.num_steps)
         state.current = next(state.decode_sets, None)
-        tokens = request.num_prompt_tokens + params.gen_length if params.sparse else 0
+        suffix = len(params.suffix_ids) if isinstance(params, ImageParams) else 0
+        tokens = request.num_prompt_tokens + params.gen_length + suffix if params.sparse else 0
         state.blocks_per_branch = cdiv(tokens, self.block_size)
         return state
 
@@ -185,28 +241,31 @@ class DiffusionScheduler(Scheduler):
         step_sampling = sampling.at_step(state.step, state.num_steps)
         banned = sorted(self._stop_ids(params)) if params.min_tokens else []
         steps = []
+        s = len(state.branches[0].suffix)
+        lavida_image = isinstance(params, ImageParams) and self.patch_ids is not None
         for b, branch in enumerate(state.branches):
             decodes = b == 0 or guided  # an unguided companion only writes its commit rows to its cache
             if not params.sparse and not decodes:
                 continue  # dense: nothing cached, nothing to run
             prefill_ids: list[int] = []
             if params.sparse and not branch.prefilled:
-                prefill_ids = branch.prompt + state.canvas[given].tolist()
+                prefill_ids = branch.prompt + branch.suffix + state.canvas[given].tolist()
                 self._allocate(branch.kv, len(prefill_ids))
                 branch.prefilled = True
             cache_len = branch.kv.num_computed_tokens
             self._allocate(branch.kv, len(commit))
             block_ids = list(self.kv_cache_manager.get_block_ids(branch.kv.request_id)[0]) if params.sparse else []
-            dense_ids = branch.prompt + state.canvas.tolist() if not params.sparse else []
+            dense_ids = branch.prompt + state.canvas.tolist() + branch.suffix if not params.sparse else []
             decode_positions = (p + decode).tolist() if decodes else []
             if params.sparse and not (prefill_ids or commit or decode_positions):
                 continue
             steps.append(RequestStep(
                 req_id=branch.kv.request_id, sparse=params.sparse, block_ids=block_ids, prefill_ids=prefill_ids,
-                prefill_positions=list(range(p)) + [p + i for i in given] if prefill_ids else [],
+                prefill_positions=(list(range(p)) + list(range(p + params.gen_length, p + params.gen_length + s))
+                                   + [p + i for i in given]) if prefill_ids else [],
                 cache_len=cache_len, commit_ids=state.canvas[commit].tolist(),
                 commit_positions=[p + i for i in commit], decode_positions=decode_positions,
-                register_start=p + params.gen_length,
+                register_start=p + params.gen_length + s,
                 num_registers=params.num_registers if params.sparse and decodes else 0,
                 dense_ids=dense_ids, step=state.step, count=-1 if count is None else count,
                 temperature=step_sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
@@ -215,9 +274,11 @@ class DiffusionScheduler(Scheduler):
                 allowed_token_ids=list(params.allowed_token_ids), logit_bias=dict(params.logit_bias),
                 min_p=params.min_p, guides=None if b == 0 else request.request_id, branch=b,
                 cfg_scale=sampling.cfg_scale, image_cfg_scale=sampling.image_cfg_scale,
-                token_range=sampling.token_range))
+                token_range=sampling.token_range,
+                mask_id=self.patch_ids.mask_id if lavida_image else None,
+                register_id=self.patch_ids.register_id if lavida_image else None))
             if decodes:
-                state.dense_forward_tokens += p + params.gen_length
+                state.dense_forward_tokens += p + params.gen_length + s
         return steps
 
     def schedule(self, throttle_prefills: bool = False) -> DiffusionSchedulerOutput:

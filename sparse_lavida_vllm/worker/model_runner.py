@@ -14,7 +14,13 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from sparse_lavida_vllm.diffusion.masks import inference_step_spans
 from sparse_lavida_vllm.diffusion.reference import sample_and_choose
-from sparse_lavida_vllm.diffusion.sampling import SamplingConfig, constrain_logits, guide_logits
+from sparse_lavida_vllm.diffusion.sampling import (
+    SamplingConfig,
+    constrain_logits,
+    guide_logits,
+    sample_tokens,
+    step_generator,
+)
 from sparse_lavida_vllm.scheduler.output import DiffusionRunnerOutput, RequestStep
 from sparse_lavida_vllm.worker.flex_attention import FlexPagedAttention, choose_backend
 from sparse_lavida_vllm.worker.paged_attention import (
@@ -55,6 +61,7 @@ class DiffusionRunnerMixin:
         self.attention_backend = choose_backend(str(extra.get("attention_backend", "auto")), torch.device(device),
                                                 self.batch_invariant)
         self.paged_kv: list[Tensor] = []
+        self.slot_is_image: Tensor | None = None  # per-slot modality beside the pool (LaViDa-O's split layers)
 
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
@@ -80,6 +87,8 @@ class DiffusionRunnerMixin:
         self.paged_kv = [torch.zeros(2, slots, kv_heads, cfg.head_dim, dtype=self.model_config.dtype,
                                      device=self.device) for _ in range(cfg.n_layers)]
         self.kv_caches = self.paged_kv
+        # one flag per slot, written with the commit rows' K/V: is the cached key an image row (PagedModalityAttention)
+        self.slot_is_image = torch.zeros(slots, dtype=torch.bool, device=self.device)
         logger.info("diffusion KV cache: %d blocks of %d tokens x %d layers", kv_cache_config.num_blocks,
                     self.block_size, cfg.n_layers)
 
@@ -125,8 +134,8 @@ class DiffusionRunnerMixin:
                 p = len(rs.prefill_ids)
                 n_commit = p + len(rs.commit_ids)
                 cached = rs.cache_len - p  # the prompt's slots were allocated with this step
-                ids += rs.prefill_ids + rs.commit_ids + [cfg.mask_token_id] * n_decode
-                ids += [cfg.register_token_id] * rs.num_registers
+                ids += rs.prefill_ids + rs.commit_ids + [_mask_id(rs, cfg)] * n_decode
+                ids += [_register_id(rs, cfg)] * rs.num_registers
                 positions += rs.prefill_positions + rs.commit_positions + rs.decode_positions
                 positions += range(rs.register_start, rs.register_start + rs.num_registers)
                 n = n_commit + n_decode + rs.num_registers
@@ -144,9 +153,13 @@ class DiffusionRunnerMixin:
                 logits_rows.append(start + torch.tensor(rs.decode_positions, dtype=torch.long))
             start += n
         device = self.device
-        logits = self.model(torch.tensor(ids, dtype=torch.long, device=device),
-                            torch.tensor(positions, dtype=torch.long, device=device),
-                            PagedSpanAttention(self.paged_kv, segments), torch.cat(logits_rows).to(device))
+        ids_t = torch.tensor(ids, dtype=torch.long, device=device)
+        positions_t = torch.tensor(positions, dtype=torch.long, device=device)
+        attention = PagedSpanAttention(self.paged_kv, segments, self.slot_is_image)
+        step_logits = getattr(self.model, "step_logits", None)
+        if step_logits is not None:  # LaViDa-O: text and image rows, logits of two shapes
+            return step_logits(ids_t, positions_t, attention, [r.to(device) for r in logits_rows])
+        logits = self.model(ids_t, positions_t, attention, torch.cat(logits_rows).to(device))
         return list(torch.split(logits, [len(rs.decode_positions) for rs in group]))
 
     def _flat_step(self, group: list[RequestStep]) -> Tensor:
@@ -172,8 +185,8 @@ class DiffusionRunnerMixin:
                 n_commit = p + len(rs.commit_ids)
                 ids += rs.prefill_ids
                 ids += rs.commit_ids
-                ids += [cfg.mask_token_id] * n_decode
-                ids += [cfg.register_token_id] * rs.num_registers
+                ids += [_mask_id(rs, cfg)] * n_decode
+                ids += [_register_id(rs, cfg)] * rs.num_registers
                 positions += rs.prefill_positions
                 positions += rs.commit_positions
                 positions += rs.decode_positions
@@ -219,13 +232,28 @@ class DiffusionRunnerMixin:
         keep, tokens = sample_and_choose(logits, decode, None if rs.count < 0 else rs.count, sampling, rs.step)
         return keep.tolist(), tokens.tolist()
 
+    def _choose_image(self, rs: RequestStep, branch_logits: list[Tensor]) -> tuple[list[int], list[int]]:
+        """LaViDa-O image positions: guidance over (n, codes, codebook) logits, then all codes of every decode position
+        sampled at once with the (seed, step) noise (lavida_o.generate_image_sparse's draw), packed back to one id."""
+        sampling = SamplingConfig(temperature=rs.temperature, top_k=rs.top_k, top_p=rs.top_p, seed=rs.seed,
+                                  cfg_scale=rs.cfg_scale, image_cfg_scale=rs.image_cfg_scale)
+        logits = guide_logits(branch_logits, sampling)
+        n = logits.shape[0]
+        if 0 <= rs.count < n:
+            raise ValueError(f"{rs.req_id}: an image step keeps its whole decode set ({n} positions), asked {rs.count}")
+        tokens, _ = sample_tokens(logits.reshape(-1, logits.shape[-1]), sampling,
+                                  step_generator(rs.seed, rs.step, logits.device))
+        return list(range(n)), self.model.patch_ids.pack(tokens.view(n, -1)).tolist()
+
     @torch.inference_mode()
     def _forward(self, steps: list[RequestStep]) -> list[Tensor]:
         """Decode-row logits of every step, in order: one forward for the whole engine step."""
         fault = os.environ.get(FAULT_ENV)
         if fault and any(int(fault) in rs.prefill_ids for rs in steps):  # test-only fault injection
             raise RuntimeError(f"injected fault ({FAULT_ENV}={fault})")
-        if self.batch_invariant:  # the default: one forward, batch-invariant, bit-identical to the reference
+        if self.batch_invariant or hasattr(self.model, "step_logits"):
+            # the default: one forward, batch-invariant, bit-identical to the reference (LaViDa-O always: its
+            # per-modality layers run on PagedSpanAttention's per-request arithmetic)
             return self._step(steps)
         # plain GEMMs and one batched attention call per layer: fastest, not invariant
         return list(torch.split(self._flat_step(steps), [len(rs.decode_positions) for rs in steps]))
@@ -265,13 +293,23 @@ class DiffusionRunnerMixin:
                 branch_logits[rs.guides].append(logits)
         # sampling stays per request: batching it measured no faster (the per-row kernels dominate)
         primaries = [rs for rs in steps if rs.guides is None]
-        kept = {rs.req_id: self._choose(rs, branch_logits[rs.req_id]) for rs in primaries}
+        kept = {rs.req_id: (self._choose_image(rs, branch_logits[rs.req_id]) if branch_logits[rs.req_id][0].dim() == 3
+                            else self._choose(rs, branch_logits[rs.req_id])) for rs in primaries}
         req_ids = [rs.req_id for rs in primaries]
         return DiffusionRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
                                      kept=kept, failed=failed)
 
     def sample_tokens(self, grammar_output) -> DiffusionRunnerOutput:
         raise RuntimeError("the diffusion runner samples inside execute_model")
+
+
+def _mask_id(rs: RequestStep, cfg) -> int:
+    """What a decode row is fed: the request's own mask id (a LaViDa-O image position: the packed mask patch)."""
+    return cfg.mask_token_id if rs.mask_id is None else rs.mask_id
+
+
+def _register_id(rs: RequestStep, cfg) -> int:
+    return cfg.register_token_id if rs.register_id is None else rs.register_id
 
 
 class DiffusionModelRunner(DiffusionRunnerMixin, CPUModelRunner):

@@ -68,11 +68,14 @@ class PagedSpanAttention(AttentionBackend):
     each the bits it gets alone. Each request's result is therefore independent of the batch (batch invariance).
     """
 
-    def __init__(self, pool: list[Tensor], segments: list[Segment]) -> None:
+    def __init__(self, pool: list[Tensor], segments: list[Segment], slot_is_image: Tensor | None = None) -> None:
         self.pool = pool
+        self.segments = segments
+        self.slot_is_image = slot_is_image  # the runner's per-slot modality flags (LaViDa-O), beside the pool
         device = pool[0].device
         self.groups: list[_Group] = []
         self.parts: list[tuple[int, int, int, int]] = []  # per request: cached [a, b) of the gather, rows [c, d)
+        self.key_starts: list[int] = []  # per request: where its keys start in the layer's key buffer
         gathered = offset = 0
         for seg in segments:
             cached, rows = seg.cached_slots.numel(), seg.end - seg.start
@@ -85,6 +88,7 @@ class PagedSpanAttention(AttentionBackend):
                 mask = None if runs is not None or seg.spans is None else spans_to_mask(seg.spans.to(device), keys)
                 self.groups.append(_Group(seg.start, offset, 1, rows, keys, runs, mask))
             self.parts.append((gathered, gathered + cached, seg.start, seg.end))
+            self.key_starts.append(offset)
             gathered += cached
             offset += keys
         self.cached_slots = torch.cat([seg.cached_slots for seg in segments]).to(device)
@@ -101,14 +105,18 @@ class PagedSpanAttention(AttentionBackend):
             pieces += [cached[a:b], rows[c:d]]
         return torch.cat(pieces)
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def keys_values(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """The key-major K and V buffers [request 0's cache | its rows | ...]; writes the commit rows to the pool."""
         cache = self.pool[layer]
         keys, values = self._gather(cache[0], k), self._gather(cache[1], v)
         if self.commit_rows.numel():  # only C_{k-1} (or the prompt) reaches the pool; masks and registers never do (I1)
             cache[0].index_copy_(0, self.commit_slots, k.index_select(0, self.commit_rows))
             cache[1].index_copy_(0, self.commit_slots, v.index_select(0, self.commit_rows))
+        return keys, values
+
+    def attend_groups(self, q: Tensor, keys: Tensor, values: Tensor, groups: list[_Group]) -> Tensor:
         out = q.new_empty(q.shape)
-        for g in self.groups:
+        for g in groups:
             qg, og = _blocks(q, g.start, g.size, g.rows), _blocks(out, g.start, g.size, g.rows)
             kg, vg = _blocks(keys, g.key_start, g.size, g.keys), _blocks(values, g.key_start, g.size, g.keys)
             if g.runs is None:
@@ -116,6 +124,55 @@ class PagedSpanAttention(AttentionBackend):
             for a, b, end in g.runs or []:
                 og[:, :, a:b] = sdpa_with_mask(qg[:, :, a:b], kg[:, :, :end], vg[:, :, :end], None)
         return out
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        keys, values = self.keys_values(layer, k, v)
+        return self.attend_groups(q, keys, values, self.groups)
+
+    def with_modality(self, row_is_image: Tensor, first_split_layer: int) -> PagedModalityAttention:
+        """This pass under LaViDa-O's per-modality layers (lavida_o.LaViDaOMDM.wrap_attention calls it)."""
+        if self.slot_is_image is None:
+            raise ValueError("per-modality layers need the per-slot modality flags of the pool (slot_is_image)")
+        return PagedModalityAttention(self, row_is_image, first_split_layer)
+
+
+class PagedModalityAttention(AttentionBackend):
+    """LaViDa-O's split layers over the paged pool: ModalityAttention's rule (the spans AND same-modality keys).
+
+    Each cached key's modality is a per-slot flag beside the K/V pool (`slot_is_image`), written with the commit
+    rows' K/V (the same slots), so a request's cached keys carry their modality like a ModalKVCache's rows. Joint
+    layers, and split layers of a request whose rows and keys all have one modality (a text request), keep the
+    wrapped backend's arithmetic; the others run one masked SDPA per request, as ModalityAttention does.
+    """
+
+    def __init__(self, inner: PagedSpanAttention, row_is_image: Tensor, first_split_layer: int) -> None:
+        self.inner = inner
+        self.first_split_layer = first_split_layer
+        flags = inner.slot_is_image
+        rows = row_is_image.to(flags.device)
+        cached = flags.index_select(0, inner.cached_slots)
+        self.groups: list[_Group] = []  # one group per request, with the modality mask where it matters
+        self.mixed = False
+        for seg, (a, b, c, d), key_start in zip(inner.segments, inner.parts, inner.key_starts, strict=True):
+            row_mod = rows[c:d]
+            keys = torch.cat([cached[a:b], row_mod])
+            n_rows, n_keys = d - c, keys.numel()
+            spans = None if seg.spans is None else spans_to_mask(seg.spans.to(flags.device), n_keys)
+            if n_keys == 0 or bool((keys == keys[0]).all()):  # one modality: the joint arithmetic
+                runs = prefix_runs(seg.spans, n_rows, n_keys)
+                self.groups.append(_Group(c, key_start, 1, n_rows, n_keys, runs, None if runs else spans))
+                continue
+            self.mixed = True
+            mask = row_mod.view(-1, 1) == keys.view(1, -1)
+            self.groups.append(_Group(c, key_start, 1, n_rows, n_keys, None, mask if spans is None else mask & spans))
+        if inner.commit_rows.numel():  # the commit rows' modality goes where their K/V go
+            flags.index_copy_(0, inner.commit_slots, rows.index_select(0, inner.commit_rows))
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if layer < self.first_split_layer or not self.mixed:
+            return self.inner.attend(layer, q, k, v)
+        keys, values = self.inner.keys_values(layer, k, v)
+        return self.inner.attend_groups(q, keys, values, self.groups)
 
 
 @dataclass

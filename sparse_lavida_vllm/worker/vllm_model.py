@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import fields
+from dataclasses import fields, replace
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformers import PretrainedConfig
 
 from sparse_lavida_vllm.model_executor.config import ARCHITECTURE, LLADA_ARCHITECTURE, MDMConfig
 from sparse_lavida_vllm.model_executor.lavida_o import ARCHITECTURE as LAVIDA_O_ARCHITECTURE
+from sparse_lavida_vllm.model_executor.lavida_o import IGNORED_PREFIXES, LaViDaOMDM, PatchIds, load_config
 from sparse_lavida_vllm.model_executor.lavida_o import MODEL_TYPE as LAVIDA_O_MODEL_TYPE
 from sparse_lavida_vllm.model_executor.lavida_o_text import (
     lavida_config,
+    serves_lavida_o_images,
     summarize_skipped,
     text_tower_config,
     text_tower_weights,
     unused_text_registers,
 )
+from sparse_lavida_vllm.model_executor.lavida_o_vision import UNDERSTANDING_PREFIXES
 from sparse_lavida_vllm.model_executor.model import LLaDAMDM
 from sparse_lavida_vllm.model_executor.parallel import TensorParallel
 from sparse_lavida_vllm.model_executor.weights import load_weights_into
@@ -138,7 +143,8 @@ class LlavaLladaTextForVLLM(SparseLLaDAForVLLM):
 
     Text-only rows use `model.transformer.*` alone (lavida_o_text.py), so this is SparseLLaDAForVLLM loading those
     tensors (same names, same tensor-parallel sharding); the image-path tensors are checked, listed and skipped.
-    Image generation, edits and understanding are not served through vLLM (they run in PyTorch, lavida_o.py).
+    Registered through LlavaLladaForVLLM, which builds this class when images cannot be served (tensor_parallel_size
+    > 1, no vqvae/); image understanding is not served through vLLM (it runs in PyTorch, lavida_o_vision.py).
     """
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
@@ -158,7 +164,93 @@ class LlavaLladaTextForVLLM(SparseLLaDAForVLLM):
         return loaded
 
 
+class LlavaLladaForVLLM(LaViDaOMDM):
+    """LaViDa-O / Sparse-LaViDa served whole: text rows and image rows in one forward over the paged cache.
+
+    The scheduler and runner carry an image position as one packed id above the text vocabulary (lavida_o.PatchIds);
+    `step_logits` splits a pass's rows by id into text ids, image-stream code patches and (edits without
+    enc_use_image_branch) text-stream source patches, runs LaViDaOMDM once, and returns each request's decode-row
+    logits: (n, vocab) for text rows, (n, codes_per_position, codebook) for image rows. Per-modality layers read the
+    runner's per-slot modality flags (worker/paged_attention.py). The understanding tower is not built (the served
+    path takes no image inputs), so its tensors are skipped with the VQ copy. With tensor_parallel_size > 1, or
+    without vqvae/, the plugin's class is the text path (LlavaLladaTextForVLLM) instead: see `__new__`.
+    """
+
+    def __new__(cls, *, vllm_config, prefix: str = ""):
+        model_config = vllm_config.model_config
+        why = serves_lavida_o_images(model_config.model, vllm_config.parallel_config.tensor_parallel_size)
+        if why is not None:
+            logger.info("%s: %s", LAVIDA_O_ARCHITECTURE, why)
+            return LlavaLladaTextForVLLM(vllm_config=vllm_config, prefix=prefix)
+        return super().__new__(cls)
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        config = replace(load_config(vllm_config.model_config.model), understanding=None)
+        super().__init__(config)
+        self.patch_ids = PatchIds.of(config)
+
+    def embed_input_ids(self, input_ids: Tensor) -> Tensor:
+        return self.model.transformer["wte"](input_ids)
+
+    def compute_logits(self, hidden_states: Tensor) -> Tensor:
+        return self.text_head(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        skipped = 0
+        for name, tensor in weights:
+            if name.startswith((*IGNORED_PREFIXES, *UNDERSTANDING_PREFIXES)):
+                skipped += 1  # the VQ copy (multimodal.vq reads vqvae/) and the understanding tower (not served)
+                continue
+            if name not in params:
+                raise ValueError(f"unexpected weight {name!r} in the checkpoint (not a parameter of "
+                                 f"{LAVIDA_O_ARCHITECTURE} with this config.json)")
+            if tuple(tensor.shape) != tuple(params[name].shape):
+                raise ValueError(f"weight {name!r}: checkpoint shape {tuple(tensor.shape)} does not fit the "
+                                 f"parameter {tuple(params[name].shape)}")
+            with torch.no_grad():
+                params[name].copy_(tensor.to(params[name].dtype))
+            loaded.add(name)
+        missing = set(params) - loaded
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}")
+        logger.info("%s: serving text and image generation (%d tensors); skipped %d VQ / understanding tensors",
+                    LAVIDA_O_ARCHITECTURE, len(loaded), skipped)
+        return loaded
+
+    def step_logits(self, input_ids: Tensor, positions: Tensor, attention, logits_rows: list[Tensor]) -> list[Tensor]:
+        """Each request's decode-row logits from one forward over every row of the engine step."""
+        ids, cfg = self.patch_ids, self.config
+        is_gen, is_source = ids.kinds(input_ids)
+        image_rows = is_gen.nonzero().flatten()
+        text_ids = input_ids.masked_fill(is_gen | is_source, 0)
+        text_embeds = None
+        if bool(is_source.any()):  # an edit's source image as text-stream rows: the zero-padded patch embedding
+            source = is_source.nonzero().flatten()
+            text_embeds = self.model.transformer["wte"](text_ids)
+            text_embeds[source] = F.pad(self.embed_patches(ids.unpack(input_ids[source])),
+                                        (0, cfg.d_model - cfg.d_model_gen))
+        x_text, x_image, text_rows, image_rows = self.hidden_states(
+            text_ids, positions, attention, image_rows, ids.unpack(input_ids[image_rows]), text_embeds)
+        out = []
+        for rows in logits_rows:
+            rows = rows.to(input_ids.device)
+            if rows.numel() and bool(is_gen[rows[0]]):
+                out.append(self.image_head(x_image[_local_rows(image_rows, rows)]))
+            elif rows.numel():
+                out.append(self.text_head(x_text[_local_rows(text_rows, rows)]))
+            else:
+                out.append(x_text.new_empty(0, cfg.vocab_size))
+        return out
+
+
+def _local_rows(kind_rows: Tensor, wanted: Tensor) -> Tensor:
+    """Indices into one stream's states of the pass rows `wanted` (all of that stream)."""
+    return torch.searchsorted(kind_rows, wanted)
+
+
 # architecture -> the vLLM model class the plugin registers for it
 MODEL_CLASSES = {ARCHITECTURE: SparseLLaDAForVLLM, LLADA_ARCHITECTURE: SparseLLaDAForVLLM,
-                 LAVIDA_O_ARCHITECTURE: LlavaLladaTextForVLLM}
+                 LAVIDA_O_ARCHITECTURE: LlavaLladaForVLLM}
 HF_CONFIGS = (LLaDAHFConfig, LlavaLladaHFConfig)
