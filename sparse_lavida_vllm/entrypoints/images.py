@@ -18,6 +18,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 
+from sparse_lavida_vllm.model_executor.lavida_o import ARCHITECTURE as LAVIDA_O
 from sparse_lavida_vllm.multimodal.layout import ImageLayout
 from sparse_lavida_vllm.scheduler.image_params import GENERATE
 from sparse_lavida_vllm.scheduler.params import DiffusionParamError, parse_params
@@ -191,15 +192,53 @@ class ImageService:
         self.num_registers = int(getattr(self.hf_config, "num_registers", 0))
         self.model_defaults = {"default_sparse": bool(getattr(self.hf_config, "block_causal", False)),
                                "has_register_token": getattr(self.hf_config, "register_token_id", None) is not None}
-        self.layout: ImageLayout | None = None
+        self.layout: Any = None  # ImageLayout, or LaViDaOLayout for a llava_llada checkpoint
+        self.lavida = False
         self.unavailable = ""
         try:  # a text-only or tokenizer-less checkpoint: the routes answer 400 with the reason
             self.tokenizer = engine_client.renderer.get_tokenizer()
-            self.layout = ImageLayout.from_config(getattr(self.hf_config, "image_generation", None),
-                                                  model_config.model, self.tokenizer.get_vocab().get,
-                                                  model_config.architecture)
+            if model_config.architecture == LAVIDA_O:
+                self._lavida_layout(engine_client, model_config)
+            else:
+                self.layout = ImageLayout.from_config(getattr(self.hf_config, "image_generation", None),
+                                                      model_config.model, self.tokenizer.get_vocab().get,
+                                                      model_config.architecture)
         except ValueError as e:
             self.unavailable = str(e)
+
+    def _lavida_layout(self, engine_client: Any, model_config: Any) -> None:
+        """LaViDa-O served whole: its own prompt format and VQ codec; image registers and their patch."""
+        from sparse_lavida_vllm.model_executor.lavida_o_text import serves_lavida_o_images
+        from sparse_lavida_vllm.multimodal.lavida_o_layout import LaViDaOLayout
+
+        parallel = getattr(getattr(engine_client, "vllm_config", None), "parallel_config", None)
+        why = serves_lavida_o_images(model_config.model, getattr(parallel, "tensor_parallel_size", 1))
+        if why is not None:
+            raise ValueError(why)
+        self.layout = LaViDaOLayout.load(model_config.model, self.tokenizer)
+        self.lavida = True
+        self.num_registers = self.layout.image_registers
+        self.model_defaults["has_register_token"] = self.layout.config.register_code is not None
+
+    def parse_size(self, value: Any) -> tuple[int, int]:
+        if not self.lavida:
+            return parse_size(value, self.layout.codec.image_size)
+        try:
+            return self.layout.parse_size(value)
+        except ValueError as e:
+            raise BadField("size", str(e)) from None
+
+    def num_outputs(self, size: tuple[int, int]) -> int:
+        return self.layout.num_outputs(size) if self.lavida else self.layout.codec.num_tokens
+
+    def decode(self, token_ids: list[int], size: tuple[int, int]) -> Image.Image:
+        tokens = torch.tensor(token_ids, dtype=torch.long)
+        return self.layout.decode(tokens, size) if self.lavida else self.layout.codec.decode(tokens)
+
+    def t2i_prompt(self, text: str, size: tuple[int, int]) -> list[int]:
+        if self.lavida:
+            return self.layout.t2i_prompt(text, size)
+        return self.layout.t2i_prompt(self.encode_text(text))
 
     def encode_text(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -219,7 +258,7 @@ class ImageService:
         defaults = self.layout.defaults
         return {
             "prompt": prompt, "n": _get_int(body, "n", 1, 1, MAX_N),
-            "size": parse_size(body.get("size"), self.layout.codec.image_size),
+            "size": self.parse_size(body.get("size")),
             "steps": _get_int(body, "num_inference_steps", None, 1, 4096),
             "guidance_scale": _get_float(body, "guidance_scale", None, 0.0, 100.0),
             "image_guidance_scale": _get_float(body, "image_guidance_scale", None, 0.0, 100.0),
@@ -236,14 +275,18 @@ class ImageService:
         }
 
     def job(self, fields: dict[str, Any], prompt_ids: list[int], source_span: tuple[int, int] | None = None,
-            init_canvas: list[int] | None = None) -> ImageJob:
+            init_canvas: list[int] | None = None, source_codes: list[int] | None = None) -> ImageJob:
         uncond = None
         if fields["negative_prompt"]:  # the uncond branch reads the negative prompt, padded with masks
-            neg = self.layout.t2i_prompt(self.encode_text(fields["negative_prompt"]))[:len(prompt_ids)]
+            neg = self.t2i_prompt(fields["negative_prompt"], fields["size"])[:len(prompt_ids)]
             uncond = neg + [self.mask_id] * (len(prompt_ids) - len(neg))
-        extra = self.layout.request_args(steps=fields["steps"], guidance_scale=fields["guidance_scale"],
-                                         image_guidance_scale=fields["image_guidance_scale"], source_span=source_span,
-                                         init_canvas=init_canvas, uncond_prompt_ids=uncond, **fields["knobs"])
+        args = dict(steps=fields["steps"], guidance_scale=fields["guidance_scale"],
+                    image_guidance_scale=fields["image_guidance_scale"], source_span=source_span,
+                    init_canvas=init_canvas, uncond_prompt_ids=uncond, **fields["knobs"])
+        if self.lavida:
+            extra = self.layout.request_args(fields["size"], source_codes=source_codes, **args)
+        else:
+            extra = self.layout.request_args(**args)
         if fields["negative_prompt"] and not extra.get("guidance_scale"):
             raise BadField("negative_prompt", "negative_prompt needs guidance_scale > 0 (it is the uncond branch)")
         base = fields["seed"] if fields["seed"] is not None else secrets.randbits(62)
@@ -255,7 +298,7 @@ class ImageService:
     def sampling_params(self, job: ImageJob, seed: int) -> Any:
         from vllm import SamplingParams
 
-        return SamplingParams(max_tokens=self.layout.codec.num_tokens, temperature=job.temperature, top_k=job.top_k,
+        return SamplingParams(max_tokens=self.num_outputs(job.size), temperature=job.temperature, top_k=job.top_k,
                               top_p=job.top_p, seed=seed, extra_args=dict(job.extra), detokenize=False)
 
     def validate(self, job: ImageJob) -> None:
@@ -275,11 +318,11 @@ class ImageService:
                                                      self.sampling_params(job, seed), f"img-{uuid.uuid4().hex}"):
                 final = output
             completion = final.outputs[0] if final is not None and final.outputs else None
-            if completion is None or len(completion.token_ids) != self.layout.codec.num_tokens:
+            if completion is None or len(completion.token_ids) != self.num_outputs(job.size):
                 reason = completion.finish_reason if completion is not None else "no output"
                 raise RuntimeError(f"the engine did not finish the image ({reason})")
             metrics = dict((final.kv_transfer_params or {}).get("sparse_lavida_metrics", {}))
-            image = self.layout.codec.decode(torch.tensor(list(completion.token_ids), dtype=torch.long))
+            image = self.decode(list(completion.token_ids), job.size)
             return image, metrics
 
         return list(await asyncio.gather(*(one(seed) for seed in job.seeds)))
@@ -326,7 +369,7 @@ async def create_image(request: Request) -> JSONResponse:
         fields = service.common(body)
         if fields["image_guidance_scale"]:
             raise BadField("image_guidance_scale", "image_guidance_scale applies to edits only")
-        job = service.job(fields, service.layout.t2i_prompt(service.encode_text(fields["prompt"])))
+        job = service.job(fields, service.t2i_prompt(fields["prompt"], fields["size"]))
     except BadField as e:
         return _error(400, str(e), e.field)
     return await _answer(service, job)
@@ -352,19 +395,31 @@ async def edit_image(request: Request) -> JSONResponse:
         source = read_image(await upload.read(), "image")
         fields = service.common(body)
         layout = service.layout
-        source_ids = layout.codec.encode(source).tolist()  # the codec converts and resizes to its own format
+        source_codes = None
+        if service.lavida and service.layout.config.gen_enc_add_pos_emb:
+            raise BadField("image", "gen_enc_add_pos_emb=true (Sparse-LaViDa) changes how an edit's source image is "
+                                    "embedded and that code is not published: edits are not supported on this "
+                                    "checkpoint")
+        if service.lavida:  # the source as code patches at the requested size; the canvas holds them packed
+            patches = layout.encode(source, fields["size"])
+            source_ids, grid = layout.canvas_ids(patches), layout.positions(fields["size"])
+        else:
+            source_ids = layout.codec.encode(source).tolist()  # the codec converts and resizes to its own format
+            grid = layout.codec.grid
         init_canvas = None
         mask_upload = form.get("mask")
         if mask_upload is not None:
             if not hasattr(mask_upload, "read"):
                 raise BadField("mask", "mask must be a PNG file")
-            init_canvas = mask_to_canvas(read_image(await mask_upload.read(), "mask"), source, source_ids,
-                                         layout.codec.grid)
+            init_canvas = mask_to_canvas(read_image(await mask_upload.read(), "mask"), source, source_ids, grid)
             if GENERATE not in init_canvas:  # nothing to repaint: the source, untouched
-                image = layout.codec.decode(torch.tensor(source_ids, dtype=torch.long))
+                image = service.decode(source_ids, fields["size"])
                 return JSONResponse(service.response([(image, {"steps": 0})] * fields["n"], fields["size"]))
-        prompt, span = layout.edit_prompt(source_ids, service.encode_text(fields["prompt"]))
-        job = service.job(fields, prompt, source_span=span, init_canvas=init_canvas)
+        if service.lavida:
+            prompt, span, source_codes = layout.edit_prompt(fields["prompt"], patches)
+        else:
+            prompt, span = layout.edit_prompt(source_ids, service.encode_text(fields["prompt"]))
+        job = service.job(fields, prompt, source_span=span, init_canvas=init_canvas, source_codes=source_codes)
     except BadField as e:
         return _error(400, str(e), e.field)
     return await _answer(service, job)

@@ -10,12 +10,12 @@ from typing import Any
 from sparse_lavida_vllm.model_executor.lavida_o import ARCHITECTURE as LAVIDA_O
 from sparse_lavida_vllm.multimodal.codec import ImageCodec
 
-# Architectures whose image path exists in PyTorch but is not served through vLLM: why their image routes refuse.
-NOT_SERVED = {
+# Architectures whose image requests another layout builds: from_config names it instead of reading config.json.
+OTHER_LAYOUT = {
     LAVIDA_O: (
-        f"image generation and editing for {LAVIDA_O} (LaViDa-O / Sparse-LaViDa) are not served "
-        "through vLLM yet: this server serves its text path (completions, chat); text-to-image and edits run in "
-        "PyTorch (sparse_lavida_vllm.model_executor.lavida_o, generate_image_sparse)"),
+        f"{LAVIDA_O} (LaViDa-O / Sparse-LaViDa) lays out its image requests with "
+        "sparse_lavida_vllm.multimodal.lavida_o_layout.LaViDaOLayout (the images routes of `sparse-lavida serve` "
+        "use it); `generate-image` does not yet: serve the checkpoint and call /v1/images/generations or /edits"),
 }
 # Sampler defaults when the checkpoint names none (LaViDa-O's image sampler, scaled to small grids).
 DEFAULTS: dict[str, Any] = {"steps": 16, "temperature": 0.8, "guidance_scale": 0.0, "image_guidance_scale": 0.0,
@@ -41,12 +41,11 @@ class ImageLayout:
     def from_config(cls, image_generation: Mapping[str, Any] | None, checkpoint: str | Path | None,
                     token_to_id: Callable[[str], int | None], architecture: str | None = None) -> ImageLayout:
         """Build it from config.json's section; a missing or bad entry raises ValueError naming it. An
-        `architecture` in NOT_SERVED is refused first, whatever its config says: its image rows are not token ids
-        of the served tower."""
+        `architecture` in OTHER_LAYOUT is refused first, naming the layout that serves it."""
         from sparse_lavida_vllm.multimodal.factory import load_image_codec
 
-        if architecture in NOT_SERVED:
-            raise ValueError(NOT_SERVED[architecture])
+        if architecture in OTHER_LAYOUT:
+            raise ValueError(OTHER_LAYOUT[architecture])
         if not image_generation:
             raise ValueError("this checkpoint has no image_generation section in config.json: it serves text only")
         if "codec" not in image_generation:

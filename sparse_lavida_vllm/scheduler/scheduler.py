@@ -73,6 +73,10 @@ class DiffusionState:
         return self.decoded.nonzero().flatten().tolist() if self.step == 0 else []
 
 
+EDITS_UNPUBLISHED = ("gen_enc_add_pos_emb=true (Sparse-LaViDa) changes how an edit's source image is embedded and "
+                     "that code is not published: edits are not supported on this checkpoint")
+
+
 def lavida_o_image_config(vllm_config) -> LaViDaOConfig | None:
     """The whole LaViDa-O config when such a checkpoint is served whole, text and images (else None)."""
     model_config = vllm_config.model_config
@@ -117,6 +121,7 @@ class DiffusionScheduler(Scheduler):
         self.mdm_config = hf_config.to_mdm_config()
         lavida = lavida_o_image_config(self.vllm_config)  # LaViDa-O served whole: image positions as packed ids
         self.patch_ids = PatchIds.of(lavida) if lavida is not None else None
+        self.lavida_edits = lavida is not None and not lavida.gen_enc_add_pos_emb  # lavida_o.image_context's rule
         # its image registers: the checkpoint's image count, only with a declared register_code (never invented)
         self.image_registers = lavida.registers("image") if lavida is not None and lavida.register_code is not None \
             else 0
@@ -149,6 +154,8 @@ class DiffusionScheduler(Scheduler):
                               default_sparse=self.mdm_config.block_causal, has_register_token=has_register)
         if isinstance(params, ImageParams) and self.patch_ids is not None:
             check_lavida_o_image(params, self.patch_ids)
+            if params.source_codes is not None and not self.lavida_edits:
+                raise DiffusionParamError("source_codes", EDITS_UNPUBLISHED)
         return params
 
     def _new_state(self, request: Request) -> DiffusionState:
