@@ -186,3 +186,69 @@ def test_sdpa_gives_each_request_of_a_same_shape_batch_the_bits_it_gets_alone(th
                     assert torch.equal(together[b], sdpa_with_mask(q[b], k[b], v[b], None)), (rows, keys, size, b)
     finally:
         torch.set_num_threads(old)
+
+
+def test_per_slot_modality_equals_modality_attention_alone_and_batched():
+    """LaViDa-O's split layers over the paged pool (PagedModalityAttention: a modality flag per slot, written with
+    the commit rows' K/V) == ModalityAttention over a ModalKVCache, bit for bit; a text request batched with an image
+    request keeps its own joint arithmetic."""
+    from sparse_lavida_vllm.model_executor.lavida_o import ModalKVCache, random_lavida_o
+    from tests.model_executor.test_lavida_o import tiny_config
+
+    model = random_lavida_o(tiny_config(), seed=3, std=0.3)
+    cfg = model.config
+    assert cfg.first_split_layer < cfg.n_layers
+    prompt = torch.tensor([5, 9, 11, 3, 8])
+    g = torch.Generator().manual_seed(4)
+    committed = torch.randint(0, 16, (3, 4), generator=g)  # C_{k-1}: three clean image positions
+    codes = torch.cat([committed, torch.full((4, 4), cfg.mask_code), torch.full((3, 4), cfg.register_code)])
+    positions = torch.tensor([5, 9, 13, 6, 7, 8, 10, 21, 22, 23])
+    spans = inference_step_spans(5, 10, 3)
+    rows = torch.arange(10)
+
+    cache = ModalKVCache(cfg.n_layers, 20, cfg.n_kv_heads, cfg.head_dim)
+    model(prompt, torch.arange(5), SpanAttention(None, cache, 5), EMPTY)
+    cache.advance(5)
+    ref = model.image_logits(torch.zeros_like(rows), positions, SpanAttention(spans, cache, 3), rows[3:7], rows, codes)
+    cache.advance(3)
+
+    slots = 8 * BLOCK
+    kv = [torch.zeros(2, slots, cfg.n_kv_heads, cfg.head_dim) for _ in range(cfg.n_layers)]
+    flags = torch.ones(slots, dtype=torch.bool)  # stale flags of a reused block must be overwritten
+    blocks = [5, 2, 7]
+    model(prompt, torch.arange(5), PagedSpanAttention(kv, [Segment(0, 5, EMPTY, request_slots(blocks, 0, 5, BLOCK),
+                                                                   None)], flags), EMPTY)
+    seg = Segment(0, 10, request_slots(blocks, 0, 5, BLOCK), request_slots(blocks, 5, 8, BLOCK), spans)
+    paged = model.image_logits(torch.zeros_like(rows), positions, PagedSpanAttention(kv, [seg], flags), rows[3:7],
+                               rows, codes)
+    assert torch.equal(paged, ref)
+    written = request_slots(blocks, 0, 8, BLOCK)
+    assert torch.equal(flags[written], cache.is_image[:8])  # prompt text, then the three image commit rows
+    for layer in range(cfg.n_layers):
+        assert torch.equal(kv[layer][0, written], cache.k[layer, :, :8].transpose(0, 1))
+
+    # the same image step batched after a text request's step (its own blocks): each equals itself alone
+    text_prompt = torch.tensor([7, 8, 9, 10])
+    text_cache = ModalKVCache(cfg.n_layers, 20, cfg.n_kv_heads, cfg.head_dim)
+    model(text_prompt, torch.arange(4), SpanAttention(None, text_cache, 4), EMPTY)
+    text_cache.advance(4)
+    text_ids = torch.tensor([12, cfg.mask_token_id, cfg.mask_token_id])
+    text_spans = inference_step_spans(4, 3, 1)
+    text_alone = model(text_ids, torch.tensor([4, 5, 6]), SpanAttention(text_spans, text_cache, 1),
+                       torch.tensor([1, 2]))
+
+    kv = [torch.zeros(2, slots, cfg.n_kv_heads, cfg.head_dim) for _ in range(cfg.n_layers)]
+    flags = torch.zeros(slots, dtype=torch.bool)
+    image_blocks, text_blocks = [3, 6], [1, 0]
+    model(torch.cat([text_prompt, prompt]), torch.cat([torch.arange(4), torch.arange(5)]), PagedSpanAttention(kv, [
+        Segment(0, 4, EMPTY, request_slots(text_blocks, 0, 4, BLOCK), None),
+        Segment(4, 9, EMPTY, request_slots(image_blocks, 0, 5, BLOCK), None)], flags), EMPTY)
+    step = [Segment(0, 3, request_slots(text_blocks, 0, 4, BLOCK), request_slots(text_blocks, 4, 5, BLOCK),
+                    text_spans),
+            Segment(3, 13, request_slots(image_blocks, 0, 5, BLOCK), request_slots(image_blocks, 5, 8, BLOCK),
+                    spans)]
+    x_text, x_image, text_rows, _ = model.hidden_states(
+        torch.cat([text_ids, torch.zeros(10, dtype=torch.long)]), torch.cat([torch.tensor([4, 5, 6]), positions]),
+        PagedSpanAttention(kv, step, flags), 3 + rows, codes)
+    assert torch.equal(model.text_head(x_text[1:3]), text_alone)
+    assert torch.equal(model.image_head(x_image[3:7]), ref)
