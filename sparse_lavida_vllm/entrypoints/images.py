@@ -178,6 +178,7 @@ class ImageJob:
     top_p: float
     seeds: list[int]
     size: tuple[int, int]
+    return_token_ids: bool = False  # each image's canvas ids in the response (LaViDa-O: packed positions)
 
 
 class ImageService:
@@ -266,6 +267,7 @@ class ImageService:
             "seed": _get_int(body, "seed", None, 0, 2**62),
             "temperature": _get_float(body, "temperature", float(defaults["temperature"]), 0.0, 100.0),
             "top_k": _get_int(body, "top_k", 0, 0, 1 << 30), "top_p": _get_float(body, "top_p", 1.0, 1e-6, 1.0),
+            "return_token_ids": _get_bool(body, "return_token_ids", False),
             "knobs": {"sparse": _get_bool(body, "sparse", None),
                       "num_registers": _get_int(body, "num_registers", None, 0, self.max_model_len),
                       "order": _get_str(body, "order", None), "schedule": _get_str(body, "schedule", None),
@@ -291,7 +293,7 @@ class ImageService:
             raise BadField("negative_prompt", "negative_prompt needs guidance_scale > 0 (it is the uncond branch)")
         base = fields["seed"] if fields["seed"] is not None else secrets.randbits(62)
         job = ImageJob(prompt_ids, extra, fields["temperature"], fields["top_k"], fields["top_p"],
-                       [base + i for i in range(fields["n"])], fields["size"])
+                       [base + i for i in range(fields["n"])], fields["size"], bool(fields["return_token_ids"]))
         self.validate(job)
         return job
 
@@ -323,15 +325,21 @@ class ImageService:
                 raise RuntimeError(f"the engine did not finish the image ({reason})")
             metrics = dict((final.kv_transfer_params or {}).get("sparse_lavida_metrics", {}))
             image = self.decode(list(completion.token_ids), job.size)
+            if job.return_token_ids:
+                metrics["token_ids"] = list(completion.token_ids)
             return image, metrics
 
         return list(await asyncio.gather(*(one(seed) for seed in job.seeds)))
 
     @staticmethod
     def response(results: list[tuple[Image.Image, dict]], size: tuple[int, int]) -> dict[str, Any]:
+        # token ids (return_token_ids) go with their image, not into the metrics the Prometheus hook counts
         return {"created": int(time.time()),
-                "data": [{"b64_json": png_b64(image, size)} for image, _ in results],
-                "sparse_lavida_metrics": [metrics for _, metrics in results]}
+                "data": [{"b64_json": png_b64(image, size),
+                          **({"token_ids": metrics["token_ids"]} if "token_ids" in metrics else {})}
+                         for image, metrics in results],
+                "sparse_lavida_metrics": [{k: v for k, v in metrics.items() if k != "token_ids"}
+                                          for _, metrics in results]}
 
 
 def _service(request: Request) -> ImageService | JSONResponse:
@@ -428,7 +436,7 @@ async def edit_image(request: Request) -> JSONResponse:
 _COMMON_FIELDS = {"prompt", "n", "size", "response_format", "output_format", "stream", "num_inference_steps",
                   "guidance_scale", "image_guidance_scale", "negative_prompt", "seed", "temperature", "top_k", "top_p",
                   "sparse", "num_registers", "order", "schedule", "guidance_interval", "temperature_schedule",
-                  "min_temperature", *IGNORED}
+                  "min_temperature", "return_token_ids", *IGNORED}
 _GENERATION_FIELDS = set(_COMMON_FIELDS)
 _EDIT_FIELDS = set(_COMMON_FIELDS) | {"input_fidelity"}
 

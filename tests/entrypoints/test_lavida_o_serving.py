@@ -245,37 +245,39 @@ def test_offline_engine_serves_plain_lavida_o_dense_by_default_and_warns_on_spar
     assert "skipped the image-path" in log and "model.vision_tower" in log and "_vision" in log
 
 
+@pytest.fixture(scope="module")
+def server(checkpoints, tmp_path_factory):
+    srv = Server(checkpoints["sparse"], log_dir=tmp_path_factory.mktemp("lavida-o-server"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
 @pytest.mark.slow
-def test_server_answers_text_and_refuses_images_by_name(checkpoints, offline_sparse, tmp_path):
-    import requests
-    from openai import BadRequestError, OpenAI
+def test_server_answers_text_and_refuses_image_inputs_by_name(checkpoints, offline_sparse, client):
+    from openai import BadRequestError
 
     folder = checkpoints["sparse"]
-    srv = Server(folder, log_dir=tmp_path)
-    try:
-        client = OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0)
-        r = client.completions.create(model=str(folder), prompt=PROMPT, max_tokens=GEN, temperature=0,
-                                      extra_body={"vllm_xargs": KNOBS, "ignore_eos": True, "return_token_ids": True})
-        assert r.choices[0].token_ids == offline_sparse["default"]["tokens"]  # sparse by default, 4 registers
-        metrics = r.model_extra["kv_transfer_params"]["sparse_lavida_metrics"]
-        assert metrics["mode"] == "sparse" and metrics["num_registers"] == 4
-        chat = client.chat.completions.create(model=str(folder), messages=[{"role": "user", "content": "hi"}],
-                                              max_tokens=8, temperature=0, extra_body={"vllm_xargs": {"steps": 4}})
-        assert chat.choices[0].message.content is not None
-        pixel = base64.b64encode(_png()).decode()
-        with pytest.raises(BadRequestError) as info:
-            client.chat.completions.create(model=str(folder), max_tokens=8, messages=[{"role": "user", "content": [
-                {"type": "text", "text": "what is this?"},
-                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{pixel}"}}]}])
-        assert ARCH in str(info.value) and "image_url" in str(info.value) and "lavida_o_vision" in str(info.value)
-        with pytest.raises(BadRequestError) as info:
-            client.images.generate(model=str(folder), prompt="a red square")
-        assert ARCH in str(info.value) and "not served through vLLM" in str(info.value)
-        edit = requests.post(srv.base_url + "/v1/images/edits", data={"prompt": "make it blue"},
-                             files={"image": ("a.png", _png(), "image/png")}, timeout=60)
-        assert edit.status_code == 400 and ARCH in edit.json()["error"]["message"], edit.text
-    finally:
-        srv.stop()
+    r = client.completions.create(model=str(folder), prompt=PROMPT, max_tokens=GEN, temperature=0,
+                                  extra_body={"vllm_xargs": KNOBS, "ignore_eos": True, "return_token_ids": True})
+    assert r.choices[0].token_ids == offline_sparse["default"]["tokens"]  # sparse by default, 4 registers
+    metrics = r.model_extra["kv_transfer_params"]["sparse_lavida_metrics"]
+    assert metrics["mode"] == "sparse" and metrics["num_registers"] == 4
+    chat = client.chat.completions.create(model=str(folder), messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=8, temperature=0, extra_body={"vllm_xargs": {"steps": 4}})
+    assert chat.choices[0].message.content is not None
+    pixel = base64.b64encode(_png()).decode()
+    with pytest.raises(BadRequestError) as info:  # image understanding is still PyTorch-only
+        client.chat.completions.create(model=str(folder), max_tokens=8, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{pixel}"}}]}])
+    assert ARCH in str(info.value) and "image_url" in str(info.value) and "lavida_o_vision" in str(info.value)
 
 
 def _png() -> bytes:
@@ -304,3 +306,198 @@ def test_the_engine_stops_on_a_bad_text_tower_tensor_naming_it(tmp_path):
     assert run.returncode != 0
     assert "'model.transformer.blocks.0.ff_proj.weight': checkpoint shard (3, 3) does not fit" in run.stderr, \
         run.stderr[-3000:]
+
+
+# ---- image generation and edits through the engine --------------------------------------------------------------
+
+SIZE = (32, 32)  # the tiny VQ downsamples 4x: 8x8 codes, 4x4 positions of 2x2 codes
+
+
+def reference_image(model: torch.nn.Module, prompt: list[int], seed: int, steps: int, guidance: float = 0.0,
+                    image_guidance: float = 0.0, interval: tuple[float, float] = (0.0, 1.0), suffix: tuple = (),
+                    source_span: tuple[int, int] | None = None, source_codes: torch.Tensor | None = None,
+                    shift: float = 3.0, grid: tuple[int, int] = (4, 4), num_registers: int = 3) -> list[int]:
+    """The PyTorch driver's image (lavida_o.generate_image_sparse) for the request the engine ran, as packed ids."""
+    from sparse_lavida_vllm.diffusion.planners import image_plan
+    from sparse_lavida_vllm.model_executor.lavida_o import PatchIds, generate_image_sparse
+
+    plan = image_plan(*grid, steps, "shift", "stratified", shift, torch.Generator().manual_seed(seed))
+    sampling = SamplingConfig(temperature=1.0, seed=seed, cfg_scale=guidance, image_cfg_scale=image_guidance,
+                              cfg_interval=interval)
+    rows = None if source_span is None else torch.arange(*source_span)
+    result = generate_image_sparse(model, torch.tensor(prompt), plan, sampling, num_registers,
+                                   suffix_ids=torch.tensor(suffix, dtype=torch.long), source_rows=rows,
+                                   source_codes=source_codes)
+    return PatchIds.of(model.config).pack(result.patches).tolist()
+
+
+IMAGE_SCRIPT = """
+import json, sys
+from vllm import LLM, SamplingParams
+folder, cases, text = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+llm = LLM(model=folder, dtype="float32", enforce_eager=True, max_model_len=256, seed=0)
+prompts = [{"prompt_token_ids": c["prompt"]} for c in cases] + [{"prompt_token_ids": text["prompt"]}]
+params = [SamplingParams(max_tokens=16, temperature=1.0, seed=c["seed"], extra_args=c["extra"], detokenize=False)
+          for c in cases]
+params.append(SamplingParams(max_tokens=text["gen"], temperature=0, ignore_eos=True, extra_args=text["knobs"]))
+sched = llm.llm_engine.engine_core.engine_core.scheduler
+outs = llm.generate(prompts, params, use_tqdm=False)
+free = sched.num_free_blocks() == sched.num_blocks_total
+print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs],
+                             "metrics": [o.kv_transfer_params["sparse_lavida_metrics"] for o in outs],
+                             "batch": max(sched.batch_sizes), "free": free}), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_offline_engine_images_equal_the_pytorch_driver_in_one_batch(checkpoints):
+    """I4 for LaViDa-O images: the engine (packed positions, paged per-modality attention, CFG companions) gives the
+    tokens of lavida_o.generate_image_sparse for the same seed, every case in one batch with a text request."""
+    folder = checkpoints["sparse"]
+    model = load_lavida_o(folder)
+    g = torch.Generator().manual_seed(1)
+    source = torch.randint(0, 16, (16, 4), generator=g)  # an edit's source image: 16 positions of 2x2 codes
+    edit_prompt = [40, 41] + [201] * 16 + [42, 43, 44]
+    base = {"kind": "image", "height": 4, "width": 4, "steps": 4, "shift": 3.0, "num_registers": 3}
+    cases = {
+        "plain": dict(prompt=PROMPT, seed=3, extra={}),
+        "suffix": dict(prompt=PROMPT, seed=4, extra={"suffix_ids": [2, 7]}),  # LaViDa-O's closing token(s)
+        "cfg": dict(prompt=PROMPT, seed=5, extra={"guidance_scale": 2.0, "suffix_ids": [2]}),
+        "cfg_interval": dict(prompt=PROMPT, seed=6, extra={"guidance_scale": 2.0, "guidance_interval": [0.3, 0.8]}),
+        "edit_3way": dict(prompt=edit_prompt, seed=7, extra={
+            "guidance_scale": 1.0, "image_guidance_scale": 1.5, "source_span": [2, 18],
+            "source_codes": source.flatten().tolist(), "suffix_ids": [2]}),
+        "no_registers": dict(prompt=PROMPT, seed=8, extra={"num_registers": 0}),
+        "dense": dict(prompt=PROMPT, seed=9, extra={"sparse": False, "guidance_scale": 1.0}),
+    }
+    payload = [{"prompt": c["prompt"], "seed": c["seed"], "extra": {**base, **c["extra"]}} for c in cases.values()]
+    text = {"prompt": PROMPT, "gen": GEN, "knobs": KNOBS}
+    run = subprocess.run([sys.executable, "-c", IMAGE_SCRIPT, str(folder), json.dumps(payload), json.dumps(text)],
+                         env={**os.environ, **VLLM_ENV}, capture_output=True, text=True, timeout=600)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stdout[-2000:] + run.stderr[-4000:]
+    out = json.loads(lines[-1].removeprefix("RESULT "))
+    got = dict(zip(cases, out["tokens"]))
+    for name, case in cases.items():
+        extra = {**base, **case["extra"]}
+        if name == "dense":
+            continue
+        span = tuple(extra["source_span"]) if "source_span" in extra else None
+        expected = reference_image(model, case["prompt"], case["seed"], 4, extra.get("guidance_scale", 0.0),
+                                   extra.get("image_guidance_scale", 0.0), tuple(extra.get("guidance_interval",
+                                                                                           (0.0, 1.0))),
+                                   tuple(extra.get("suffix_ids", ())), span, source if span else None,
+                                   num_registers=extra["num_registers"])
+        assert got[name] == expected, name
+    # dense: every position decoded to codebook codes (no PyTorch dense driver for LaViDa-O images to compare with)
+    from sparse_lavida_vllm.model_executor.lavida_o import PatchIds
+
+    ids = PatchIds.of(model.config)
+    dense = ids.unpack(torch.tensor(got["dense"]))
+    assert bool((dense < 16).all()) and out["metrics"][list(cases).index("dense")]["mode"] == "dense"
+    assert out["tokens"][-1] == _reference(model, 4, sparse=True)  # the text request shared the batch
+    assert out["batch"] >= 4 and out["free"]  # batched together; every block (companions too) back in the pool (I5)
+
+
+def _source_image():
+    from PIL import Image
+
+    image = Image.new("RGB", SIZE, (20, 40, 200))
+    image.paste((230, 200, 10), (4, 4, 20, 28))
+    return image
+
+
+@pytest.fixture(scope="module")
+def layout(checkpoints):
+    from transformers import AutoTokenizer
+
+    from sparse_lavida_vllm.multimodal.lavida_o_layout import LaViDaOLayout
+
+    folder = checkpoints["sparse"]
+    return LaViDaOLayout.load(folder, AutoTokenizer.from_pretrained(str(folder)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("guidance", [0.0, 2.0])
+def test_server_text_to_image_equals_the_pytorch_driver(checkpoints, client, layout, guidance):
+    from PIL import Image
+
+    folder = checkpoints["sparse"]
+    caption = "a yellow square on blue"
+    result = client.images.generate(model=str(folder), prompt=caption, size="32x32",
+                                    extra_body={"seed": 11, "guidance_scale": guidance, "return_token_ids": True})
+    image = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+    assert image.format == "PNG" and image.size == SIZE and image.mode == "RGB"
+    tokens = result.data[0].model_extra["token_ids"]
+    prompt = layout.t2i_prompt(caption, SIZE)
+    assert tokens == reference_image(load_lavida_o(folder), prompt, 11, 16, guidance, suffix=layout.suffix)
+    assert image.tobytes() == layout.decode(torch.tensor(tokens), SIZE).tobytes()  # the codec decodes the canvas
+    metrics = result.model_extra["sparse_lavida_metrics"][0]
+    assert metrics["mode"] == "sparse" and metrics["num_registers"] == 3  # the checkpoint's image registers
+    assert metrics["forward_tokens"] < metrics["dense_forward_tokens"]
+
+
+@pytest.mark.slow
+def test_server_edit_equals_the_pytorch_driver_and_inpainting_keeps_the_rest(checkpoints, server, layout):
+    import requests
+    from PIL import Image
+
+    folder = checkpoints["sparse"]
+    source = _source_image()
+    upload = io.BytesIO()
+    source.save(upload, format="PNG")
+    data = {"prompt": "make it red", "size": "32x32", "seed": "5", "guidance_scale": "1.0",
+            "image_guidance_scale": "1.5", "return_token_ids": "true"}
+    r = requests.post(server.base_url + "/v1/images/edits", data=data,
+                      files={"image": ("a.png", upload.getvalue(), "image/png")}, timeout=300)
+    assert r.status_code == 200, r.text
+    image = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
+    assert image.size == SIZE
+    patches = layout.encode(source, SIZE)
+    prompt, span, _ = layout.edit_prompt("make it red", patches)
+    expected = reference_image(load_lavida_o(folder), prompt, 5, 16, 1.0, 1.5, suffix=layout.suffix,
+                               source_span=span, source_codes=patches)
+    assert r.json()["data"][0]["token_ids"] == expected
+    # inpainting: the transparent left half is repainted, every position of the right half keeps the source
+    mask = Image.new("RGBA", SIZE, (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, 16, 32))
+    mask_png = io.BytesIO()
+    mask.save(mask_png, format="PNG")
+    r = requests.post(server.base_url + "/v1/images/edits", data={**data, "image_guidance_scale": "0"},
+                      files={"image": ("a.png", upload.getvalue(), "image/png"),
+                             "mask": ("m.png", mask_png.getvalue(), "image/png")}, timeout=300)
+    assert r.status_code == 200, r.text
+    tokens, given = r.json()["data"][0]["token_ids"], layout.canvas_ids(patches)
+    right = [i for i in range(16) if i % 4 >= 2]
+    assert all(tokens[i] == given[i] for i in right)
+    assert r.json()["sparse_lavida_metrics"][0]["steps"] == 8  # only the 8 repainted positions were planned
+
+
+@pytest.mark.slow
+def test_server_image_requests_name_what_is_unsupported(checkpoints, client, server):
+    import requests
+    from openai import BadRequestError
+
+    folder = checkpoints["sparse"]
+    for size in ("30x30", "big", "4096x4096"):
+        with pytest.raises(BadRequestError) as info:
+            client.images.generate(model=str(folder), prompt="a square", size=size)
+        assert info.value.body["param"] == "size" and "multiples of 8" in str(info.value), size
+    with pytest.raises(BadRequestError) as info:  # 64x64 positions do not fit max_model_len 256
+        client.images.generate(model=str(folder), prompt="a square", size="512x512")
+    assert info.value.body["param"] == "size"
+    with pytest.raises(BadRequestError) as info:
+        client.images.generate(model=str(folder), prompt="a square", size="32x32",
+                               extra_body={"image_guidance_scale": 1.0})
+    assert info.value.body["param"] == "image_guidance_scale"
+    r = requests.post(server.base_url + "/v1/images/edits", data={"prompt": "x", "size": "32x32"}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image"
+    assert server.metric("vllm:num_requests_running") == 0
+
+
+def test_images_are_served_only_with_one_rank_and_a_vq(checkpoints, tmp_path):
+    from sparse_lavida_vllm.model_executor.lavida_o_text import serves_lavida_o_images
+
+    assert serves_lavida_o_images(checkpoints["sparse"], 1) is None
+    assert "tensor_parallel_size 1" in serves_lavida_o_images(checkpoints["sparse"], 2)
+    assert "vqvae/config.json" in serves_lavida_o_images(tmp_path, 1)
