@@ -4,8 +4,9 @@ A pass whose rows are all text runs, in `LaViDaOMDM`, through `model.transformer
 ln_f, ff_out}` only: the `*_vision` block weights are read by image rows, and per-modality layers
 (> dual_tower_layers) differ from joint ones only when image keys exist (`LaViDaOMDM.wrap_attention`). That is
 `LLaDAMDM` with the same tensor names, so the served text path is our LLaDA engine (paged KV, step-causal sparse
-path, tensor parallelism, batching) over a `llava_llada` checkpoint's text tower. What only image rows read (the
-generation branch, the understanding tower, the VQ copy) is listed and skipped, never loaded.
+path, tensor parallelism, batching) over a `llava_llada` checkpoint's text tower: what the server runs when the whole
+model cannot be served (tensor_parallel_size > 1, no vqvae/: `serves_lavida_o_images`). What only image rows read
+(the generation branch, the understanding tower, the VQ copy) is listed and skipped, never loaded.
 
 No vLLM import here: the vLLM classes live in worker/vllm_model.py.
 """
