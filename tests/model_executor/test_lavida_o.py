@@ -637,3 +637,29 @@ def test_text_to_image_decodes_through_the_checkpoints_vq(tmp_path: Path) -> Non
     assert image.size == (GRID * 4, GRID * 4) and image.mode == "RGB"
     again = generate_image_sparse(model, prompt, plan, SamplingConfig(temperature=1.0, seed=5))
     assert torch.equal(again.patches, result.patches)  # (seed, step) noise: reproducible
+
+
+def test_patch_ids_pack_a_position_into_one_id_above_the_vocabulary() -> None:
+    """The served engine's image rows: 4 codes (mask and register codes included) <-> one int64 id, two ranges."""
+    from sparse_lavida_vllm.model_executor.lavida_o import PatchIds
+
+    config = tiny_config()
+    ids = PatchIds.of(config)
+    table = CODES + 256
+    patches = torch.tensor([[0, 0, 0, 0], [1, 2, 3, 4], [table - 1] * 4, [config.mask_code] * 4, [15, 0, 7, 18]])
+    packed = ids.pack(patches)
+    assert packed[0] == config.vocab_size and packed[1] == config.vocab_size + ((1 * table + 2) * table + 3) * table + 4
+    assert bool((packed >= config.vocab_size).all()) and bool((packed < ids.source_base).all())
+    assert torch.equal(ids.unpack(packed), patches)
+    source = ids.pack(patches, source=True)  # an edit's source image without enc_use_image_branch: text stream
+    assert bool((source >= ids.source_base).all()) and torch.equal(ids.unpack(source), patches)
+    gen, text_stream = ids.kinds(torch.cat([torch.tensor([5]), packed, source]))
+    assert gen.tolist() == [False] + [True] * 5 + [False] * 5 and text_stream.tolist() == [False] * 6 + [True] * 5
+    assert ids.unpack(torch.tensor([ids.mask_id])).tolist() == [[config.mask_code] * 4]
+    assert ids.unpack(torch.tensor([ids.register_id])).tolist() == [[config.register_code] * 4]
+    image_branch = PatchIds.of(tiny_config(enc_use_image_branch=True))
+    assert bool((image_branch.pack(patches, source=True) < image_branch.source_base).all())  # image-stream rows
+    published = PatchIds.of(LaViDaOConfig.from_dict(published_like_config(), num_vq_embeddings=8192))
+    assert published.source_base + published.span < 2**63  # int64 holds both ranges at the published sizes
+    with pytest.raises(ValueError, match="codes must lie"):
+        ids.pack(torch.tensor([[table, 0, 0, 0]]))
