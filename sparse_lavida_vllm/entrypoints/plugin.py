@@ -200,8 +200,9 @@ def media_refusal(architecture: str) -> str:
 
     if architecture == LAVIDA_O:
         return (f"image inputs are not served for {LAVIDA_O} (LaViDa-O / Sparse-LaViDa) through vLLM yet: this "
-                "server serves its text path; its image understanding (SigLIP tower, projector, anyres tiles) runs "
-                "in PyTorch (sparse_lavida_vllm.model_executor.lavida_o_vision). Send text-only messages")
+                "server serves its text path and image generation (/v1/images/*); its image understanding (SigLIP "
+                "tower, projector, anyres tiles) runs in PyTorch (sparse_lavida_vllm.model_executor.lavida_o_vision). "
+                "Send text-only messages")
     return f"{architecture} serves text only: chat messages cannot carry images, audio or video"
 
 
