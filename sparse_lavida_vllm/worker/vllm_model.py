@@ -198,16 +198,16 @@ class LlavaLladaForVLLM(LaViDaOMDM):
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
         params = dict(self.named_parameters())
         loaded: set[str] = set()
-        skipped = 0
+        skipped: list[str] = []
         for name, tensor in weights:
             if name.startswith((*IGNORED_PREFIXES, *UNDERSTANDING_PREFIXES)):
-                skipped += 1  # the VQ copy (multimodal.vq reads vqvae/) and the understanding tower (not served)
+                skipped.append(name)  # the VQ copy (multimodal.vq reads vqvae/), the understanding tower (unserved)
                 continue
             if name not in params:
                 raise ValueError(f"unexpected weight {name!r} in the checkpoint (not a parameter of "
                                  f"{LAVIDA_O_ARCHITECTURE} with this config.json)")
             if tuple(tensor.shape) != tuple(params[name].shape):
-                raise ValueError(f"weight {name!r}: checkpoint shape {tuple(tensor.shape)} does not fit the "
+                raise ValueError(f"weight {name!r}: checkpoint shard {tuple(tensor.shape)} does not fit the "
                                  f"parameter {tuple(params[name].shape)}")
             with torch.no_grad():
                 params[name].copy_(tensor.to(params[name].dtype))
@@ -215,8 +215,8 @@ class LlavaLladaForVLLM(LaViDaOMDM):
         missing = set(params) - loaded
         if missing:
             raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}")
-        logger.info("%s: serving text and image generation (%d tensors); skipped %d VQ / understanding tensors",
-                    LAVIDA_O_ARCHITECTURE, len(loaded), skipped)
+        logger.info("%s: serving text and image generation (%d tensors); skipped the understanding / VQ %s",
+                    LAVIDA_O_ARCHITECTURE, len(loaded), summarize_skipped(skipped))
         return loaded
 
     def step_logits(self, input_ids: Tensor, positions: Tensor, attention, logits_rows: list[Tensor]) -> list[Tensor]:
