@@ -351,10 +351,13 @@ print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in o
 
 
 @pytest.mark.slow
-def test_offline_engine_images_equal_the_pytorch_driver_in_one_batch(checkpoints):
+@pytest.mark.parametrize("enc_use_image_branch", [False, True])
+def test_offline_engine_images_equal_the_pytorch_driver_in_one_batch(checkpoints, tmp_path, enc_use_image_branch):
     """I4 for LaViDa-O images: the engine (packed positions, paged per-modality attention, CFG companions) gives the
-    tokens of lavida_o.generate_image_sparse for the same seed, every case in one batch with a text request."""
-    folder = checkpoints["sparse"]
+    tokens of lavida_o.generate_image_sparse for the same seed, every case in one batch with a text request. Both
+    source-image paths of edits: text-stream rows carrying the patch embedding, or image-stream rows."""
+    folder = checkpoints["sparse"] if not enc_use_image_branch else \
+        lavida_checkpoint(tmp_path / "image-branch", sparse_lavida_config(enc_use_image_branch=True))
     model = load_lavida_o(folder)
     g = torch.Generator().manual_seed(1)
     source = torch.randint(0, 16, (16, 4), generator=g)  # an edit's source image: 16 positions of 2x2 codes
