@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from sparse_lavida_vllm.entrypoints.cli import DEMO_MODEL, set_cpu_env
 
@@ -18,35 +19,19 @@ def _outputs(out: str, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(n)]
 
 
-def generate_image(ns: argparse.Namespace) -> int:
-    model = ns.model or str(DEMO_MODEL)
-    if not (Path(model) / "config.json").exists():
-        sys.exit(f"--model: no config.json in {model}")
-    for flag, path in (("--image", ns.image), ("--mask", ns.mask)):
-        if path and not Path(path).is_file():
-            sys.exit(f"{flag}: no such file: {path}")
-    if ns.n < 1:
-        sys.exit(f"-n must be >= 1, got {ns.n}")
-    set_cpu_env()
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    import torch
-    from PIL import Image
-    from tqdm import tqdm
-    from vllm import LLM, SamplingParams
-
+def _layout_request(ns: argparse.Namespace, model: str, tokenizer: Any, model_config: Any) -> tuple:
+    """(prompt, extra_args, layout) of a checkpoint with an `image_generation` section (the demo's kind)."""
     from sparse_lavida_vllm.entrypoints.images import BadField, mask_to_canvas, read_image
     from sparse_lavida_vllm.multimodal.layout import ImageLayout
     from sparse_lavida_vllm.scheduler.image_params import GENERATE
-    from sparse_lavida_vllm.scheduler.params import DiffusionParamError, parse_params
 
-    llm = LLM(model=model, dtype=ns.dtype, enforce_eager=True, max_model_len=ns.max_model_len)
-    tokenizer = llm.get_tokenizer()
-    model_config = llm.llm_engine.model_config
     try:
         layout = ImageLayout.from_config(getattr(model_config.hf_config, "image_generation", None), model,
                                          tokenizer.get_vocab().get, model_config.architecture)
     except ValueError as e:
         sys.exit(f"{model}: {e}")
+    if ns.size:
+        sys.exit("--size: this checkpoint draws images of its codec's size (use --scale to enlarge the PNG)")
     text = list(tokenizer.encode(ns.prompt, add_special_tokens=False))
     span, init_canvas = None, None
     try:
@@ -69,14 +54,101 @@ def generate_image(ns: argparse.Namespace) -> int:
                                 image_guidance_scale=ns.image_guidance_scale, source_span=span,
                                 init_canvas=init_canvas, sparse=not ns.dense, num_registers=ns.num_registers,
                                 order=ns.order, schedule=ns.schedule)
-    temperature = layout.defaults["temperature"] if ns.temperature is None else ns.temperature
-    params = [SamplingParams(max_tokens=layout.codec.num_tokens, temperature=temperature, seed=ns.seed + i,
+    return prompt, extra, layout
+
+
+def _lavida_o_request(ns: argparse.Namespace, llm: Any, model: str, tokenizer: Any) -> tuple:
+    """(prompt, extra_args, positions, decode, image registers, has a register code) of a LaViDa-O request, laid out
+    as the images routes do (multimodal/lavida_o_layout.py)."""
+    import torch
+
+    from sparse_lavida_vllm.entrypoints.images import BadField, mask_to_canvas, read_image
+    from sparse_lavida_vllm.model_executor.lavida_o_text import serves_lavida_o_images
+    from sparse_lavida_vllm.multimodal.lavida_o_layout import LaViDaOLayout
+    from sparse_lavida_vllm.scheduler.image_params import GENERATE
+
+    why = serves_lavida_o_images(model, llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size)
+    if why is not None:
+        sys.exit(f"{model}: {why}")
+    layout = LaViDaOLayout.load(model, tokenizer)
+    try:
+        size = layout.parse_size(ns.size)
+    except ValueError as e:
+        sys.exit(f"--size: {e}")
+    span = codes = init_canvas = None
+    try:
+        if ns.image:
+            if layout.config.gen_enc_add_pos_emb:
+                sys.exit("--image: gen_enc_add_pos_emb=true (Sparse-LaViDa) embeds an edit's source image with code "
+                         "that is not published: edits are not supported on this checkpoint")
+            source = read_image(Path(ns.image).read_bytes(), "--image")
+            patches = layout.encode(source, size)
+            if ns.mask:
+                init_canvas = mask_to_canvas(read_image(Path(ns.mask).read_bytes(), "--mask"), source,
+                                             layout.canvas_ids(patches), layout.positions(size))
+                if GENERATE not in init_canvas:
+                    sys.exit("--mask keeps every pixel: nothing to repaint")
+            prompt, span, codes = layout.edit_prompt(ns.prompt, patches)
+        elif ns.mask:
+            sys.exit("--mask needs --image (the picture to repaint)")
+        else:
+            prompt = layout.t2i_prompt(ns.prompt, size)
+    except BadField as e:
+        sys.exit(f"{e.field}: {e}")
+    extra = layout.request_args(size, steps=ns.steps, guidance_scale=ns.guidance_scale,
+                                image_guidance_scale=ns.image_guidance_scale, source_span=span, source_codes=codes,
+                                init_canvas=init_canvas, sparse=not ns.dense, num_registers=ns.num_registers,
+                                order=ns.order, schedule=ns.schedule)
+
+    def decode(tokens: list[int]) -> Any:
+        return layout.decode(torch.tensor(tokens, dtype=torch.long), size)
+
+    return (prompt, extra, layout.num_outputs(size), decode, layout.image_registers,
+            layout.config.register_code is not None)
+
+
+def generate_image(ns: argparse.Namespace) -> int:
+    model = ns.model or str(DEMO_MODEL)
+    if not (Path(model) / "config.json").exists():
+        sys.exit(f"--model: no config.json in {model}")
+    for flag, path in (("--image", ns.image), ("--mask", ns.mask)):
+        if path and not Path(path).is_file():
+            sys.exit(f"{flag}: no such file: {path}")
+    if ns.n < 1:
+        sys.exit(f"-n must be >= 1, got {ns.n}")
+    set_cpu_env()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import torch
+    from PIL import Image
+    from tqdm import tqdm
+    from vllm import LLM, SamplingParams
+
+    from sparse_lavida_vllm.model_executor.lavida_o import ARCHITECTURE as LAVIDA_O
+    from sparse_lavida_vllm.multimodal.lavida_o_layout import DEFAULTS as _LAVIDA_DEFAULTS
+    from sparse_lavida_vllm.scheduler.params import DiffusionParamError, parse_params
+
+    llm = LLM(model=model, dtype=ns.dtype, enforce_eager=True, max_model_len=ns.max_model_len)
+    tokenizer = llm.get_tokenizer()
+    model_config = llm.llm_engine.model_config
+    hf_config = model_config.hf_config
+    registers = int(getattr(hf_config, "num_registers", 0))
+    has_register = getattr(hf_config, "register_token_id", None) is not None
+    if model_config.architecture == LAVIDA_O:
+        prompt, extra, num_outputs, decode, registers, has_register = _lavida_o_request(ns, llm, model, tokenizer)
+        scale, defaults = ns.scale or 1, _LAVIDA_DEFAULTS  # decoded at the requested size: no upscaling by default
+    else:
+        prompt, extra, layout = _layout_request(ns, model, tokenizer, model_config)
+        num_outputs, scale = layout.codec.num_tokens, ns.scale or 4
+        defaults = layout.defaults
+
+        def decode(tokens: list[int]) -> Image.Image:
+            return layout.codec.decode(torch.tensor(tokens, dtype=torch.long))
+    temperature = defaults["temperature"] if ns.temperature is None else ns.temperature
+    params = [SamplingParams(max_tokens=num_outputs, temperature=temperature, seed=ns.seed + i,
                              extra_args=dict(extra), detokenize=False) for i in range(ns.n)]
     try:  # the engine's own checks, before anything runs: a bad flag is one clear line
-        hf_config = model_config.hf_config
-        parse_params(params[0], len(prompt), model_config.max_model_len, int(getattr(hf_config, "num_registers", 0)),
-                     default_sparse=bool(getattr(hf_config, "block_causal", False)),
-                     has_register_token=getattr(hf_config, "register_token_id", None) is not None)
+        parse_params(params[0], len(prompt), model_config.max_model_len, registers,
+                     default_sparse=bool(getattr(hf_config, "block_causal", False)), has_register_token=has_register)
     except DiffusionParamError as e:
         sys.exit(f"{e.field}: {e}")
 
@@ -93,11 +165,11 @@ def generate_image(ns: argparse.Namespace) -> int:
     for i, path in enumerate(_outputs(ns.out, ns.n)):
         out = finished[f"image-{i}"]
         tokens = list(out.outputs[0].token_ids)
-        if len(tokens) != layout.codec.num_tokens:
+        if len(tokens) != num_outputs:
             sys.exit(f"image {i} did not finish ({out.outputs[0].finish_reason})")
-        image = layout.codec.decode(torch.tensor(tokens, dtype=torch.long))
-        if ns.scale > 1:
-            image = image.resize((image.width * ns.scale, image.height * ns.scale), Image.NEAREST)
+        image = decode(tokens)
+        if scale > 1:
+            image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
         image.save(path)
         metrics = (out.kv_transfer_params or {}).get("sparse_lavida_metrics", {})
         print(f"wrote {path} ({image.width}x{image.height}) {json.dumps(metrics)}")
@@ -121,7 +193,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-registers", type=int, default=None)
     p.add_argument("--dense", action="store_true", help="vanilla MDM sampling (no cache, no truncation)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the saved PNG")
+    p.add_argument("--size", default=None, help="LaViDa-O: WIDTHxHEIGHT (sides multiples of 32 px; default 1024x1024)")
+    p.add_argument("--scale", type=int, default=None,
+                   help="nearest-neighbour upscaling of the saved PNG (default: 4; LaViDa-O: 1)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -14,8 +14,8 @@ from sparse_lavida_vllm.multimodal.codec import ImageCodec
 OTHER_LAYOUT = {
     LAVIDA_O: (
         f"{LAVIDA_O} (LaViDa-O / Sparse-LaViDa) lays out its image requests with "
-        "sparse_lavida_vllm.multimodal.lavida_o_layout.LaViDaOLayout (the images routes of `sparse-lavida serve` "
-        "use it); `generate-image` does not yet: serve the checkpoint and call /v1/images/generations or /edits"),
+        "sparse_lavida_vllm.multimodal.lavida_o_layout.LaViDaOLayout (the images routes and `generate-image` use "
+        "it), not with a config.json image_generation section"),
 }
 # Sampler defaults when the checkpoint names none (LaViDa-O's image sampler, scaled to small grids).
 DEFAULTS: dict[str, Any] = {"steps": 16, "temperature": 0.8, "guidance_scale": 0.0, "image_guidance_scale": 0.0,

@@ -505,3 +505,27 @@ def test_images_are_served_only_with_one_rank_and_a_vq(checkpoints, tmp_path):
     assert serves_lavida_o_images(checkpoints["sparse"], 1) is None
     assert "tensor_parallel_size 1" in serves_lavida_o_images(checkpoints["sparse"], 2)
     assert "vqvae/config.json" in serves_lavida_o_images(tmp_path, 1)
+
+
+@pytest.mark.slow
+def test_generate_image_cli_draws_lavida_o_images_offline(checkpoints, layout, tmp_path):
+    """`sparse-lavida generate-image` lays LaViDa-O requests out as the routes do: the PNG is the PyTorch driver's."""
+    import numpy as np
+    from PIL import Image
+
+    folder, out = checkpoints["sparse"], tmp_path / "square.png"
+    run = subprocess.run([sys.executable, "-m", "sparse_lavida_vllm.cli", "generate-image", "a yellow square",
+                          "--model", str(folder), "--size", "32x32", "--seed", "4", "--guidance-scale", "1.0",
+                          "--max-model-len", "256", "-o", str(out), "--quiet"],
+                         env={**os.environ, **VLLM_ENV}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    image = Image.open(out)
+    assert image.size == SIZE
+    tokens = reference_image(load_lavida_o(folder), layout.t2i_prompt("a yellow square", SIZE), 4, 16, 1.0,
+                             suffix=layout.suffix)
+    expected = np.asarray(layout.decode(torch.tensor(tokens), SIZE), dtype=np.int16)
+    assert np.abs(np.asarray(image, dtype=np.int16) - expected).max() <= 1  # same codes (decoded in another process)
+    bad = subprocess.run([sys.executable, "-m", "sparse_lavida_vllm.cli", "generate-image", "x", "--model", str(folder),
+                          "--size", "30x30", "--max-model-len", "256", "--quiet"],
+                         env={**os.environ, **VLLM_ENV}, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "--size" in bad.stderr and "multiples of 8" in bad.stderr
