@@ -156,6 +156,9 @@ class DiffusionScheduler(Scheduler):
             check_lavida_o_image(params, self.patch_ids)
             if params.source_codes is not None and not self.lavida_edits:
                 raise DiffusionParamError("source_codes", EDITS_UNPUBLISHED)
+        elif isinstance(params, ImageParams) and params.source_codes is not None:  # would be silently ignored
+            raise DiffusionParamError("source_codes", "source_codes applies to LaViDa-O checkpoints only (this "
+                                      "checkpoint's source images are token ids in the prompt)")
         return params
 
     def _new_state(self, request: Request) -> DiffusionState:

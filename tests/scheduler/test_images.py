@@ -154,3 +154,13 @@ def test_unknown_kind_is_refused():
     with pytest.raises(DiffusionParamError) as err:
         parse_params(_Params({"kind": "video"}, max_tokens=4), 3, 128, 4)
     assert err.value.field == "kind"
+
+
+def test_source_codes_are_refused_off_lavida_o():
+    """LaViDa-O's source_codes knob on another checkpoint would be silently ignored: the request fails instead."""
+    llm, _ = shared_llm()
+    sched = engine_scheduler(llm)
+    case = dict(sparse=True, guidance_scale=0.0, source_span=list(SPAN), source_codes=[1, 2, 3])
+    out = llm.generate([{"prompt_token_ids": PROMPT}], [params(case, 0)], use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason not in ("length", "stop") and not out.outputs[0].token_ids
+    assert sched.num_free_blocks() == sched.num_blocks_total
