@@ -852,6 +852,56 @@ def generate_image_sparse(model: LaViDaOMDM, prompt_ids: Tensor, plan: UnmaskPla
 
 
 @torch.no_grad()
+def generate_image_dense(model: LaViDaOMDM, prompt_ids: Tensor, plan: UnmaskPlan, sampling: SamplingConfig,
+                         suffix_ids: Tensor | None = None, source_rows: Tensor | None = None,
+                         source_codes: Tensor | None = None) -> ImageResult:
+    """The vanilla (dense) MDM over positions: every step feeds [prompt | all positions (mask patches where not
+    decoded) | suffix] with full attention (per-modality layers still split by modality), no cache, no registers;
+    decode positions sample their 4 codes with the (seed, step) noise as generate_image_sparse does. Guidance
+    branches (edit_branches) each run the full pass at guided steps. The dense reference of the served dense path."""
+    cfg = model.config
+    device = prompt_ids.device
+    length, k = plan.length, cfg.codes_per_position
+    cond = image_context(cfg, prompt_ids, suffix_ids, source_rows, source_codes)
+    branches = [cond]
+    if sampling.cfg_scale > 0:
+        uncond, image_only = edit_branches(cfg, cond)
+        branches += [uncond, image_only] if sampling.image_cfg_scale > 0 else [uncond]
+    p, s = prompt_ids.numel(), cond.suffix_ids.numel()
+    patches = torch.full((length, k), cfg.mask_code, dtype=torch.long, device=device)
+    positions = torch.arange(p + length + s, device=device)
+    # context_inputs lays rows out [prompt | suffix | canvas]; the pass runs them in sequence order
+    # [prompt | canvas | suffix] (the served dense path's order, so the keys are summed in the same order)
+    order = torch.cat([torch.arange(p, device=device), p + s + torch.arange(length, device=device),
+                       p + torch.arange(s, device=device)])
+    new_index = torch.empty_like(order)
+    new_index[order] = torch.arange(order.numel(), device=device)
+    canvas_rows = p + s + torch.arange(length, device=device)
+    steps: list[ImageStep] = []
+    rows_run = 0
+    for step, stage in enumerate(plan.stages):
+        decode = stage.positions.to(device)
+        ran = branches if sampling.guided_at(step, plan.num_steps) else branches[:1]
+        branch_logits = []
+        for ctx in ran:
+            inputs = context_inputs(model, ctx, torch.zeros(length, dtype=torch.long, device=device), canvas_rows,
+                                    patches)
+            inputs["input_ids"] = inputs["input_ids"][order]
+            inputs["image_rows"] = new_index[inputs["image_rows"]]
+            if "text_embeds" in inputs:
+                inputs["text_embeds"] = inputs["text_embeds"][order]
+            branch_logits.append(model.image_logits(positions=positions, attention=SpanAttention(None),
+                                                    logits_rows=p + decode, **inputs))
+            rows_run += positions.numel()
+        logits = guide_logits(branch_logits, sampling)
+        tokens, _ = sample_tokens(logits.reshape(-1, logits.shape[-1]), sampling.at_step(step, plan.num_steps),
+                                  step_generator(sampling.seed, step, device))
+        patches[decode] = tokens.view(-1, k)
+        steps.append(ImageStep(decode.clone(), logits))
+    return ImageResult(patches, steps, rows_run)
+
+
+@torch.no_grad()
 def image_step_causal_logits(model: LaViDaOMDM, context: ImageContext | Tensor, patches: Tensor,
                              clean_blocks: Sequence[Tensor], masked_blocks: Sequence[Tensor],
                              num_registers: int, suffix_ids: Tensor | None = None) -> list[Tensor]:
@@ -1014,6 +1064,6 @@ def write_tiny_checkpoint(folder: str | Path, config: LaViDaOConfig, seed: int =
 
 
 __all__ = ["LaViDaOConfig", "LaViDaOMDM", "PatchIds", "ModalKVCache", "ModalityAttention", "codes_to_patches",
-           "patches_to_codes", "generate_image_sparse", "image_step_causal_logits", "ImageContext", "image_context",
-           "edit_branches", "context_inputs", "load_lavida_o",
+           "patches_to_codes", "generate_image_sparse", "generate_image_dense", "image_step_causal_logits",
+           "ImageContext", "image_context", "edit_branches", "context_inputs", "load_lavida_o",
            "save_lavida_o", "write_tiny_checkpoint", "random_lavida_o"]

@@ -317,15 +317,21 @@ SIZE = (32, 32)  # the tiny VQ downsamples 4x: 8x8 codes, 4x4 positions of 2x2 c
 def reference_image(model: torch.nn.Module, prompt: list[int], seed: int, steps: int, guidance: float = 0.0,
                     image_guidance: float = 0.0, interval: tuple[float, float] = (0.0, 1.0), suffix: tuple = (),
                     source_span: tuple[int, int] | None = None, source_codes: torch.Tensor | None = None,
-                    shift: float = 3.0, grid: tuple[int, int] = (4, 4), num_registers: int = 3) -> list[int]:
-    """The PyTorch driver's image (lavida_o.generate_image_sparse) for the request the engine ran, as packed ids."""
+                    shift: float = 3.0, grid: tuple[int, int] = (4, 4), num_registers: int = 3,
+                    dense: bool = False) -> list[int]:
+    """The PyTorch driver's image (lavida_o.generate_image_sparse, or generate_image_dense) for the request the
+    engine ran, as packed ids."""
     from sparse_lavida_vllm.diffusion.planners import image_plan
-    from sparse_lavida_vllm.model_executor.lavida_o import PatchIds, generate_image_sparse
+    from sparse_lavida_vllm.model_executor.lavida_o import PatchIds, generate_image_dense, generate_image_sparse
 
     plan = image_plan(*grid, steps, "shift", "stratified", shift, torch.Generator().manual_seed(seed))
     sampling = SamplingConfig(temperature=1.0, seed=seed, cfg_scale=guidance, image_cfg_scale=image_guidance,
                               cfg_interval=interval)
     rows = None if source_span is None else torch.arange(*source_span)
+    if dense:
+        result = generate_image_dense(model, torch.tensor(prompt), plan, sampling,
+                                      torch.tensor(suffix, dtype=torch.long), rows, source_codes)
+        return PatchIds.of(model.config).pack(result.patches).tolist()
     result = generate_image_sparse(model, torch.tensor(prompt), plan, sampling, num_registers,
                                    suffix_ids=torch.tensor(suffix, dtype=torch.long), source_rows=rows,
                                    source_codes=source_codes)
@@ -372,7 +378,10 @@ def test_offline_engine_images_equal_the_pytorch_driver_in_one_batch(checkpoints
             "guidance_scale": 1.0, "image_guidance_scale": 1.5, "source_span": [2, 18],
             "source_codes": source.flatten().tolist(), "suffix_ids": [2]}),
         "no_registers": dict(prompt=PROMPT, seed=8, extra={"num_registers": 0}),
-        "dense": dict(prompt=PROMPT, seed=9, extra={"sparse": False, "guidance_scale": 1.0}),
+        "dense": dict(prompt=PROMPT, seed=9, extra={"sparse": False, "guidance_scale": 1.0, "suffix_ids": [2]}),
+        "dense_edit": dict(prompt=edit_prompt, seed=10, extra={
+            "sparse": False, "guidance_scale": 1.0, "image_guidance_scale": 1.5, "source_span": [2, 18],
+            "source_codes": source.flatten().tolist(), "suffix_ids": [2]}),
     }
     payload = [{"prompt": c["prompt"], "seed": c["seed"], "extra": {**base, **c["extra"]}} for c in cases.values()]
     text = {"prompt": PROMPT, "gen": GEN, "knobs": KNOBS}
@@ -384,21 +393,20 @@ def test_offline_engine_images_equal_the_pytorch_driver_in_one_batch(checkpoints
     got = dict(zip(cases, out["tokens"]))
     for name, case in cases.items():
         extra = {**base, **case["extra"]}
-        if name == "dense":
-            continue
         span = tuple(extra["source_span"]) if "source_span" in extra else None
+        if not extra.get("sparse", True):  # the dense engine path == the dense driver (no cache, no registers)
+            expected = reference_image(model, case["prompt"], case["seed"], 4, extra.get("guidance_scale", 0.0),
+                                       extra.get("image_guidance_scale", 0.0), suffix=tuple(extra["suffix_ids"]),
+                                       source_span=span, source_codes=source if span else None, dense=True)
+            assert got[name] == expected, name
+            assert out["metrics"][list(cases).index(name)]["mode"] == "dense"
+            continue
         expected = reference_image(model, case["prompt"], case["seed"], 4, extra.get("guidance_scale", 0.0),
                                    extra.get("image_guidance_scale", 0.0), tuple(extra.get("guidance_interval",
                                                                                            (0.0, 1.0))),
                                    tuple(extra.get("suffix_ids", ())), span, source if span else None,
                                    num_registers=extra["num_registers"])
         assert got[name] == expected, name
-    # dense: every position decoded to codebook codes (no PyTorch dense driver for LaViDa-O images to compare with)
-    from sparse_lavida_vllm.model_executor.lavida_o import PatchIds
-
-    ids = PatchIds.of(model.config)
-    dense = ids.unpack(torch.tensor(got["dense"]))
-    assert bool((dense < 16).all()) and out["metrics"][list(cases).index("dense")]["mode"] == "dense"
     assert out["tokens"][-1] == _reference(model, 4, sparse=True)  # the text request shared the batch
     assert out["batch"] >= 4 and out["free"]  # batched together; every block (companions too) back in the pool (I5)
 
