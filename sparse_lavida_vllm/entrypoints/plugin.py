@@ -189,52 +189,114 @@ def _refuse_best_of(to_sampling_params):
     return wrapper
 
 
-# Chat content parts that carry media. The diffusion engine feeds token ids only: no multimodal processor.
+# Chat content parts that carry media. Only LaViDa-O with its vision tower takes images (image_url parts); every
+# other architecture feeds token ids only.
 MEDIA_PARTS = ("image_url", "input_image", "image_pil", "image_embeds", "audio_url", "input_audio", "audio_embeds",
                "video_url")
+IMAGE_URL_SCHEMES = ("data", "http", "https")  # what an image_url may name (http(s) is fetched by vLLM)
 
 
-def media_refusal(architecture: str) -> str:
-    """Why chat messages with images are refused for `architecture` (an HTTP 400 message)."""
+def media_refusal(architecture: str, why: str | None = None) -> str:
+    """Why chat messages with media are refused for `architecture` (an HTTP 400 message); `why`: LaViDa-O's reason."""
     from sparse_lavida_vllm.model_executor.lavida_o import ARCHITECTURE as LAVIDA_O
 
     if architecture == LAVIDA_O:
-        return (f"image inputs are not served for {LAVIDA_O} (LaViDa-O / Sparse-LaViDa) through vLLM yet: this "
-                "server serves its text path and image generation (/v1/images/*); its image understanding (SigLIP "
-                "tower, projector, anyres tiles) runs in PyTorch (sparse_lavida_vllm.model_executor.lavida_o_vision). "
-                "Send text-only messages")
+        return (f"{LAVIDA_O} (LaViDa-O / Sparse-LaViDa) takes image_url parts only when served whole with its vision "
+                f"tower; here: {why or 'no image inputs'}. Send text-only messages")
     return f"{architecture} serves text only: chat messages cannot carry images, audio or video"
 
 
-def _media_part(messages) -> str | None:
-    """The type of the first media part in chat `messages` (dicts as the request model parsed them), else None."""
-    for message in messages or ():
+def _parts(messages):
+    """(field path, part) of every dict content part of chat `messages` (dicts as the request model parsed them)."""
+    for i, message in enumerate(messages or ()):
         content = message.get("content") if isinstance(message, dict) else getattr(message, "content", None)
-        for part in content if isinstance(content, list) else ():
-            if not isinstance(part, dict):
-                continue
-            kind = part.get("type")
-            if kind in MEDIA_PARTS:
-                return kind
-            found = next((key for key in MEDIA_PARTS if key in part), None)  # vLLM also accepts a part by its key
-            if found is not None:
-                return found
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            if isinstance(part, dict):
+                yield f"messages[{i}].content[{j}]", part
+
+
+def _part_kind(part: dict) -> str | None:
+    kind = part.get("type")
+    if kind in MEDIA_PARTS:
+        return kind
+    return next((key for key in MEDIA_PARTS if key in part), None)  # vLLM also accepts a part by its key
+
+
+def _media_part(messages) -> str | None:
+    """The type of the first media part in chat `messages`, else None."""
+    return next((kind for _, part in _parts(messages) if (kind := _part_kind(part)) is not None), None)
+
+
+def image_part_error(messages) -> tuple[str, str] | None:
+    """(field, message) for the first media part a LaViDa-O server cannot take: not an image_url, a URL scheme
+    other than data / http(s), or a data: URL that is not a decodable base64 image. None when all are fine. Checked
+    before vLLM renders the chat, so a bad image is a 400 naming its field, not a failure deep in media loading."""
+    import base64
+    import binascii
+    import io
+    from urllib.parse import urlparse
+
+    from PIL import Image, UnidentifiedImageError
+
+    for path, part in _parts(messages):
+        kind = _part_kind(part)
+        if kind is None:
+            continue
+        if kind != "image_url":
+            return path, f"{path}: {kind} parts are not supported (this model takes image_url parts)"
+        value = part.get("image_url")
+        url = value.get("url") if isinstance(value, dict) else value
+        field = f"{path}.image_url.url"
+        if not isinstance(url, str) or not url:
+            return field, f"{field}: an image_url needs a url"
+        scheme = urlparse(url).scheme.lower()
+        if scheme not in IMAGE_URL_SCHEMES:
+            return field, (f"{field}: URL scheme {scheme or '(none)'!r} is not supported; send a data: URL "
+                           "(data:image/png;base64,...) or an http(s) URL")
+        if scheme != "data":
+            continue
+        header, comma, payload = url[len("data:"):].partition(",")
+        if not comma or not header.startswith("image/") or not header.endswith(";base64"):
+            return field, f"{field}: a data: URL must be data:image/<format>;base64,<data>"
+        try:
+            with Image.open(io.BytesIO(base64.b64decode(payload, validate=True))) as image:
+                image.load()
+        except (binascii.Error, ValueError, OSError, UnidentifiedImageError) as e:
+            return field, f"{field}: not a decodable base64 image ({type(e).__name__}: {e})"
     return None
 
 
+def _chat_media_error(serving, messages) -> tuple[str, str] | None:
+    """(field, message) when the served model cannot take these chat media parts, else None."""
+    from sparse_lavida_vllm.worker.vllm_model import ARCHITECTURES
+
+    model_config = serving.model_config
+    architecture = model_config.architecture
+    kind = _media_part(messages) if architecture in ARCHITECTURES else None
+    if kind is None:
+        return None
+    if architecture == _LAVIDA_O:
+        from sparse_lavida_vllm.worker.lavida_o_processor import understanding_refusal
+
+        vllm_config = getattr(getattr(serving, "engine_client", None), "vllm_config", None)
+        tp = vllm_config.parallel_config.tensor_parallel_size if vllm_config is not None else 1
+        why = understanding_refusal(model_config.model, tp)
+        if why is None:
+            return image_part_error(messages)
+        return "messages", f"messages: {kind} parts are not supported: {media_refusal(architecture, why)}"
+    return "messages", f"messages: {kind} parts are not supported: {media_refusal(architecture)}"
+
+
 def _refuse_chat_media(render_chat_request):
-    """Wrap OpenAIServingChat.render_chat_request: a chat with an image (or other media) part is a clear HTTP 400
-    before vLLM fetches the media or looks for a multimodal processor our model classes do not have."""
+    """Wrap OpenAIServingChat.render_chat_request: chat media a model cannot take (any media on LLaDA and the demo;
+    LaViDa-O without its tower; a bad image) is a clear HTTP 400 naming the field, before vLLM fetches media or
+    looks for a multimodal processor."""
 
     @functools.wraps(render_chat_request)
     async def wrapper(self, request, *args, **kwargs):
-        from sparse_lavida_vllm.worker.vllm_model import ARCHITECTURES
-
-        architecture = self.model_config.architecture
-        kind = _media_part(request.messages) if architecture in ARCHITECTURES else None
-        if kind is not None:
-            return self.create_error_response(f"messages: {kind} parts are not supported: "
-                                              f"{media_refusal(architecture)}", param="messages")
+        error = _chat_media_error(self, request.messages)
+        if error is not None:
+            return self.create_error_response(error[1], param=error[0])
         return await render_chat_request(self, request, *args, **kwargs)
 
     wrapper.__sparse_lavida__ = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.outputs import ModelRunnerOutput
 
@@ -11,6 +12,18 @@ from vllm.v1.outputs import ModelRunnerOutput
 # dict that travels from the engine core to the API server (and into RequestOutput); entrypoints/metrics.py
 # turns it into Prometheus counters on /metrics. See docs/serving.md ("Metrics").
 METRICS_KEY = "sparse_lavida_metrics"
+
+
+@dataclass
+class PromptImage:
+    """One chat image of a request's prompt (LaViDa-O understanding): its anyres tiles as vLLM's processor made them
+    and where its rows sit in the prompt. The runner turns the tiles into `length` feature rows (the model's
+    `embed_multimodal`) fed at prompt positions offset .. offset + length - 1."""
+
+    offset: int
+    length: int
+    pixel_values: torch.Tensor  # (1 + tiles, 3, S, S)
+    image_size: tuple[int, int]  # (width, height) of the original image: the anyres grid and unpadding need it
 
 
 @dataclass
@@ -63,6 +76,10 @@ class RequestStep:
     # the packed ids of the mask patch and the register patch, lavida_o.PatchIds)
     mask_id: int | None = None
     register_id: int | None = None
+    # chat images in the prompt: sent with the step that first feeds the prompt (the sparse prefill, a dense
+    # request's first step); a dense request's later steps reuse the runner's copy of the features (`image_rows`)
+    images: list[PromptImage] = field(default_factory=list)
+    image_rows: bool = False  # this step feeds the prompt, whose image rows take the features
 
     @property
     def num_step_rows(self) -> int:

@@ -23,6 +23,7 @@ from sparse_lavida_vllm.scheduler.output import (
     METRICS_KEY,
     DiffusionRunnerOutput,
     DiffusionSchedulerOutput,
+    PromptImage,
     RequestStep,
 )
 from sparse_lavida_vllm.scheduler.params import DiffusionParamError, DiffusionParams, parse_params
@@ -66,6 +67,7 @@ class DiffusionState:
     forward_tokens: int = 0
     dense_forward_tokens: int = 0  # what the dense MDM runs for the same steps and branches
     blocks_per_branch: int = 0  # KV blocks each branch holds once every commit is written
+    images: list[PromptImage] = field(default_factory=list)  # chat images in the prompt (LaViDa-O understanding)
 
     @property
     def given(self) -> list[int]:
@@ -84,6 +86,24 @@ def lavida_o_image_config(vllm_config) -> LaViDaOConfig | None:
             model_config.model, vllm_config.parallel_config.tensor_parallel_size) is not None:
         return None
     return load_config(model_config.model)
+
+
+def prompt_images(request: Request) -> list[PromptImage]:
+    """A request's chat images as vLLM's multimodal processor left them (worker/lavida_o_processor.py): each
+    feature's tiles and image size, at its placeholder range in the prompt."""
+    images = []
+    for feature in request.mm_features or ():
+        if feature.modality != "image" or feature.data is None:
+            raise DiffusionParamError("messages", f"a {feature.modality} input reached the scheduler without its "
+                                      "processed data")
+        data = feature.data.get_data()
+        width, height = (int(v) for v in torch.as_tensor(data["image_sizes"]).flatten().tolist())
+        position = feature.mm_position
+        if position.is_embed is not None and not bool(torch.as_tensor(position.is_embed).all()):
+            raise DiffusionParamError("messages", "every placeholder row of an image must be a feature row")
+        images.append(PromptImage(position.offset, position.length, torch.as_tensor(data["pixel_values"]),
+                                  (width, height)))
+    return images
 
 
 def check_lavida_o_image(params: ImageParams, ids: PatchIds) -> None:
@@ -125,6 +145,8 @@ class DiffusionScheduler(Scheduler):
         # its image registers: the checkpoint's image count, only with a declared register_code (never invented)
         self.image_registers = lavida.registers("image") if lavida is not None and lavida.register_code is not None \
             else 0
+        # chat images: only with the whole LaViDa-O model and a declared vision tower (else refused, never dropped)
+        self.takes_images = lavida is not None and lavida.understanding is not None
         self.states: dict[str, DiffusionState] = {}
         self.rejected: dict[str, str] = {}  # request id -> validation error (finished as errors)
         self.batch_sizes: list[int] = []  # requests per engine step (continuous batching evidence)
@@ -152,6 +174,11 @@ class DiffusionScheduler(Scheduler):
             registers, has_register = self.image_registers, self.patch_ids.register_code is not None
         params = parse_params(request.sampling_params, request.num_prompt_tokens, self.max_model_len, registers,
                               default_sparse=self.mdm_config.block_causal, has_register_token=has_register)
+        if request.mm_features and not self.takes_images:  # the API server refuses these first; offline lands here
+            raise DiffusionParamError("messages", "this model takes no image inputs (LaViDa-O understanding needs "
+                                      "the whole model with its vision tower: one tensor-parallel rank, vqvae/)")
+        if request.mm_features and isinstance(params, ImageParams):
+            raise DiffusionParamError("messages", "image inputs apply to text answers (chat), not image requests")
         if isinstance(params, ImageParams) and self.patch_ids is not None:
             check_lavida_o_image(params, self.patch_ids)
             if params.source_codes is not None and not self.lavida_edits:
@@ -191,7 +218,7 @@ class DiffusionScheduler(Scheduler):
             companion.num_computed_tokens = 0
             branches.append(Branch(companion, branch_prompt, suffix=suffix))
         state = DiffusionState(params, prompt, canvas, decoded, stepper, stepper.decode_sets(), branches,
-                               plan.num_steps)
+                               plan.num_steps, images=prompt_images(request))
         state.current = next(state.decode_sets, None)
         suffix = len(params.suffix_ids) if isinstance(params, ImageParams) else 0
         tokens = request.num_prompt_tokens + params.gen_length + suffix if params.sparse else 0
@@ -269,6 +296,9 @@ class DiffusionScheduler(Scheduler):
             decode_positions = (p + decode).tolist() if decodes else []
             if params.sparse and not (prefill_ids or commit or decode_positions):
                 continue
+            # image rows are prompt rows: fed with the prefill (sparse: then cached) or every dense step (re-fed)
+            image_rows = bool(state.images) and (bool(prefill_ids) or not params.sparse)
+            first_feed = bool(prefill_ids) or (not params.sparse and state.step == 0)
             steps.append(RequestStep(
                 req_id=branch.kv.request_id, sparse=params.sparse, block_ids=block_ids, prefill_ids=prefill_ids,
                 prefill_positions=(list(range(p)) + list(range(p + params.gen_length, p + params.gen_length + s))
@@ -286,7 +316,8 @@ class DiffusionScheduler(Scheduler):
                 cfg_scale=sampling.cfg_scale, image_cfg_scale=sampling.image_cfg_scale,
                 token_range=sampling.token_range,
                 mask_id=self.patch_ids.mask_id if lavida_image else None,
-                register_id=self.patch_ids.register_id if lavida_image else None))
+                register_id=self.patch_ids.register_id if lavida_image else None,
+                images=state.images if image_rows and first_feed else [], image_rows=image_rows))
             if decodes:
                 state.dense_forward_tokens += p + params.gen_length + s
         return steps

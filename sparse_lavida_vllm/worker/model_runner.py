@@ -62,6 +62,8 @@ class DiffusionRunnerMixin:
                                                 self.batch_invariant)
         self.paged_kv: list[Tensor] = []
         self.slot_is_image: Tensor | None = None  # per-slot modality beside the pool (LaViDa-O's split layers)
+        # a dense request's chat-image features, computed once and re-fed every step (its prompt is never cached)
+        self.prompt_features: dict[str, list[tuple[int, Tensor]]] = {}
 
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
@@ -128,8 +130,14 @@ class DiffusionRunnerMixin:
         ids: list[int] = []
         positions: list[int] = []
         segments, logits_rows, start = [], [], 0
+        embed_rows: list[Tensor] = []
+        embeds: list[Tensor] = []
         for rs in group:
             n_decode = len(rs.decode_positions)
+            if rs.image_rows:  # the prompt starts this request's rows (sparse prefill, dense pass): splice its images
+                for offset, feats in self._image_features(rs):
+                    embed_rows.append(torch.arange(start + offset, start + offset + feats.shape[0]))
+                    embeds.append(feats)
             if rs.sparse:
                 p = len(rs.prefill_ids)
                 n_commit = p + len(rs.commit_ids)
@@ -158,9 +166,30 @@ class DiffusionRunnerMixin:
         attention = PagedSpanAttention(self.paged_kv, segments, self.slot_is_image)
         step_logits = getattr(self.model, "step_logits", None)
         if step_logits is not None:  # LaViDa-O: text and image rows, logits of two shapes
-            return step_logits(ids_t, positions_t, attention, [r.to(device) for r in logits_rows])
+            prompt_embeds = (torch.cat(embed_rows).to(device), torch.cat(embeds)) if embeds else None
+            return step_logits(ids_t, positions_t, attention, [r.to(device) for r in logits_rows], prompt_embeds)
+        if embeds:
+            raise ValueError("this model takes no image inputs")
         logits = self.model(ids_t, positions_t, attention, torch.cat(logits_rows).to(device))
         return list(torch.split(logits, [len(rs.decode_positions) for rs in group]))
+
+    def _image_features(self, rs: RequestStep) -> list[tuple[int, Tensor]]:
+        """(prompt offset, feature rows) of each chat image of the request: the model's tower on the tiles the step
+        carries, or (a dense request after its first step) the features computed then."""
+        if not rs.images:
+            if rs.req_id not in self.prompt_features:
+                raise ValueError(f"{rs.req_id}: image rows without their image")
+            return self.prompt_features[rs.req_id]
+        out = []
+        for image in rs.images:
+            feats = self.model.image_rows(image.pixel_values.to(self.device), image.image_size)
+            if feats.shape[0] != image.length:
+                raise ValueError(f"{rs.req_id}: an image of size {image.image_size} makes {feats.shape[0]} rows, "
+                                 f"its prompt placeholder has {image.length}")
+            out.append((image.offset, feats))
+        if not rs.sparse:
+            self.prompt_features[rs.req_id] = out
+        return out
 
     def _flat_step(self, group: list[RequestStep]) -> Tensor:
         """Flat mode: every request of the step in one forward with one batched attention call per layer.
@@ -279,6 +308,8 @@ class DiffusionRunnerMixin:
 
     def execute_model(self, scheduler_output, intermediate_tensors=None) -> DiffusionRunnerOutput:
         steps: list[RequestStep] = getattr(scheduler_output, "steps", [])
+        for req_id in getattr(scheduler_output, "finished_req_ids", ()) or ():
+            self.prompt_features.pop(req_id, None)
         failed: dict[str, str] = {}
         per_request: list[Tensor] = []
         if steps:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import fields, replace
+from dataclasses import fields
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import PretrainedConfig
+from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from sparse_lavida_vllm.model_executor.config import ARCHITECTURE, LLADA_ARCHITECTURE, MDMConfig
 from sparse_lavida_vllm.model_executor.lavida_o import ARCHITECTURE as LAVIDA_O_ARCHITECTURE
@@ -23,10 +25,21 @@ from sparse_lavida_vllm.model_executor.lavida_o_text import (
     text_tower_weights,
     unused_text_registers,
 )
-from sparse_lavida_vllm.model_executor.lavida_o_vision import UNDERSTANDING_PREFIXES
+from sparse_lavida_vllm.model_executor.lavida_o_vision import (
+    UNDERSTANDING_PREFIXES,
+    ImageTiles,
+    dropped_by_publishers,
+    image_features,
+)
 from sparse_lavida_vllm.model_executor.model import LLaDAMDM
 from sparse_lavida_vllm.model_executor.parallel import TensorParallel
 from sparse_lavida_vllm.model_executor.weights import load_weights_into
+from sparse_lavida_vllm.worker.lavida_o_processor import (
+    IMAGE_PLACEHOLDER,
+    LaViDaODummyInputsBuilder,
+    LaViDaOMultiModalProcessor,
+    LaViDaOProcessingInfo,
+)
 
 ARCHITECTURES = (ARCHITECTURE, LLADA_ARCHITECTURE, LAVIDA_O_ARCHITECTURE)
 logger = logging.getLogger("vllm.sparse_lavida." + __name__)  # under "vllm": shown in vLLM's log format
@@ -144,7 +157,7 @@ class LlavaLladaTextForVLLM(SparseLLaDAForVLLM):
     Text-only rows use `model.transformer.*` alone (lavida_o_text.py), so this is SparseLLaDAForVLLM loading those
     tensors (same names, same tensor-parallel sharding); the image-path tensors are checked, listed and skipped.
     Registered through LlavaLladaForVLLM, which builds this class when images cannot be served (tensor_parallel_size
-    > 1, no vqvae/); image understanding is not served through vLLM (it runs in PyTorch, lavida_o_vision.py).
+    > 1, no vqvae/); chat images are refused there (they need LlavaLladaForVLLM's tower and image rows).
     """
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
@@ -164,6 +177,8 @@ class LlavaLladaTextForVLLM(SparseLLaDAForVLLM):
         return loaded
 
 
+@MULTIMODAL_REGISTRY.register_processor(LaViDaOMultiModalProcessor, info=LaViDaOProcessingInfo,
+                                        dummy_inputs=LaViDaODummyInputsBuilder)
 class LlavaLladaForVLLM(LaViDaOMDM):
     """LaViDa-O / Sparse-LaViDa served whole: text rows and image rows in one forward over the paged cache.
 
@@ -171,10 +186,22 @@ class LlavaLladaForVLLM(LaViDaOMDM):
     `step_logits` splits a pass's rows by id into text ids, image-stream code patches and (edits without
     enc_use_image_branch) text-stream source patches, runs LaViDaOMDM once, and returns each request's decode-row
     logits: (n, vocab) for text rows, (n, codes_per_position, codebook) for image rows. Per-modality layers read the
-    runner's per-slot modality flags (worker/paged_attention.py). The understanding tower is not built (the served
-    path takes no image inputs), so its tensors are skipped with the VQ copy. With tensor_parallel_size > 1, or
-    without vqvae/, the plugin's class is the text path (LlavaLladaTextForVLLM) instead: see `__new__`.
+    runner's per-slot modality flags (worker/paged_attention.py). When config.json declares a vision tower it is
+    built and loaded: chat images (vLLM's multimodal processor, worker/lavida_o_processor.py) become prompt rows whose
+    embeddings are `embed_multimodal`'s features, spliced in by the runner (`prompt_embeds`). With
+    tensor_parallel_size > 1, or without vqvae/, the plugin's class is the text path (LlavaLladaTextForVLLM)
+    instead: see `__new__`.
     """
+
+    # vLLM's SupportsMultiModal flags (the protocol's methods are below; its default embed_input_ids needs a
+    # separate language model, which this dual-tower model is not)
+    supports_multimodal: ClassVar[Literal[True]] = True
+    supports_multimodal_raw_input_only: ClassVar[bool] = False
+    supports_encoder_tp_data: ClassVar[bool] = False
+    supports_mm_device_do_normalize: ClassVar[bool] = False
+    supports_tower_connector_lora: ClassVar[bool] = False
+    requires_raw_input_tokens: ClassVar[bool] = False
+    _has_oov_mm_tokens: bool = False
 
     def __new__(cls, *, vllm_config, prefix: str = ""):
         model_config = vllm_config.model_config
@@ -185,23 +212,47 @@ class LlavaLladaForVLLM(LaViDaOMDM):
         return super().__new__(cls)
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        config = replace(load_config(vllm_config.model_config.model), understanding=None)
-        super().__init__(config)
+        config = load_config(vllm_config.model_config.model)
+        super().__init__(config)  # with the understanding modules when config.json names a vision tower
         self.patch_ids = PatchIds.of(config)
 
-    def embed_input_ids(self, input_ids: Tensor) -> Tensor:
-        return self.model.transformer["wte"](input_ids)
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        return IMAGE_PLACEHOLDER if modality == "image" else None
+
+    def embed_multimodal(self, **kwargs: object) -> list[Tensor]:
+        """Each image's prompt rows (n_i, d_model): tower, resampler, projector, anyres grid, newlines."""
+        pixel_values, num_tiles, image_sizes = kwargs["pixel_values"], kwargs["num_tiles"], kwargs["image_sizes"]
+        pixels = torch.split(torch.as_tensor(pixel_values), torch.as_tensor(num_tiles).flatten().tolist())
+        sizes = torch.as_tensor(image_sizes).view(-1, 2).tolist()
+        return [self.image_rows(p, (int(w), int(h))) for p, (w, h) in zip(pixels, sizes)]
+
+    def image_rows(self, pixel_values: Tensor, image_size: tuple[int, int]) -> Tensor:
+        """One image's prompt rows, as lavida_o_vision.understanding_prompt computes them (same modules, dtype)."""
+        wte = self.model.transformer["wte"]
+        return image_features(self, ImageTiles(pixel_values, image_size)).to(wte.weight.dtype)
+
+    def embed_input_ids(self, input_ids: Tensor, multimodal_embeddings: list[Tensor] | None = None, *,
+                        is_multimodal: Tensor | None = None) -> Tensor:
+        embeds = self.model.transformer["wte"](input_ids)
+        if multimodal_embeddings is not None and len(multimodal_embeddings) and is_multimodal is not None:
+            embeds[is_multimodal] = torch.cat(list(multimodal_embeddings)).to(embeds.dtype)
+        return embeds
 
     def compute_logits(self, hidden_states: Tensor) -> Tensor:
         return self.text_head(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
         params = dict(self.named_parameters())
+        vision = self.config.understanding
         loaded: set[str] = set()
         skipped: list[str] = []
         for name, tensor in weights:
-            if name.startswith((*IGNORED_PREFIXES, *UNDERSTANDING_PREFIXES)):
-                skipped.append(name)  # the VQ copy (multimodal.vq reads vqvae/), the understanding tower (unserved)
+            unused_vision = name.startswith(UNDERSTANDING_PREFIXES) and (vision is None or
+                                                                         dropped_by_publishers(name, vision))
+            if name.startswith(IGNORED_PREFIXES) or unused_vision:
+                # the VQ copy (multimodal.vq reads vqvae/); no tower declared, or what SigLipVisionTower deletes
+                skipped.append(name)
                 continue
             if name not in params:
                 raise ValueError(f"unexpected weight {name!r} in the checkpoint (not a parameter of "
@@ -215,20 +266,27 @@ class LlavaLladaForVLLM(LaViDaOMDM):
         missing = set(params) - loaded
         if missing:
             raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}")
-        logger.info("%s: serving text and image generation (%d tensors); skipped the understanding / VQ %s",
-                    LAVIDA_O_ARCHITECTURE, len(loaded), summarize_skipped(skipped))
+        what = "text, image generation and image understanding" if vision is not None else \
+            "text and image generation"
+        logger.info("%s: serving %s (%d tensors); skipped the %s", LAVIDA_O_ARCHITECTURE, what, len(loaded),
+                    summarize_skipped(skipped))
         return loaded
 
-    def step_logits(self, input_ids: Tensor, positions: Tensor, attention, logits_rows: list[Tensor]) -> list[Tensor]:
-        """Each request's decode-row logits from one forward over every row of the engine step."""
+    def step_logits(self, input_ids: Tensor, positions: Tensor, attention, logits_rows: list[Tensor],
+                    prompt_embeds: tuple[Tensor, Tensor] | None = None) -> list[Tensor]:
+        """Each request's decode-row logits from one forward over every row of the engine step. `prompt_embeds`
+        (rows, embeds): text-stream rows fed these embeddings instead of their ids' (chat images' features)."""
         ids, cfg = self.patch_ids, self.config
         is_gen, is_source = ids.kinds(input_ids)
         image_rows = is_gen.nonzero().flatten()
         text_ids = input_ids.masked_fill(is_gen | is_source, 0)
         text_embeds = None
+        if prompt_embeds is not None:
+            text_embeds = self.model.transformer["wte"](text_ids)
+            text_embeds[prompt_embeds[0]] = prompt_embeds[1].to(text_embeds.dtype)
         if bool(is_source.any()):  # an edit's source image as text-stream rows: the zero-padded patch embedding
             source = is_source.nonzero().flatten()
-            text_embeds = self.model.transformer["wte"](text_ids)
+            text_embeds = self.model.transformer["wte"](text_ids) if text_embeds is None else text_embeds
             text_embeds[source] = F.pad(self.embed_patches(ids.unpack(input_ids[source])),
                                         (0, cfg.d_model - cfg.d_model_gen))
         x_text, x_image, text_rows, image_rows = self.hidden_states(
