@@ -11,7 +11,10 @@ pytestmark = [pytest.mark.slow,
 
 
 def test_default_serve_answers_a_chat_request_like_the_reference(tmp_path):
-    from openai import OpenAI
+    """...and refuses chat images with a 400 naming the part (the demo model has no vision tower)."""
+    import base64
+
+    from openai import BadRequestError, OpenAI
     from transformers import AutoTokenizer
 
     from sparse_lavida_vllm.diffusion.planners import text_plan
@@ -27,6 +30,13 @@ def test_default_serve_answers_a_chat_request_like_the_reference(tmp_path):
         r = client.chat.completions.create(model=str(DEMO_MODEL), messages=messages, max_tokens=32, temperature=0,
                                            extra_body={"vllm_xargs": {"steps": 16, "block_length": 8},
                                                        "return_token_ids": True})
+        pixel = base64.b64encode(bytes.fromhex("89504e470d0a1a0a")).decode()  # a PNG signature is enough: refused first
+        with pytest.raises(BadRequestError) as info:
+            client.chat.completions.create(model=str(DEMO_MODEL), max_tokens=8, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{pixel}"}},
+                {"type": "text", "text": "37+48=?"}]}])
+        assert "image_url parts are not supported" in str(info.value) and "serves text only" in str(info.value)
+        assert info.value.body.get("param") == "messages"
     finally:
         srv.stop()
     model = load_pretrained(DEMO_MODEL)

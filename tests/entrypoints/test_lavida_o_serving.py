@@ -134,15 +134,33 @@ def test_text_rows_of_lavida_o_are_the_llada_tower(checkpoints):
 
 
 def test_chat_media_parts_are_found_and_refused_naming_the_architecture():
-    from sparse_lavida_vllm.entrypoints.plugin import _media_part, media_refusal
+    from sparse_lavida_vllm.entrypoints.plugin import _media_part, image_part_error, media_refusal
 
     url = {"url": "data:image/png;base64,AAAA"}
     assert _media_part([{"role": "user", "content": "hi"}, {"role": "user", "content": [{"type": "text"}]}]) is None
     assert _media_part([{"role": "user", "content": [{"type": "text", "text": "x"},
                                                      {"type": "image_url", "image_url": url}]}]) == "image_url"
     assert _media_part([{"role": "user", "content": [{"image_url": url}]}]) == "image_url"  # a part by its key
-    assert ARCH in media_refusal(ARCH) and "lavida_o_vision" in media_refusal(ARCH)
+    assert ARCH in media_refusal(ARCH, "no vqvae/") and "no vqvae/" in media_refusal(ARCH, "no vqvae/")
     assert media_refusal("LLaDAModelLM").startswith("LLaDAModelLM serves text only")
+
+    def error(part: dict) -> tuple[str, str] | None:
+        return image_part_error([{"role": "user", "content": "hi"},
+                                 {"role": "user", "content": [{"type": "text", "text": "x"}, part]}])
+
+    good = f"data:image/png;base64,{base64.b64encode(_png()).decode()}"
+    assert error({"type": "image_url", "image_url": {"url": good}}) is None
+    assert error({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}) is None  # vLLM fetches
+    field = "messages[1].content[1].image_url.url"
+    got = error({"type": "image_url", "image_url": url})  # base64 of 3 zero bytes: not an image
+    assert got[0] == field and got[1].startswith(f"{field}: not a decodable base64 image")
+    assert "not a decodable" in error({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}})[1]
+    assert "scheme 'ftp'" in error({"type": "image_url", "image_url": {"url": "ftp://host/a.png"}})[1]
+    assert "scheme 'file'" in error({"image_url": {"url": "file:///etc/passwd"}})[1]
+    assert "data:image/<format>;base64" in error({"type": "image_url", "image_url": {"url": "data:text/plain,hi"}})[1]
+    assert error({"type": "input_audio", "input_audio": {}}) == (
+        "messages[1].content[1]", "messages[1].content[1]: input_audio parts are not supported (this model takes "
+        "image_url parts)")
 
 
 def _rewrite(folder: Path, name: str, tensor: torch.Tensor | None) -> None:
@@ -241,8 +259,9 @@ def test_offline_engine_serves_plain_lavida_o_dense_by_default_and_warns_on_spar
     assert out["sparse"]["tokens"] == _reference(lavida, 0, sparse=True)
     assert out["registers"].startswith("VLLMValidationError") and "num_registers" in out["registers"]
     assert "Table 8" in log
-    # the whole model is served (one rank, a vqvae/); the load log lists what it skipped: the understanding tower
-    assert "serving text and image generation" in log and "skipped the understanding" in log
+    # the whole model is served (one rank, a vqvae/), its vision tower included; the load log lists what it skipped:
+    # the tower's last layer, which the publishers' SigLipVisionTower deletes
+    assert "serving text, image generation and image understanding" in log
     assert "model.vision_tower" in log
 
 
@@ -261,9 +280,7 @@ def client(server):
 
 
 @pytest.mark.slow
-def test_server_answers_text_and_refuses_image_inputs_by_name(checkpoints, offline_sparse, client):
-    from openai import BadRequestError
-
+def test_server_answers_text(checkpoints, offline_sparse, client):
     folder = checkpoints["sparse"]
     r = client.completions.create(model=str(folder), prompt=PROMPT, max_tokens=GEN, temperature=0,
                                   extra_body={"vllm_xargs": KNOBS, "ignore_eos": True, "return_token_ids": True})
@@ -273,12 +290,95 @@ def test_server_answers_text_and_refuses_image_inputs_by_name(checkpoints, offli
     chat = client.chat.completions.create(model=str(folder), messages=[{"role": "user", "content": "hi"}],
                                           max_tokens=8, temperature=0, extra_body={"vllm_xargs": {"steps": 4}})
     assert chat.choices[0].message.content is not None
-    pixel = base64.b64encode(_png()).decode()
-    with pytest.raises(BadRequestError) as info:  # image understanding is still PyTorch-only
-        client.chat.completions.create(model=str(folder), max_tokens=8, messages=[{"role": "user", "content": [
-            {"type": "text", "text": "what is this?"},
-            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{pixel}"}}]}])
-    assert ARCH in str(info.value) and "image_url" in str(info.value) and "lavida_o_vision" in str(info.value)
+
+
+# ---- image understanding: chat images through vLLM's multimodal processor == generate_understanding -----------
+
+QUESTION = "What is this?"
+
+
+def _picture(width: int, height: int, seed: int):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _data_url(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"
+
+
+def understanding_reference(folder: Path, image, sparse: bool, temperature: float, seed: int) -> tuple[list, list]:
+    """(prompt ids with the image's rows as pad ids, answer tokens) from the PyTorch path: the chat template with
+    LLaVA's `<image>` placeholder, tokenized around it (tokenizer_image_token), `understanding_prompt`,
+    `generate_understanding` with the knobs the server gets."""
+    from transformers import AutoTokenizer
+
+    from sparse_lavida_vllm.model_executor.lavida_o_vision import (
+        IMAGE_TOKEN_INDEX,
+        generate_understanding,
+        understanding_prompt,
+    )
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    text = tok.apply_chat_template([{"role": "user", "content": f"<image>\n{QUESTION}"}], tokenize=False,
+                                   add_generation_prompt=True)
+    before, after = text.split("<image>")
+    ids = tok.encode(before, add_special_tokens=False) + [IMAGE_TOKEN_INDEX] + tok.encode(after,
+                                                                                         add_special_tokens=False)
+    model = load_lavida_o(folder)
+    prompt = understanding_prompt(model, torch.tensor(ids), [image])
+    plan = text_plan(GEN, KNOBS["block_length"], KNOBS["steps"])
+    sampling = SamplingConfig(temperature=temperature, seed=seed)
+    options = SparseOptions(num_registers=model.config.registers("text")) if sparse else None
+    tokens = generate_understanding(model, prompt, plan, sampling, options).tokens.tolist()
+    pad = model.config.pad_token_id
+    return [pad if i == IMAGE_TOKEN_INDEX else i for i in prompt.ids.tolist()], tokens
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sparse", [True, False])
+def test_server_chat_image_equals_generate_understanding(checkpoints, client, server, sparse):
+    """An image_url chat part on `sparse-lavida serve`: vLLM's processor tiles it and sizes its rows with
+    num_image_rows, the runner feeds the tower's features at those rows; the answer is the PyTorch path's, token
+    for token (sparse: the image rows prefilled and cached once; dense: re-fed every step)."""
+    folder = checkpoints["sparse"]
+    image = _picture(50, 23, 0)  # not square: a 2x1 anyres grid, unpadded rows
+    r = client.chat.completions.create(
+        model=str(folder), max_tokens=GEN, temperature=0.8, seed=3,
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(image)}},
+                                               {"type": "text", "text": QUESTION}]}],
+        extra_body={"vllm_xargs": {**KNOBS, "sparse": sparse}, "ignore_eos": True, "return_token_ids": True})
+    prompt, tokens = understanding_reference(folder, image, sparse, temperature=0.8, seed=3)
+    choice = r.choices[0]
+    assert r.prompt_token_ids == prompt and r.usage.prompt_tokens == len(prompt)
+    assert choice.token_ids == tokens
+    metrics = r.model_extra["kv_transfer_params"]["sparse_lavida_metrics"]
+    assert metrics["mode"] == ("sparse" if sparse else "dense")
+    assert server.metric("vllm:num_requests_running") == 0
+
+
+@pytest.mark.slow
+def test_server_refuses_bad_images_naming_the_field(checkpoints, client, server):
+    from openai import BadRequestError
+
+    folder = checkpoints["sparse"]
+    field = "messages[0].content[1].image_url.url"
+    for url, why in [("data:image/png;base64,bm90IGEgcG5n", "not a decodable base64 image"),
+                     ("data:image/png;base64,%%%", "not a decodable base64 image"),
+                     ("ftp://example.com/a.png", "URL scheme 'ftp' is not supported")]:
+        with pytest.raises(BadRequestError) as info:
+            client.chat.completions.create(model=str(folder), max_tokens=8, messages=[{"role": "user", "content": [
+                {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": url}}]}])
+        assert field in str(info.value) and why in str(info.value), str(info.value)
+        assert info.value.body.get("param") == field
+    assert server.metric("vllm:num_requests_running") == 0
+    r = client.chat.completions.create(model=str(folder), max_tokens=8, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _data_url(_picture(30, 30, 1))}}, {"type": "text", "text": "hi"}]}],
+        extra_body={"vllm_xargs": {"steps": 4}})
+    assert r.choices[0].message.content is not None  # still serving images after the refusals
 
 
 def _png() -> bytes:
