@@ -308,10 +308,11 @@ def _data_url(image) -> str:
     return f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"
 
 
-def understanding_reference(folder: Path, image, sparse: bool, temperature: float, seed: int) -> tuple[list, list]:
-    """(prompt ids with the image's rows as pad ids, answer tokens) from the PyTorch path: the chat template with
-    LLaVA's `<image>` placeholder, tokenized around it (tokenizer_image_token), `understanding_prompt`,
-    `generate_understanding` with the knobs the server gets."""
+def understanding_reference(folder: Path, images: list, sparse: bool, temperature: float,
+                            seed: int) -> tuple[list, list]:
+    """(prompt ids with the images' rows as pad ids, answer tokens) from the PyTorch path: the chat template with
+    LLaVA's `<image>` placeholders (one line each, before the text, as vLLM renders parts), tokenized around them
+    (tokenizer_image_token), `understanding_prompt`, `generate_understanding` with the knobs the server gets."""
     from transformers import AutoTokenizer
 
     from sparse_lavida_vllm.model_executor.lavida_o_vision import (
@@ -321,13 +322,14 @@ def understanding_reference(folder: Path, image, sparse: bool, temperature: floa
     )
 
     tok = AutoTokenizer.from_pretrained(str(folder))
-    text = tok.apply_chat_template([{"role": "user", "content": f"<image>\n{QUESTION}"}], tokenize=False,
-                                   add_generation_prompt=True)
-    before, after = text.split("<image>")
-    ids = tok.encode(before, add_special_tokens=False) + [IMAGE_TOKEN_INDEX] + tok.encode(after,
-                                                                                         add_special_tokens=False)
+    content = "".join("<image>\n" for _ in images) + QUESTION
+    text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    pieces = text.split("<image>")
+    ids = tok.encode(pieces[0], add_special_tokens=False)
+    for piece in pieces[1:]:
+        ids += [IMAGE_TOKEN_INDEX] + tok.encode(piece, add_special_tokens=False)
     model = load_lavida_o(folder)
-    prompt = understanding_prompt(model, torch.tensor(ids), [image])
+    prompt = understanding_prompt(model, torch.tensor(ids), images)
     plan = text_plan(GEN, KNOBS["block_length"], KNOBS["steps"])
     sampling = SamplingConfig(temperature=temperature, seed=seed)
     options = SparseOptions(num_registers=model.config.registers("text")) if sparse else None
@@ -349,13 +351,42 @@ def test_server_chat_image_equals_generate_understanding(checkpoints, client, se
         messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(image)}},
                                                {"type": "text", "text": QUESTION}]}],
         extra_body={"vllm_xargs": {**KNOBS, "sparse": sparse}, "ignore_eos": True, "return_token_ids": True})
-    prompt, tokens = understanding_reference(folder, image, sparse, temperature=0.8, seed=3)
+    prompt, tokens = understanding_reference(folder, [image], sparse, temperature=0.8, seed=3)
     choice = r.choices[0]
     assert r.prompt_token_ids == prompt and r.usage.prompt_tokens == len(prompt)
     assert choice.token_ids == tokens
     metrics = r.model_extra["kv_transfer_params"]["sparse_lavida_metrics"]
     assert metrics["mode"] == ("sparse" if sparse else "dense")
     assert server.metric("vllm:num_requests_running") == 0
+
+
+@pytest.mark.slow
+def test_server_chat_with_two_images_next_to_a_text_request(checkpoints, client, offline_sparse):
+    """Two images in one message (each at its own placeholder range: two anyres grids), sent concurrently with a text
+    request: both answers are what each gets alone in PyTorch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = checkpoints["sparse"]
+    images = [_picture(23, 50, 4), _picture(60, 60, 5)]  # portrait 1x2 grid, square 2x2 grid
+    parts = [{"type": "image_url", "image_url": {"url": _data_url(image)}} for image in images]
+
+    def chat():
+        return client.chat.completions.create(
+            model=str(folder), max_tokens=GEN, temperature=0, messages=[{"role": "user", "content": [
+                *parts, {"type": "text", "text": QUESTION}]}],
+            extra_body={"vllm_xargs": KNOBS, "ignore_eos": True, "return_token_ids": True})
+
+    def text():
+        return client.completions.create(model=str(folder), prompt=PROMPT, max_tokens=GEN, temperature=0,
+                                         extra_body={"vllm_xargs": KNOBS, "ignore_eos": True,
+                                                     "return_token_ids": True})
+
+    with ThreadPoolExecutor(2) as pool:
+        chat_future, text_future = pool.submit(chat), pool.submit(text)
+        r, t = chat_future.result(), text_future.result()
+    prompt, tokens = understanding_reference(folder, images, sparse=True, temperature=0.0, seed=0)
+    assert r.prompt_token_ids == prompt and r.choices[0].token_ids == tokens
+    assert t.choices[0].token_ids == offline_sparse["default"]["tokens"]
 
 
 @pytest.mark.slow
