@@ -644,6 +644,16 @@ def test_images_are_served_only_with_one_rank_and_a_vq(checkpoints, tmp_path):
     assert "vqvae/config.json" in serves_lavida_o_images(tmp_path, 1)
 
 
+def test_chat_images_are_taken_only_by_the_whole_model_with_a_tower(checkpoints, tmp_path):
+    """What the API server's chat hook answers before vLLM sees an image part (an HTTP 400 with this reason)."""
+    from sparse_lavida_vllm.worker.lavida_o_processor import understanding_refusal
+
+    assert understanding_refusal(str(checkpoints["sparse"]), 1) is None
+    assert "tensor_parallel_size 1" in understanding_refusal(str(checkpoints["sparse"]), 2)
+    no_tower = lavida_checkpoint(tmp_path / "no-tower", sparse_lavida_config(understanding=None))
+    assert "declares no vision tower" in understanding_refusal(str(no_tower), 1)
+
+
 @pytest.mark.slow
 def test_generate_image_cli_draws_lavida_o_images_offline(checkpoints, layout, tmp_path):
     """`sparse-lavida generate-image` lays LaViDa-O requests out as the routes do: the PNG is the PyTorch driver's."""
