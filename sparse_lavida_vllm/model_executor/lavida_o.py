@@ -23,9 +23,10 @@ What this file models, with names as in adobe-research/LaVida-O (`llava_llada.py
   (mlp2x_gelu), `model.image_newline`; anyres tiles spliced into the prompt as text-stream rows. That half lives in
   lavida_o_vision.py; this file builds and loads its modules.
 
-Served through vLLM: text, text-to-image and edits (worker/vllm_model.LlavaLladaForVLLM is this model; image positions
-travel the engine as one packed id each, `PatchIds`); with tensor parallelism the text path (lavida_o_text.py maps
-the text tower onto LLaDAMDM). Image understanding runs here, in PyTorch.
+Served through vLLM: text, text-to-image, edits and chat images (worker/vllm_model.LlavaLladaForVLLM is this model;
+image positions travel the engine as one packed id each, `PatchIds`; chat images are vLLM multimodal inputs whose
+features the runner feeds at their prompt rows); with tensor parallelism the text path (lavida_o_text.py maps the
+text tower onto LLaDAMDM).
 
 Flat rows. A pass is a list of rows with explicit RoPE positions; a row is either a text row (an id into `wte`,
 or a given embedding) or an image row holding one transformer position = a 2x2 patch of VQ codes (row-major
