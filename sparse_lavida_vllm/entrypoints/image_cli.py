@@ -67,7 +67,7 @@ def _lavida_o_request(ns: argparse.Namespace, llm: Any, model: str, tokenizer: A
     from sparse_lavida_vllm.multimodal.lavida_o_layout import LaViDaOLayout
     from sparse_lavida_vllm.scheduler.image_params import GENERATE
 
-    why = serves_lavida_o_images(model, llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size)
+    why = serves_lavida_o_images(model)
     if why is not None:
         sys.exit(f"{model}: {why}")
     layout = LaViDaOLayout.load(model, tokenizer)

@@ -212,8 +212,7 @@ class ImageService:
         from sparse_lavida_vllm.model_executor.lavida_o_text import serves_lavida_o_images
         from sparse_lavida_vllm.multimodal.lavida_o_layout import LaViDaOLayout
 
-        parallel = getattr(getattr(engine_client, "vllm_config", None), "parallel_config", None)
-        why = serves_lavida_o_images(model_config.model, getattr(parallel, "tensor_parallel_size", 1))
+        why = serves_lavida_o_images(model_config.model)
         if why is not None:
             raise ValueError(why)
         self.layout = LaViDaOLayout.load(model_config.model, self.tokenizer)

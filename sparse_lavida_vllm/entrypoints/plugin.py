@@ -278,9 +278,7 @@ def _chat_media_error(serving, messages) -> tuple[str, str] | None:
     if architecture == _LAVIDA_O:
         from sparse_lavida_vllm.worker.lavida_o_processor import understanding_refusal
 
-        vllm_config = getattr(getattr(serving, "engine_client", None), "vllm_config", None)
-        tp = vllm_config.parallel_config.tensor_parallel_size if vllm_config is not None else 1
-        why = understanding_refusal(model_config.model, tp)
+        why = understanding_refusal(model_config.model)
         if why is None:
             return image_part_error(messages)
         return "messages", f"messages: {kind} parts are not supported: {media_refusal(architecture, why)}"

@@ -75,7 +75,17 @@ from sparse_lavida_vllm.model_executor.lavida_o_vision import (
     build_understanding,
     dropped_by_publishers,
 )
-from sparse_lavida_vllm.model_executor.model import ROW_TILE, RMSNorm, apply_rope, rope_cos_sin, tiled
+from sparse_lavida_vllm.model_executor.model import (
+    COLUMN_PARALLEL,
+    ROW_PARALLEL,
+    ROW_TILE,
+    RMSNorm,
+    apply_rope,
+    narrow_shard,
+    rope_cos_sin,
+    tiled,
+)
+from sparse_lavida_vllm.model_executor.parallel import SingleRank, TensorParallel
 from sparse_lavida_vllm.model_executor.weights import INDEX_NAME, WEIGHTS_NAME, save_state_dict
 
 ARCHITECTURE = "LlavaLladaForMaskedDiffusion"
@@ -438,40 +448,89 @@ class ModalityAttention(AttentionBackend):
         return out.transpose(0, 1)
 
 
+# ---- tensor parallelism -----------------------------------------------------------------------
+# Megatron-style over the blocks, as LLaDAMDM (model.py): the text weights by LLaDA's names, and the image stream's
+# `*_vision` twins the same way: {q,k,v}_proj_vision column-parallel by heads (rank r computes the same heads from
+# image rows as q/k/v_proj from text rows, so its attention and its KV cache see one head slice of every row),
+# ff_proj_vision / up_proj_vision column-parallel and ff_out_vision row-parallel (mlp_hidden_size_gen / W columns
+# each). The shared attn_out is row-parallel for every row; image rows keep the first d_model_gen outputs of the
+# all-reduced sum. Replicated on every rank (small next to the 32 blocks, or not worth a collective): wte, ln_f, the
+# LM head, the `*_norm_vision` norms, gen_embedding(_2), the 2x2 down/upsample convs, gen_predictor(_2) and the
+# whole understanding half (SigLIP tower, resampler, projector, image_newline). So every rank returns full text and
+# image logits and samples the same tokens from the same seed, with no gather before sampling.
+VISION_COLUMN_PARALLEL = tuple(f"{name}_vision" for name in COLUMN_PARALLEL)
+VISION_ROW_PARALLEL = tuple(f"{name}_vision" for name in ROW_PARALLEL if name != "attn_out")  # no attn_out_vision
+BLOCK_PREFIX = "model.transformer.blocks."
+
+
+def lavida_shard_dim(name: str) -> int | None:
+    """The dim a LaViDa-O parameter is split along over tensor-parallel ranks (None: every rank holds all of it)."""
+    if not name.startswith(BLOCK_PREFIX):
+        return None
+    leaf = name.split(".")[-2]
+    if leaf in COLUMN_PARALLEL or leaf in VISION_COLUMN_PARALLEL:
+        return 0
+    if leaf in ROW_PARALLEL or leaf in VISION_ROW_PARALLEL:
+        return 1
+    return None
+
+
+def check_lavida_divisible(config: LaViDaOConfig, world_size: int) -> None:
+    """A ValueError naming the field when heads or an MLP width do not split evenly over the ranks."""
+    names = ["n_heads", "n_kv_heads", "mlp_hidden_size"] + (["mlp_hidden_size_gen"] if config.dual_tower else [])
+    for name in names:
+        if getattr(config, name) % world_size:
+            raise ValueError(f"{name} ({getattr(config, name)}) must be divisible by the tensor-parallel "
+                             f"world size ({world_size})")
+
+
 # ---- the model ------------------------------------------------------------------------------
 
-def _swiglu(x: Tensor, ff_proj: nn.Linear, up_proj: nn.Linear, ff_out: nn.Linear, tile: int | None) -> Tensor:
-    return tiled(ff_out, F.silu(tiled(ff_proj, x, tile)) * tiled(up_proj, x, tile), tile)
+def _swiglu(x: Tensor, ff_proj: nn.Linear, up_proj: nn.Linear, ff_out: nn.Linear, tile: int | None,
+            tp: TensorParallel) -> Tensor:
+    if not x.shape[0]:  # every rank sees the same rows, so every rank skips the same collectives
+        return x
+    return tp.all_reduce(tiled(ff_out, F.silu(tiled(ff_proj, x, tile)) * tiled(up_proj, x, tile), tile))
 
 
 class LaViDaOBlock(nn.Module):
-    """LLaDALlamaBlock with the Elastic-MoT image branch (parameter names as published)."""
+    """LLaDALlamaBlock with the Elastic-MoT image branch (parameter names as published).
 
-    def __init__(self, config: LaViDaOConfig) -> None:
+    Under tensor parallelism (`tp`) it holds n_heads/W query heads and n_kv_heads/W K/V heads of both streams,
+    mlp_hidden_size/W and mlp_hidden_size_gen/W MLP columns; attn_out, ff_out and ff_out_vision give partial sums
+    that `tp.all_reduce` adds up (see "tensor parallelism" above).
+    """
+
+    def __init__(self, config: LaViDaOConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
+        tp = tp if tp is not None else SingleRank()
+        w = tp.world_size
         d, dg, hd = config.d_model, config.d_model_gen, config.head_dim
-        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, hd
+        self.tp = tp
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads // w, config.n_kv_heads // w, hd
         self.d_model_gen = dg
         eps = config.rms_norm_eps
+        heads, kv, mlp = self.n_heads * hd, self.n_kv_heads * hd, config.mlp_hidden_size // w
         self.attn_norm = RMSNorm(d, eps)
         self.ff_norm = RMSNorm(d, eps)
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, config.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, config.n_kv_heads * hd, bias=False)
-        self.attn_out = nn.Linear(d, d, bias=False)
-        self.ff_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
-        self.up_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
-        self.ff_out = nn.Linear(config.mlp_hidden_size, d, bias=False)
+        self.q_proj = nn.Linear(d, heads, bias=False)
+        self.k_proj = nn.Linear(d, kv, bias=False)
+        self.v_proj = nn.Linear(d, kv, bias=False)
+        self.attn_out = nn.Linear(heads, d, bias=False)
+        self.ff_proj = nn.Linear(d, mlp, bias=False)
+        self.up_proj = nn.Linear(d, mlp, bias=False)
+        self.ff_out = nn.Linear(mlp, d, bias=False)
         self.dual_tower = config.dual_tower
         if self.dual_tower:
+            mlp_gen = config.mlp_hidden_size_gen // w
             self.attn_norm_vision = RMSNorm(dg, eps)
             self.ff_norm_vision = RMSNorm(dg, eps)
-            self.q_proj_vision = nn.Linear(dg, d, bias=False)
-            self.k_proj_vision = nn.Linear(dg, config.n_kv_heads * hd, bias=False)
-            self.v_proj_vision = nn.Linear(dg, config.n_kv_heads * hd, bias=False)
-            self.ff_proj_vision = nn.Linear(dg, config.mlp_hidden_size_gen, bias=False)
-            self.up_proj_vision = nn.Linear(dg, config.mlp_hidden_size_gen, bias=False)
-            self.ff_out_vision = nn.Linear(config.mlp_hidden_size_gen, dg, bias=False)
+            self.q_proj_vision = nn.Linear(dg, heads, bias=False)
+            self.k_proj_vision = nn.Linear(dg, kv, bias=False)
+            self.v_proj_vision = nn.Linear(dg, kv, bias=False)
+            self.ff_proj_vision = nn.Linear(dg, mlp_gen, bias=False)
+            self.up_proj_vision = nn.Linear(dg, mlp_gen, bias=False)
+            self.ff_out_vision = nn.Linear(mlp_gen, dg, bias=False)
 
     def _qkv(self, x: Tensor, vision: bool, tile: int | None) -> tuple[Tensor, Tensor, Tensor]:
         if vision and self.dual_tower:
@@ -493,17 +552,19 @@ class LaViDaOBlock(nn.Module):
                 q[idx], k[idx], v[idx] = self._qkv(x, vision, tile)
         q = apply_rope(q.view(rows, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(rows, self.n_kv_heads, self.head_dim), cos, sin)
-        att = tiled(self.attn_out, attention.attend(layer, q, k, v.view(rows, self.n_kv_heads, self.head_dim))
-                    .reshape(rows, -1), tile)
+        att = self.tp.all_reduce(tiled(
+            self.attn_out, attention.attend(layer, q, k, v.view(rows, self.n_kv_heads, self.head_dim))
+            .reshape(rows, -1), tile))
         x_text = x_text + att[text_rows]
         # the publishers add the d_model-wide output to the zero-padded image stream, then truncate it
         x_image = x_image + att[image_rows, :x_image.shape[-1]]
-        x_text = x_text + _swiglu(self.ff_norm(x_text), self.ff_proj, self.up_proj, self.ff_out, tile)
+        tp = self.tp
+        x_text = x_text + _swiglu(self.ff_norm(x_text), self.ff_proj, self.up_proj, self.ff_out, tile, tp)
         if self.dual_tower:
             x_image = x_image + _swiglu(self.ff_norm_vision(x_image), self.ff_proj_vision, self.up_proj_vision,
-                                        self.ff_out_vision, tile)
+                                        self.ff_out_vision, tile, tp)
         else:
-            x_image = x_image + _swiglu(self.ff_norm(x_image), self.ff_proj, self.up_proj, self.ff_out, tile)
+            x_image = x_image + _swiglu(self.ff_norm(x_image), self.ff_proj, self.up_proj, self.ff_out, tile, tp)
         return x_text, x_image
 
 
@@ -527,17 +588,24 @@ class LaViDaOMDM(nn.Module):
     Batch invariance as LLaDAMDM: without autograd the linear layers run in fixed tiles of `row_tile` rows
     (model.tiled), so a row's values do not depend on how many rows share the pass (the served path batches
     requests and guidance branches into one forward; the reference driver runs each branch alone).
+
+    `tp` shards the blocks (both streams) Megatron-style over tensor-parallel ranks; everything else is replicated,
+    so every rank returns the full logits (see "tensor parallelism" above). `config` stays the whole model's;
+    `local_kv_heads` is what this rank caches.
     """
 
     row_tile: int | None = ROW_TILE
 
-    def __init__(self, config: LaViDaOConfig) -> None:
+    def __init__(self, config: LaViDaOConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
+        tp = tp if tp is not None else SingleRank()
+        check_lavida_divisible(config, tp.world_size)
         self.config = config
+        self.tp = tp
         self.model = nn.Module()
         self.model.transformer = nn.ModuleDict({
             "wte": nn.Embedding(config.vocab_size, config.d_model),
-            "blocks": nn.ModuleList(LaViDaOBlock(config) for _ in range(config.n_layers)),
+            "blocks": nn.ModuleList(LaViDaOBlock(config, tp) for _ in range(config.n_layers)),
             "ln_f": RMSNorm(config.d_model, config.rms_norm_eps),
             "ff_out": nn.Linear(config.d_model, config.vocab_size, bias=False),
         })
@@ -565,7 +633,12 @@ class LaViDaOMDM(nn.Module):
 
     @property
     def local_kv_heads(self) -> int:
-        return self.config.n_kv_heads
+        """K/V heads this rank computes and caches (n_kv_heads // world_size)."""
+        return self.config.n_kv_heads // self.tp.world_size
+
+    def load_shard(self, name: str, full: Tensor) -> Tensor:
+        """This rank's slice of the full checkpoint tensor `name` (the tensor itself when replicated)."""
+        return narrow_shard(name, full, lavida_shard_dim(name), self.tp.rank, self.tp.world_size)
 
     @property
     def tile(self) -> int | None:
@@ -991,11 +1064,12 @@ def read_checkpoint_tensors(folder: str | Path) -> dict[str, tuple[Tensor, str]]
 
 
 def load_lavida_o(folder: str | Path, dtype: torch.dtype = torch.float32,
-                  device: torch.device | str = "cpu") -> LaViDaOMDM:
-    """A LaViDa-O / Sparse-LaViDa checkpoint folder as a model; one clear ValueError per bad file or tensor."""
+                  device: torch.device | str = "cpu", tp: TensorParallel | None = None) -> LaViDaOMDM:
+    """A LaViDa-O / Sparse-LaViDa checkpoint folder as a model (with `tp`, this rank's shard of it); one clear
+    ValueError per bad file or tensor."""
     folder = Path(folder)
     config = load_config(folder)
-    model = LaViDaOMDM(config)
+    model = LaViDaOMDM(config, tp)
     expected = model.state_dict()
     found = read_checkpoint_tensors(folder)
     state: dict[str, Tensor] = {}
@@ -1008,10 +1082,13 @@ def load_lavida_o(folder: str | Path, dtype: torch.dtype = torch.float32,
         if name not in expected:
             raise ValueError(f"tensor {name} in {folder / source} is not a parameter of {ARCHITECTURE} "
                              f"with this config.json")
-        if tuple(tensor.shape) != tuple(expected[name].shape):
+        shard = model.load_shard(name, tensor)
+        if tuple(shard.shape) != tuple(expected[name].shape):
+            rank = f" (tensor-parallel {model.tp}: this rank's slice is {tuple(shard.shape)})" \
+                if model.tp.world_size > 1 else ""
             raise ValueError(f"tensor {name} in {folder / source} has shape {tuple(tensor.shape)}, config.json "
-                             f"implies {tuple(expected[name].shape)}")
-        state[name] = tensor
+                             f"implies {tuple(expected[name].shape)}{rank}")
+        state[name] = shard
     missing = sorted(set(expected) - set(state))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -1022,14 +1099,18 @@ def load_lavida_o(folder: str | Path, dtype: torch.dtype = torch.float32,
 
 def save_lavida_o(model: LaViDaOMDM, folder: str | Path, max_shard_tensors: int | None = None) -> None:
     """config.json + safetensors in the published layout; with `max_shard_tensors`, sharded with an index."""
+    if model.tp.world_size > 1:
+        raise ValueError("save_lavida_o needs the whole model; this one is one tensor-parallel shard")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
     save_state_dict(model.state_dict(), folder, max_shard_tensors)
 
 
-def random_lavida_o(config: LaViDaOConfig, seed: int = 0, std: float = 0.05) -> LaViDaOMDM:
-    """Seeded random weights (norms at 1), for tests and shapes with no checkpoint."""
+def random_lavida_o(config: LaViDaOConfig, seed: int = 0, std: float = 0.05,
+                    tp: TensorParallel | None = None) -> LaViDaOMDM:
+    """Seeded random weights (norms at 1), for tests and shapes with no checkpoint. With `tp`, this rank's shard of
+    the same weights (every rank draws the whole model, then slices it)."""
     gen = torch.Generator().manual_seed(seed)
     model = LaViDaOMDM(config)
     norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm | nn.LayerNorm)}  # SigLIP's LayerNorms
@@ -1039,6 +1120,10 @@ def random_lavida_o(config: LaViDaOConfig, seed: int = 0, std: float = 0.05) -> 
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))  # not exactly 1: names must matter
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
+    if tp is not None and tp.world_size > 1:
+        shard = LaViDaOMDM(config, tp)
+        shard.load_state_dict({name: shard.load_shard(name, t) for name, t in model.state_dict().items()})
+        model = shard
     return model.eval()
 
 

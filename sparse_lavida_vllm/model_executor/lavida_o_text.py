@@ -5,7 +5,8 @@ ln_f, ff_out}` only: the `*_vision` block weights are read by image rows, and pe
 (> dual_tower_layers) differ from joint ones only when image keys exist (`LaViDaOMDM.wrap_attention`). That is
 `LLaDAMDM` with the same tensor names, so the served text path is our LLaDA engine (paged KV, step-causal sparse
 path, tensor parallelism, batching) over a `llava_llada` checkpoint's text tower: what the server runs when the whole
-model cannot be served (tensor_parallel_size > 1, no vqvae/: `serves_lavida_o_images`). What only image rows read
+model cannot be served (no vqvae/: `serves_lavida_o_images`; the whole model shards over tensor-parallel ranks
+too, lavida_o.py). What only image rows read
 (the generation branch, the understanding tower, the VQ copy) is listed and skipped, never loaded.
 
 No vLLM import here: the vLLM classes live in worker/vllm_model.py.
@@ -68,12 +69,9 @@ def unused_text_registers(config: LaViDaOConfig) -> int:
     return config.registers("text") if config.register_token_id is None else 0
 
 
-def serves_lavida_o_images(model: str | Path, tensor_parallel_size: int) -> str | None:
-    """None when a `llava_llada` checkpoint is served whole (text and image rows: worker/vllm_model.LlavaLladaForVLLM),
-    else why only its text path is (this file's mapping)."""
-    if tensor_parallel_size > 1:
-        return (f"image generation for {ARCHITECTURE} runs with tensor_parallel_size 1 (its image branch is not "
-                "sharded); this server serves its text path")
+def serves_lavida_o_images(model: str | Path) -> str | None:
+    """None when a `llava_llada` checkpoint is served whole (text and image rows: worker/vllm_model.LlavaLladaForVLLM,
+    with any tensor_parallel_size: both streams shard), else why only its text path is (this file's mapping)."""
     if not (Path(model) / VQ_SUBFOLDER / CONFIG_NAME).is_file():
         return (f"the checkpoint has no {VQ_SUBFOLDER}/{CONFIG_NAME} (the VQ codec of its images); this server serves "
                 "its text path")

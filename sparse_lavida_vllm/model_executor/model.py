@@ -104,7 +104,11 @@ def shard_weight(name: str, full: Tensor, rank: int, world_size: int) -> Tensor:
     Contiguous slices keep GQA intact: rank r holds query heads [r*H/W, (r+1)*H/W) and K/V heads
     [r*K/W, (r+1)*K/W), which are exactly the K/V heads those query heads read.
     """
-    dim = shard_dim(name)
+    return narrow_shard(name, full, shard_dim(name), rank, world_size)
+
+
+def narrow_shard(name: str, full: Tensor, dim: int | None, rank: int, world_size: int) -> Tensor:
+    """Rank `rank`'s contiguous 1/world_size slice of `full` along `dim` (all of it when dim is None)."""
     if dim is None or world_size == 1:
         return full
     size = full.shape[dim]

@@ -82,8 +82,7 @@ EDITS_UNPUBLISHED = ("gen_enc_add_pos_emb=true (Sparse-LaViDa) changes how an ed
 def lavida_o_image_config(vllm_config) -> LaViDaOConfig | None:
     """The whole LaViDa-O config when such a checkpoint is served whole, text and images (else None)."""
     model_config = vllm_config.model_config
-    if model_config.architecture != LAVIDA_O or serves_lavida_o_images(
-            model_config.model, vllm_config.parallel_config.tensor_parallel_size) is not None:
+    if model_config.architecture != LAVIDA_O or serves_lavida_o_images(model_config.model) is not None:
         return None
     return load_config(model_config.model)
 

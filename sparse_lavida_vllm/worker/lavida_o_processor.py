@@ -37,9 +37,10 @@ def _config(model: str) -> LaViDaOConfig:
     return load_config(Path(model))
 
 
-def understanding_refusal(model: str, tensor_parallel_size: int) -> str | None:
-    """None when this server answers image inputs for a `llava_llada` checkpoint, else why not (an HTTP 400)."""
-    why = serves_lavida_o_images(model, tensor_parallel_size)
+def understanding_refusal(model: str) -> str | None:
+    """None when this server answers image inputs for a `llava_llada` checkpoint, else why not (an HTTP 400).
+    The tensor-parallel size does not matter: the whole model shards, its tower replicated on every rank."""
+    why = serves_lavida_o_images(model)
     if why is not None:
         return f"image inputs need the whole model: {why}"
     if _config(model).understanding is None:
@@ -67,8 +68,7 @@ class LaViDaOProcessingInfo(BaseProcessingInfo):
         model_config = self.ctx.model_config
         if model_config.architecture != ARCHITECTURE:
             return None
-        # the API server does not know the parallel config here; TP > 1 is refused by the chat hook before this
-        return self.lavida.understanding if serves_lavida_o_images(model_config.model, 1) is None else None
+        return self.lavida.understanding if serves_lavida_o_images(model_config.model) is None else None
 
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         # {} makes vLLM run the model text-only (no encoder budget, no media parsing)

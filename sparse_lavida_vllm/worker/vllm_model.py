@@ -156,8 +156,8 @@ class LlavaLladaTextForVLLM(SparseLLaDAForVLLM):
 
     Text-only rows use `model.transformer.*` alone (lavida_o_text.py), so this is SparseLLaDAForVLLM loading those
     tensors (same names, same tensor-parallel sharding); the image-path tensors are checked, listed and skipped.
-    Registered through LlavaLladaForVLLM, which builds this class when images cannot be served (tensor_parallel_size
-    > 1, no vqvae/); chat images are refused there (they need LlavaLladaForVLLM's tower and image rows).
+    Registered through LlavaLladaForVLLM, which builds this class when images cannot be served (no vqvae/); chat
+    images are refused there (they need LlavaLladaForVLLM's tower and image rows).
     """
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
@@ -188,9 +188,11 @@ class LlavaLladaForVLLM(LaViDaOMDM):
     logits: (n, vocab) for text rows, (n, codes_per_position, codebook) for image rows. Per-modality layers read the
     runner's per-slot modality flags (worker/paged_attention.py). When config.json declares a vision tower it is
     built and loaded: chat images (vLLM's multimodal processor, worker/lavida_o_processor.py) become prompt rows whose
-    embeddings are `embed_multimodal`'s features, spliced in by the runner (`prompt_embeds`). With
-    tensor_parallel_size > 1, or without vqvae/, the plugin's class is the text path (LlavaLladaTextForVLLM)
-    instead: see `__new__`.
+    embeddings are `embed_multimodal`'s features, spliced in by the runner (`prompt_embeds`). Each tensor-parallel
+    rank builds and loads its shard of the blocks (text and image streams, vLLM's TP group); the generation
+    embedding / head, the 2x2 convs and the understanding tower are replicated (lavida_o.py, "tensor parallelism"),
+    so every rank computes the full logits and samples the same tokens. Without vqvae/, the plugin's class is the
+    text path (LlavaLladaTextForVLLM) instead: see `__new__`.
     """
 
     # vLLM's SupportsMultiModal flags (the protocol's methods are below; its default embed_input_ids needs a
@@ -205,7 +207,7 @@ class LlavaLladaForVLLM(LaViDaOMDM):
 
     def __new__(cls, *, vllm_config, prefix: str = ""):
         model_config = vllm_config.model_config
-        why = serves_lavida_o_images(model_config.model, vllm_config.parallel_config.tensor_parallel_size)
+        why = serves_lavida_o_images(model_config.model)
         if why is not None:
             logger.info("%s: %s", LAVIDA_O_ARCHITECTURE, why)
             return LlavaLladaTextForVLLM(vllm_config=vllm_config, prefix=prefix)
@@ -213,7 +215,8 @@ class LlavaLladaForVLLM(LaViDaOMDM):
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         config = load_config(vllm_config.model_config.model)
-        super().__init__(config)  # with the understanding modules when config.json names a vision tower
+        # this rank's shard; with the understanding modules (replicated) when config.json names a vision tower
+        super().__init__(config, VLLMTensorParallel())
         self.patch_ids = PatchIds.of(config)
 
     @classmethod
@@ -257,18 +260,20 @@ class LlavaLladaForVLLM(LaViDaOMDM):
             if name not in params:
                 raise ValueError(f"unexpected weight {name!r} in the checkpoint (not a parameter of "
                                  f"{LAVIDA_O_ARCHITECTURE} with this config.json)")
-            if tuple(tensor.shape) != tuple(params[name].shape):
-                raise ValueError(f"weight {name!r}: checkpoint shard {tuple(tensor.shape)} does not fit the "
-                                 f"parameter {tuple(params[name].shape)}")
+            shard = self.load_shard(name, tensor)  # this rank's slice (the tensor itself when replicated)
+            if tuple(shard.shape) != tuple(params[name].shape):
+                raise ValueError(f"weight {name!r}: checkpoint shard {tuple(shard.shape)} does not fit the "
+                                 f"parameter {tuple(params[name].shape)} (tensor-parallel {self.tp})")
             with torch.no_grad():
-                params[name].copy_(tensor.to(params[name].dtype))
+                params[name].copy_(shard.to(params[name].dtype))
             loaded.add(name)
         missing = set(params) - loaded
         if missing:
             raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}")
         what = "text, image generation and image understanding" if vision is not None else \
             "text and image generation"
-        logger.info("%s: serving %s (%d tensors); skipped the %s", LAVIDA_O_ARCHITECTURE, what, len(loaded),
+        logger.info("%s: serving %s (%d tensors, tensor-parallel rank %d of %d); skipped the %s",
+                    LAVIDA_O_ARCHITECTURE, what, len(loaded), self.tp.rank, self.tp.world_size,
                     summarize_skipped(skipped))
         return loaded
 
