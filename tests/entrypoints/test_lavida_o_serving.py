@@ -419,10 +419,14 @@ def _png() -> bytes:
 
 
 @pytest.mark.slow
-def test_tp2_serves_the_text_tower_as_the_reference(checkpoints):
+def test_tp2_serves_the_text_tower_as_the_reference_without_a_vq(checkpoints, tmp_path):
+    """Without vqvae/ the plugin's class is the text path (LlavaLladaTextForVLLM: the LLaDA tower, sharded by name)."""
+    import shutil
+
     from tests.worker.test_tensor_parallel import check_tp2_result, run_tp2
 
-    folder = checkpoints["sparse"]
+    folder = tmp_path / "no-vq"
+    shutil.copytree(checkpoints["sparse"], folder, ignore=shutil.ignore_patterns("vqvae"))
     check_tp2_result(run_tp2(folder, timeout=600), load_text_tower(folder))
 
 
@@ -636,22 +640,21 @@ def test_server_image_requests_name_what_is_unsupported(checkpoints, client, ser
     assert server.metric("vllm:num_requests_running") == 0
 
 
-def test_images_are_served_only_with_one_rank_and_a_vq(checkpoints, tmp_path):
+def test_images_are_served_only_with_a_vq(checkpoints, tmp_path):
     from sparse_lavida_vllm.model_executor.lavida_o_text import serves_lavida_o_images
 
-    assert serves_lavida_o_images(checkpoints["sparse"], 1) is None
-    assert "tensor_parallel_size 1" in serves_lavida_o_images(checkpoints["sparse"], 2)
-    assert "vqvae/config.json" in serves_lavida_o_images(tmp_path, 1)
+    assert serves_lavida_o_images(checkpoints["sparse"]) is None  # any tensor_parallel_size: the model shards
+    assert "vqvae/config.json" in serves_lavida_o_images(tmp_path)
 
 
 def test_chat_images_are_taken_only_by_the_whole_model_with_a_tower(checkpoints, tmp_path):
     """What the API server's chat hook answers before vLLM sees an image part (an HTTP 400 with this reason)."""
     from sparse_lavida_vllm.worker.lavida_o_processor import understanding_refusal
 
-    assert understanding_refusal(str(checkpoints["sparse"]), 1) is None
-    assert "tensor_parallel_size 1" in understanding_refusal(str(checkpoints["sparse"]), 2)
+    assert understanding_refusal(str(checkpoints["sparse"])) is None
     no_tower = lavida_checkpoint(tmp_path / "no-tower", sparse_lavida_config(understanding=None))
-    assert "declares no vision tower" in understanding_refusal(str(no_tower), 1)
+    assert "declares no vision tower" in understanding_refusal(str(no_tower))
+    assert "vqvae/config.json" in understanding_refusal(str(tmp_path))
 
 
 @pytest.mark.slow
@@ -676,3 +679,125 @@ def test_generate_image_cli_draws_lavida_o_images_offline(checkpoints, layout, t
                           "--size", "30x30", "--max-model-len", "256", "--quiet"],
                          env={**os.environ, **VLLM_ENV}, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "--size" in bad.stderr and "multiples of 8" in bad.stderr
+
+
+# ---- tensor parallelism: the whole model (both streams, the tower) over two ranks -------------------------------
+
+EDIT_PROMPT = [40, 41] + [201] * 16 + [42, 43, 44]  # an edit's prompt: 16 source-image placeholders at rows 2..17
+IMAGE_BASE = {"kind": "image", "height": 4, "width": 4, "steps": 4, "shift": 3.0, "num_registers": 3}
+
+
+def _edit_source() -> torch.Tensor:
+    """An edit's source image: 16 positions of 2x2 codes."""
+    return torch.randint(0, 16, (16, 4), generator=torch.Generator().manual_seed(1))
+
+
+TP_IMAGE_CASES = {
+    "cfg": dict(prompt=PROMPT, seed=5, extra={"guidance_scale": 2.0, "suffix_ids": [2]}),
+    "edit_3way": dict(prompt=EDIT_PROMPT, seed=7, extra={
+        "guidance_scale": 1.0, "image_guidance_scale": 1.5, "source_span": [2, 18],
+        "source_codes": _edit_source().flatten().tolist(), "suffix_ids": [2]}),
+    "dense": dict(prompt=PROMPT, seed=9, extra={"sparse": False, "guidance_scale": 1.0, "suffix_ids": [2]}),
+}
+TP_CHAT = {"temperature": 0.8, "seed": 3}
+
+
+def _lavida_worker_view(worker) -> dict:
+    """What one TP worker holds of the whole model: its text view (tests.worker.test_tensor_parallel) plus the image
+    stream's shards and the replicated generation head and tower."""
+    from tests.worker.test_tensor_parallel import _worker_view
+
+    model = worker.model_runner.model
+    block = model.model.transformer["blocks"][0]
+    tower = model.model.vision_tower.vision_tower.vision_model.encoder.layers[0].mlp.fc1.weight
+    return {**_worker_view(worker), "cls": type(model).__name__,
+            "q_proj_vision": list(block.q_proj_vision.weight.shape),
+            "k_proj_vision": list(block.k_proj_vision.weight.shape),
+            "ff_proj_vision": list(block.ff_proj_vision.weight.shape),
+            "ff_out_vision": list(block.ff_out_vision.weight.shape),
+            "attn_norm_vision": list(block.attn_norm_vision.weight.shape),
+            "gen_predictor": list(model.model.gen_predictor.weight.shape), "tower_fc1": list(tower.shape)}
+
+
+def tp2_main(folder: str, payload: str) -> None:
+    """A TP=2 engine over `folder`: the image cases, the text cases of tests.worker.test_tensor_parallel (one batch)
+    and a chat turn with an image; one RESULT line (tokens, the chat's prompt ids, every worker's view)."""
+    from vllm import LLM, SamplingParams
+
+    from tests.worker.test_tensor_parallel import CASES, STANDARD
+    from tests.worker.test_tensor_parallel import PROMPT as TEXT_PROMPT
+
+    data = json.loads(payload)
+    llm = LLM(model=folder, dtype="float32", enforce_eager=True, max_model_len=256, seed=0, tensor_parallel_size=2,
+              distributed_executor_backend="mp")
+    prompts, params = [], []
+    for case in TP_IMAGE_CASES.values():
+        prompts.append({"prompt_token_ids": case["prompt"]})
+        params.append(SamplingParams(max_tokens=16, temperature=1.0, seed=case["seed"], detokenize=False,
+                                     extra_args={**IMAGE_BASE, **case["extra"]}))
+    for knobs in CASES.values():
+        knobs = dict(knobs)
+        std = {k: knobs.pop(k) for k in STANDARD if k in knobs}
+        prompts.append({"prompt_token_ids": TEXT_PROMPT})
+        params.append(SamplingParams(max_tokens=knobs["gen_length"], ignore_eos=True, extra_args=knobs,
+                                     temperature=std.get("temperature", 0), top_k=std.get("top_k", 0),
+                                     seed=std.get("seed", 0)))
+    outs = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    chat = llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data["image"]}},
+                                                  {"type": "text", "text": QUESTION}]}],
+                    SamplingParams(max_tokens=GEN, ignore_eos=True, extra_args={**KNOBS, "sparse": True}, **TP_CHAT),
+                    use_tqdm=False)[0]
+    n = len(TP_IMAGE_CASES)
+    print("RESULT " + json.dumps({
+        "images": dict(zip(TP_IMAGE_CASES, map(list, outs[:n]))), "tokens": dict(zip(CASES, map(list, outs[n:]))),
+        "chat": {"prompt": list(chat.prompt_token_ids), "tokens": list(chat.outputs[0].token_ids)},
+        "workers": llm.collective_rpc(_lavida_worker_view)}), flush=True)
+
+
+@pytest.mark.slow
+def test_tp2_serves_images_text_and_chat_images_as_the_pytorch_drivers(checkpoints):
+    """I4 under tensor parallelism for the whole LaViDa-O model: `LLM(tensor_parallel_size=2)` shards both streams
+    (text q/k/v/MLP and their `*_vision` twins; attn_out row-parallel for every row) and replicates the generation
+    head, the 2x2 convs and the SigLIP tower. Every rank samples from the same all-reduced logits, and the engine's
+    T2I with CFG, three-way edit and dense T2I (one batch with text requests), and a chat answer about an image,
+    equal the single-rank PyTorch drivers (generate_image_sparse / _dense, the text sampler,
+    generate_understanding) token for token: at this size the all-reduce's float rounding (two partial sums instead
+    of one GEMM, <= 1e-5: tests/model_executor/test_lavida_o_parallel.py) flips no sample."""
+    from tests.worker.test_tensor_parallel import check_tp2_result
+
+    folder = checkpoints["sparse"]
+    image = _picture(50, 23, 0)
+    env = dict(os.environ, **VLLM_ENV, VLLM_CPU_OMP_THREADS_BIND="0|1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    run = subprocess.run([sys.executable, "-m", "tests.entrypoints.test_lavida_o_serving", str(folder),
+                          json.dumps({"image": _data_url(image)})], env=env, capture_output=True, text=True,
+                         timeout=900)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stdout[-3000:] + run.stderr[-5000:]
+    out = json.loads(lines[-1].removeprefix("RESULT "))
+    model = load_lavida_o(folder)
+    cfg = model.config
+    for w in out["workers"]:  # each rank: half the heads and MLP columns of both streams; the rest whole
+        assert w["cls"] == "LlavaLladaForVLLM"
+        assert w["q_proj_vision"] == [cfg.d_model // 2, cfg.d_model_gen]
+        assert w["k_proj_vision"] == [cfg.n_kv_heads // 2 * cfg.head_dim, cfg.d_model_gen]
+        assert w["ff_proj_vision"] == [cfg.mlp_hidden_size_gen // 2, cfg.d_model_gen]
+        assert w["ff_out_vision"] == [cfg.d_model_gen, cfg.mlp_hidden_size_gen // 2]
+        assert w["attn_norm_vision"] == [cfg.d_model_gen]
+        assert w["gen_predictor"] == [cfg.num_vq_embeddings, cfg.d_model_gen] and w["tower_fc1"] == [40, 24]
+    check_tp2_result(out, model)  # the text shards and the text cases == the reference sampler
+    source = _edit_source()
+    for name, case in TP_IMAGE_CASES.items():
+        extra = {**IMAGE_BASE, **case["extra"]}
+        span = tuple(extra["source_span"]) if "source_span" in extra else None
+        expected = reference_image(model, case["prompt"], case["seed"], 4, extra.get("guidance_scale", 0.0),
+                                   extra.get("image_guidance_scale", 0.0), suffix=tuple(extra["suffix_ids"]),
+                                   source_span=span, source_codes=source if span else None,
+                                   dense=not extra.get("sparse", True))
+        assert out["images"][name] == expected, name
+    prompt, tokens = understanding_reference(folder, [image], sparse=True, **TP_CHAT)
+    assert out["chat"] == {"prompt": prompt, "tokens": tokens}
+
+
+if __name__ == "__main__":  # the TP=2 engine's child process (vLLM spawns its workers under this guard)
+    tp2_main(sys.argv[1], sys.argv[2])
