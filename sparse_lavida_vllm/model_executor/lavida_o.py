@@ -25,8 +25,9 @@ What this file models, with names as in adobe-research/LaVida-O (`llava_llada.py
 
 Served through vLLM: text, text-to-image, edits and chat images (worker/vllm_model.LlavaLladaForVLLM is this model;
 image positions travel the engine as one packed id each, `PatchIds`; chat images are vLLM multimodal inputs whose
-features the runner feeds at their prompt rows); with tensor parallelism the text path (lavida_o_text.py maps the
-text tower onto LLaDAMDM).
+features the runner feeds at their prompt rows), on one rank or sharded over tensor-parallel ranks (both streams'
+block weights Megatron-style, the rest replicated: "tensor parallelism" below); without vqvae/ the text path
+(lavida_o_text.py maps the text tower onto LLaDAMDM).
 
 Flat rows. A pass is a list of rows with explicit RoPE positions; a row is either a text row (an id into `wte`,
 or a given embedding) or an image row holding one transformer position = a 2x2 patch of VQ codes (row-major

@@ -1,9 +1,10 @@
-"""LaViDa-O / Sparse-LaViDa (`llava_llada`) served on its text path: a tiny checkpoint in the published layout
-(sharded, dual tower with per-modality layers, generation branch, SigLIP understanding, vqvae/) through vLLM.
+"""LaViDa-O / Sparse-LaViDa (`llava_llada`) served through vLLM: a tiny checkpoint in the published layout (sharded,
+dual tower with per-modality layers, generation branch, SigLIP understanding, vqvae/).
 
-The mapping is proved in PyTorch first: LaViDaOMDM's text-only logits and reference-sampler tokens equal LLaDAMDM's
-over the checkpoint's `model.transformer.*` tensors (lavida_o_text.load_text_tower, the loader vLLM runs). Then the
-engine (offline, a real `sparse-lavida serve`, TP=2) gives the reference tokens.
+The text-path mapping is proved in PyTorch first: LaViDaOMDM's text-only logits and reference-sampler tokens equal
+LLaDAMDM's over the checkpoint's `model.transformer.*` tensors (lavida_o_text.load_text_tower, the loader vLLM runs).
+Then the engine (offline, a real `sparse-lavida serve`, TP=2) gives the reference tokens for text, images, edits and
+chat images; TP=2 serves the whole model (both streams sharded), and the text path without vqvae/.
 """
 
 from __future__ import annotations
