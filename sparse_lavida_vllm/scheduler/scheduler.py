@@ -175,7 +175,7 @@ class DiffusionScheduler(Scheduler):
                               default_sparse=self.mdm_config.block_causal, has_register_token=has_register)
         if request.mm_features and not self.takes_images:  # the API server refuses these first; offline lands here
             raise DiffusionParamError("messages", "this model takes no image inputs (LaViDa-O understanding needs "
-                                      "the whole model with its vision tower: one tensor-parallel rank, vqvae/)")
+                                      "the whole model with its vision tower and vqvae/)")
         if request.mm_features and isinstance(params, ImageParams):
             raise DiffusionParamError("messages", "image inputs apply to text answers (chat), not image requests")
         if isinstance(params, ImageParams) and self.patch_ids is not None:
