@@ -199,7 +199,7 @@ class ImageService:
         try:  # a text-only or tokenizer-less checkpoint: the routes answer 400 with the reason
             self.tokenizer = engine_client.renderer.get_tokenizer()
             if model_config.architecture == LAVIDA_O:
-                self._lavida_layout(engine_client, model_config)
+                self._lavida_layout(model_config)
             else:
                 self.layout = ImageLayout.from_config(getattr(self.hf_config, "image_generation", None),
                                                       model_config.model, self.tokenizer.get_vocab().get,
@@ -207,7 +207,7 @@ class ImageService:
         except ValueError as e:
             self.unavailable = str(e)
 
-    def _lavida_layout(self, engine_client: Any, model_config: Any) -> None:
+    def _lavida_layout(self, model_config: Any) -> None:
         """LaViDa-O served whole: its own prompt format and VQ codec; image registers and their patch."""
         from sparse_lavida_vllm.model_executor.lavida_o_text import serves_lavida_o_images
         from sparse_lavida_vllm.multimodal.lavida_o_layout import LaViDaOLayout
