@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sparse_lavida_vllm.training.data import DEMO_ROOT, EDITS, DemoData, apply_edit, final_number, text_prompt
+from sparse_lavida_vllm.training.data import DEMO_ROOT, EDITS, DemoData, edit_followed, final_number, text_prompt
 from sparse_lavida_vllm.training.evaluate import DigitClassifier, EvalConfig
 from sparse_lavida_vllm.training.tokenizer import load_tokenizer
 
@@ -56,14 +56,13 @@ def run_seed(client, model: str, data: DemoData, clf: DigitClassifier, args, see
         out["geneval"] = float((clf.predict(np.stack(images)) == data.labels[order]).mean())
     if args.edits:
         order = rng.permutation(data.test_idx)[:args.edits]
-        outs, targets = [], []
+        followed = []
         for k, i in enumerate(order):
             instruction = EDITS[k % len(EDITS)]
             result = client.images.edit(model=model, image=png_of(data.levels[i], data), prompt=instruction,
                                         extra_body={"seed": seed * 1000 + k, "sparse": sparse})
-            outs.append(levels_of(result.data[0].b64_json, data))
-            targets.append(apply_edit(data.levels[i], instruction))
-        out["edit_agreement"] = float((clf.predict(np.stack(outs)) == clf.predict(np.stack(targets))).mean())
+            followed.append(edit_followed(data.levels[i], levels_of(result.data[0].b64_json, data), instruction))
+        out["edit_agreement"] = float(np.mean(followed))
     if args.sums:
         cfg, text_rng, correct = EvalConfig(), random.Random(seed), 0
         for _ in range(args.sums):

@@ -60,7 +60,8 @@ LABELS = {
     "geneval": "digit-GenEval ({num_images} held-out captions)",
     "fid": "digit-FID (classifier features vs held-out digits)",
     "style_agreement": "style agreement (thick/thin, slant words)",
-    "edit_agreement": "edit agreement ({num_edits} edits)",
+    "edit_agreement": "edit agreement ({num_edits} edits: output nearest the requested target)",
+    "edit_classifier_agreement": "edit classifier agreement (classifier reads output and target alike)",
     "edit_pixel_error": "edit pixel error",
     "arithmetic_accuracy": "arithmetic exact match ({num_text} held-out sums)",
     "forward_tokens_per_image": "forward tokens per image",
@@ -117,6 +118,12 @@ def write_model_card(folder: str | Path, results: dict) -> Path:
     targets = "; ".join(f"{LABELS[k].split(' (')[0]} >= {goal}: {'met' if m[k]['mean'] >= goal else 'NOT met'}"
                         for k, goal in TARGETS.items() if k in m)
     note = f" **Note: {results['note']}.**" if results.get("note") else ""
+    per_edit = ", ".join(f"{name} {value:.2f}" for name, value in results.get("edit_by_instruction", {}).items())
+    edit_note = ("Edit agreement: the output is nearer (mean absolute pixel difference) to the requested edit's target "
+                 "than to the unedited source and to every other instruction's target; per instruction: "
+                 f"{per_edit}. The classifier agreement is shown for comparison only: most edit targets of an 8x8 "
+                 "digit (2 px shifts, thickening, inversion) are not digits the classifier can read."
+                 if per_edit else "")
     samples = "; ".join(f"`{x['prompt']}` -> `{x['response']}`" for x in results.get("text_samples", [])[:3])
     text = f"""# Sparse-LaViDa demo model: `{folder.name}`
 
@@ -176,6 +183,7 @@ held-out prompts, sums and sampling noise.{note}
 
 Classifier held-out accuracy on real digits: {results['classifier_held_out_accuracy']:.3f}.
 Targets of the demo (issue 9), by the means above: {targets}.
+{edit_note}
 Style agreement: fraction of style words the image follows (thick / thin = ink above / below the class's median
 ink among real training digits; slanted right / left = positive / negative shear); chance is about 0.5.
 Samples: {samples}.

@@ -106,6 +106,17 @@ def apply_edit(levels: np.ndarray, instruction: str) -> np.ndarray:
     raise ValueError(f"instruction must be one of {EDITS}, got {instruction!r}")
 
 
+def edit_followed(source: np.ndarray, output: np.ndarray, instruction: str) -> bool:
+    """Was the instruction followed: is the output nearest (mean absolute pixel difference) to this
+    instruction's target among the unedited source and the targets of every instruction (ties count)?
+
+    A digit classifier cannot judge edits of 8x8 digits: most targets (2 px shifts, thickening, inversion) are
+    not legible digits to it, so agreement of its readings measures its noise, not the edit."""
+    candidates = {"": source, **{name: apply_edit(source, name) for name in EDITS}}
+    distance = {name: float(np.abs(output.astype(np.int64) - target).mean()) for name, target in candidates.items()}
+    return distance[instruction] <= min(distance.values())
+
+
 def is_held_out(terms: tuple[int, ...]) -> bool:
     """About 10% of all sums are never trained on: the arithmetic eval draws only from them.
 

@@ -20,6 +20,7 @@ from sparse_lavida_vllm.training.data import (
     TEXT_GEN_LENGTH,
     DemoData,
     apply_edit,
+    edit_followed,
     final_number,
     ink_and_slant,
 )
@@ -107,9 +108,15 @@ def generate(model: LLaDAMDM, prompt: Tensor, plan, sampling: SamplingConfig, cf
     return generate_sparse(model, prompt, plan, sampling, SparseOptions(num_registers=m))
 
 
+# Image tokens only, as the served image routes sample by default (the codec's token_range): unrestricted, a sparse
+# edit drew text tokens for ~70% of an inverted digit's pixels, which the server never returns.
+IMAGE_TOKENS = (IMAGE_TOKEN_OFFSET, IMAGE_TOKEN_OFFSET + NUM_LEVELS)
+
+
 def image_sampling(cfg: EvalConfig, i: int) -> tuple[SamplingConfig, torch.Generator]:
     seed = cfg.seed * 100_003 + i
-    return (SamplingConfig(temperature=cfg.image_temperature, cfg_scale=cfg.cfg_scale, seed=seed),
+    return (SamplingConfig(temperature=cfg.image_temperature, cfg_scale=cfg.cfg_scale, seed=seed,
+                           token_range=IMAGE_TOKENS),
             torch.Generator().manual_seed(seed))
 
 
@@ -152,10 +159,11 @@ def style_agreement(data: DemoData, order: np.ndarray, images: np.ndarray) -> fl
 
 
 def eval_edit(model: LLaDAMDM, data: DemoData, cfg: EvalConfig, progress=None) -> dict:
-    """Edit score: classifier agreement with the deterministic target, and mean absolute pixel error (0..1)."""
+    """Edit agreement: fraction of edits whose output is nearest to the requested edit's target (`edit_followed`),
+    overall and per instruction; the classifier's agreement on output vs target; mean absolute pixel error (0..1)."""
     clf = _classifier(id(data), data)
     order = np.random.default_rng(cfg.seed + 1).permutation(data.test_idx)[:cfg.num_edits]
-    outs, targets, forward = [], [], 0
+    outs, targets, followed, forward = [], [], [], 0
     for i, idx in enumerate(order):
         instruction = EDITS[i % len(EDITS)]
         sampling, gen = image_sampling(cfg, 50_000 + i)
@@ -163,13 +171,17 @@ def eval_edit(model: LLaDAMDM, data: DemoData, cfg: EvalConfig, progress=None) -
         result = generate(model, data.edit_prompt(data.levels[idx], instruction), plan, sampling, cfg)
         outs.append(tokens_to_levels(result.tokens)[0])
         targets.append(apply_edit(data.levels[idx], instruction))
+        followed.append((instruction, edit_followed(data.levels[idx], outs[-1], instruction)))
         forward += result.forward_tokens
         if progress:
             progress.update(1)
     outs, targets = np.stack(outs), np.stack(targets)
-    agree = float((clf.predict(outs) == clf.predict(targets)).mean())
-    pixel_error = float(np.abs(outs - targets).mean() / (NUM_LEVELS - 1))
-    return {"edit_agreement": agree, "edit_pixel_error": pixel_error, "forward_tokens_per_edit": forward / len(order)}
+    by_instruction = {e: float(np.mean([ok for name, ok in followed if name == e]))
+                      for e in EDITS if any(name == e for name, _ in followed)}
+    return {"edit_agreement": float(np.mean([ok for _, ok in followed])), "edit_by_instruction": by_instruction,
+            "edit_classifier_agreement": float((clf.predict(outs) == clf.predict(targets)).mean()),
+            "edit_pixel_error": float(np.abs(outs - targets).mean() / (NUM_LEVELS - 1)),
+            "forward_tokens_per_edit": forward / len(order)}
 
 
 def eval_text(model: LLaDAMDM, data: DemoData, cfg: EvalConfig, progress=None) -> dict:
@@ -195,8 +207,8 @@ def eval_text(model: LLaDAMDM, data: DemoData, cfg: EvalConfig, progress=None) -
     return {"arithmetic_accuracy": correct / n, "forward_tokens_per_answer": forward / n, "text_samples": samples}
 
 
-METRICS = ("geneval", "fid", "style_agreement", "edit_agreement", "edit_pixel_error", "arithmetic_accuracy",
-           "forward_tokens_per_image", "forward_tokens_per_edit", "forward_tokens_per_answer")
+METRICS = ("geneval", "fid", "style_agreement", "edit_agreement", "edit_classifier_agreement", "edit_pixel_error",
+           "arithmetic_accuracy", "forward_tokens_per_image", "forward_tokens_per_edit", "forward_tokens_per_answer")
 EVAL_SEEDS = 3
 
 
@@ -218,7 +230,17 @@ def evaluate_seeds(model: LLaDAMDM, data: DemoData, cfg: EvalConfig, num_seeds: 
     runs = [evaluate(model, data, replace(cfg, seed=cfg.seed + k), show_progress) for k in range(num_seeds)]
     return {"eval_config": asdict(cfg), "seeds": [cfg.seed + k for k in range(num_seeds)],
             "classifier_held_out_accuracy": runs[0]["classifier_held_out_accuracy"], "metrics": summarize(runs),
-            "text_samples": runs[0].get("text_samples", [])}
+            "text_samples": runs[0].get("text_samples", []), **_by_instruction(runs)}
+
+
+def _by_instruction(runs: list[dict]) -> dict:
+    """Per-instruction edit agreement, averaged over the seeds that drew the instruction."""
+    names = [e for e in EDITS if any(e in r.get("edit_by_instruction", {}) for r in runs)]
+    if not names:
+        return {}
+    return {"edit_by_instruction": {e: round(float(np.mean([r["edit_by_instruction"][e] for r in runs
+                                                             if e in r.get("edit_by_instruction", {})])), 4)
+                                    for e in names}}
 
 
 def evaluate(model: LLaDAMDM, data: DemoData, cfg: EvalConfig, show_progress: bool = True) -> dict:

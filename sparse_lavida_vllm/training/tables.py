@@ -214,9 +214,10 @@ temperature {ev['image_temperature']}, CFG {ev['cfg_scale']}; text: gen length {
 greedy, low-confidence remasking. digit-GenEval = fraction of generated images that a digit classifier (MLP on
 real training digits, held-out accuracy {rows[0]['classifier_held_out_accuracy']:.3f}) reads as the prompted
 digit; digit-FID = Frechet distance between the classifier's hidden features of generated images and of the real
-held-out digits. Edit agreement = the classifier gives the same digit for the edit and for the deterministic
-target. Style agreement = fraction of the caption's style words the image follows (thick / thin: ink above /
-below the class median of real digits; slanted right / left: positive / negative shear; chance about 0.5).
+held-out digits. Edit agreement = the edited image is nearer (mean absolute pixel difference) to the requested
+edit's deterministic target than to the unedited source and to every other instruction's target. Style
+agreement = fraction of the caption's style words the image follows (thick / thin: ink above / below the class
+median of real digits; slanted right / left: positive / negative shear; chance about 0.5).
 Forward tokens count every row passed through the model (both CFG branches, prefill included).
 
 ## The paper's directions, checked against the spreads (generated)

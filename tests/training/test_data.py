@@ -17,6 +17,7 @@ from sparse_lavida_vllm.training.data import (
     apply_edit,
     arithmetic_problem,
     captions,
+    edit_followed,
     final_number,
     is_held_out,
     load_digit_images,
@@ -54,6 +55,19 @@ def test_edits_are_deterministic_and_change_the_image() -> None:
     assert np.array_equal(apply_edit(apply_edit(src, "invert the colours"), "invert the colours"), src)
     with pytest.raises(ValueError, match="instruction"):
         apply_edit(src, "rotate it")
+
+
+def test_edit_followed_means_nearest_to_the_requested_target() -> None:
+    levels, _ = load_digit_images()
+    for src in levels[:20]:
+        for instruction in EDITS:
+            target = apply_edit(src, instruction)
+            assert edit_followed(src, target, instruction)
+            assert not edit_followed(src, src, instruction)  # doing nothing is not following
+            others = [e for e in EDITS if not np.array_equal(apply_edit(src, e), target)]
+            assert not edit_followed(src, apply_edit(src, others[0]), instruction)  # another edit is not this one
+        noisy = np.clip(apply_edit(src, "shift it left") + (np.arange(64).reshape(8, 8) % 3 == 0), 0, 15)
+        assert edit_followed(src, noisy, "shift it left")  # a few pixels off is still the edit
 
 
 def test_held_out_sums_are_disjoint_from_training() -> None:
