@@ -172,7 +172,9 @@ class TrainConfig:
     max_masked_blocks: int = 16  # small blocks too: an image step decodes a few of its 64 masks
     kept_masked_blocks: int = 2
     prompt_drop: float = 0.1
-    task_weights: tuple[float, float, float] = (0.3, 0.15, 0.55)  # t2i, edit, text: addition needs the most steps
+    # t2i, edit, text. Text loss was ~0.01 by the end at 0.55 while the image losses still fell: images get more
+    # (0.4, 0.2, 0.4: digit-GenEval 0.78 -> 0.88 on a 2-seed probe, sums 0.995); the sparse SFT leans on images more
+    task_weights: tuple[float, float, float] = (0.4, 0.2, 0.4)
     text_batch_multiplier: int = 4  # text rows are ~4x shorter than T2I rows: larger batches, similar cost
     stop_at: int | None = None  # train only the first stop_at steps of the `steps`-long lr schedule
 
