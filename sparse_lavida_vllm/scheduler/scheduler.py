@@ -176,8 +176,10 @@ class DiffusionScheduler(Scheduler):
         if request.mm_features and not self.takes_images:  # the API server refuses these first; offline lands here
             raise DiffusionParamError("messages", "this model takes no image inputs (LaViDa-O understanding needs "
                                       "the whole model with its vision tower and vqvae/)")
-        if request.mm_features and isinstance(params, ImageParams):
-            raise DiffusionParamError("messages", "image inputs apply to text answers (chat), not image requests")
+        if request.mm_features and isinstance(params, ImageParams) and params.source_codes is None:
+            # an edit's source also comes as its SigLIP copy (LaViDaOLayout.edit_prompt); nothing else takes images
+            raise DiffusionParamError("messages", "image inputs apply to text answers (chat) and to edits (the "
+                                      "source's understanding copy), not to text-to-image requests")
         if isinstance(params, ImageParams) and self.patch_ids is not None:
             check_lavida_o_image(params, self.patch_ids)
             if params.source_codes is not None and not self.lavida_edits:
@@ -295,8 +297,10 @@ class DiffusionScheduler(Scheduler):
             decode_positions = (p + decode).tolist() if decodes else []
             if params.sparse and not (prefill_ids or commit or decode_positions):
                 continue
-            # image rows are prompt rows: fed with the prefill (sparse: then cached) or every dense step (re-fed)
-            image_rows = bool(state.images) and (bool(prefill_ids) or not params.sparse)
+            # image rows are prompt rows: fed with the prefill (sparse: then cached) or every dense step (re-fed).
+            # Only the request's own branch: an edit's guidance companions hold masks there (ImageParams.branches,
+            # the publishers' edit_mode 0 masks the SigLIP rows in both), and text requests have no companions.
+            image_rows = bool(state.images) and b == 0 and (bool(prefill_ids) or not params.sparse)
             first_feed = bool(prefill_ids) or (not params.sparse and state.step == 0)
             steps.append(RequestStep(
                 req_id=branch.kv.request_id, sparse=params.sparse, block_ids=block_ids, prefill_ids=prefill_ids,

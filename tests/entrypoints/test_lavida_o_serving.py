@@ -452,9 +452,9 @@ def reference_image(model: torch.nn.Module, prompt: list[int], seed: int, steps:
                     image_guidance: float = 0.0, interval: tuple[float, float] = (0.0, 1.0), suffix: tuple = (),
                     source_span: tuple[int, int] | None = None, source_codes: torch.Tensor | None = None,
                     shift: float = 3.0, grid: tuple[int, int] = (4, 4), num_registers: int = 3,
-                    dense: bool = False) -> list[int]:
+                    dense: bool = False, understanding: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[int]:
     """The PyTorch driver's image (lavida_o.generate_image_sparse, or generate_image_dense) for the request the
-    engine ran, as packed ids."""
+    engine ran, as packed ids. `understanding`: an edit's SigLIP rows (lavida_o_vision.edit_understanding)."""
     from sparse_lavida_vllm.diffusion.planners import image_plan
     from sparse_lavida_vllm.model_executor.lavida_o import PatchIds, generate_image_dense, generate_image_sparse
 
@@ -464,11 +464,11 @@ def reference_image(model: torch.nn.Module, prompt: list[int], seed: int, steps:
     rows = None if source_span is None else torch.arange(*source_span)
     if dense:
         result = generate_image_dense(model, torch.tensor(prompt), plan, sampling,
-                                      torch.tensor(suffix, dtype=torch.long), rows, source_codes)
+                                      torch.tensor(suffix, dtype=torch.long), rows, source_codes, understanding)
         return PatchIds.of(model.config).pack(result.patches).tolist()
     result = generate_image_sparse(model, torch.tensor(prompt), plan, sampling, num_registers,
                                    suffix_ids=torch.tensor(suffix, dtype=torch.long), source_rows=rows,
-                                   source_codes=source_codes)
+                                   source_codes=source_codes, understanding=understanding)
     return PatchIds.of(model.config).pack(result.patches).tolist()
 
 
@@ -563,6 +563,39 @@ def layout(checkpoints):
     return LaViDaOLayout.load(folder, AutoTokenizer.from_pretrained(str(folder)))
 
 
+def test_edit_siglip_rows_are_in_the_prompt_and_change_the_logits(checkpoints, layout):
+    """On a checkpoint with a vision tower the edit prompt is predict_t2i_edit's: `<image>` (the source's SigLIP rows)
+    then the VQ placeholders; the driver's logits differ from the no-tower layout's, and from the same layout with
+    the features left out (the rows are read); without an image the layout is the no-tower one."""
+    from sparse_lavida_vllm.diffusion.planners import image_plan
+    from sparse_lavida_vllm.model_executor.lavida_o import generate_image_sparse
+    from sparse_lavida_vllm.model_executor.lavida_o_vision import edit_understanding, num_image_rows
+
+    model = load_lavida_o(checkpoints["sparse"])
+    source = _source_image()
+    patches = layout.encode(source, SIZE)
+    edit, plain = layout.edit_prompt("make it red", patches, source), layout.edit_prompt("make it red", patches)
+    assert plain.image is None and plain.num_prompt_tokens == len(plain.prompt_ids)
+    rows = num_image_rows(model.config.understanding, SIZE)
+    assert edit.image_rows == rows and edit.num_prompt_tokens == len(plain.prompt_ids) + rows + len(layout.space)
+    assert edit.prompt_ids[edit.image_start:edit.image_start + len(edit.placeholder)] == list(layout.image_placeholder)
+    start, end = edit.source_span
+    assert end - start == patches.shape[0] and start == edit.image_start + rows + len(layout.space)
+    ids, understanding = edit_understanding(model, torch.tensor(edit.reference_ids()), edit.image)
+    assert (ids[start:end] == model.config.edit_image_token_id).all()
+
+    def first_logits(prompt: list[int] | torch.Tensor, span: tuple[int, int], und=None) -> torch.Tensor:
+        plan = image_plan(4, 4, 4, "shift", "stratified", 3.0, torch.Generator().manual_seed(0))
+        result = generate_image_sparse(model, torch.as_tensor(prompt), plan, SamplingConfig(temperature=1.0, seed=0),
+                                       3, suffix_ids=torch.tensor(layout.suffix, dtype=torch.long),
+                                       source_rows=torch.arange(*span), source_codes=patches, understanding=und)
+        return result.steps[0].logits
+
+    with_rows = first_logits(ids, edit.source_span, understanding)
+    assert not torch.allclose(with_rows, first_logits(plain.prompt_ids, plain.source_span), atol=1e-4)
+    assert not torch.allclose(with_rows, first_logits(ids, edit.source_span), atol=1e-4)  # features, not wte(0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("guidance", [0.0, 2.0])
 def test_server_text_to_image_equals_the_pytorch_driver(checkpoints, client, layout, guidance):
@@ -583,8 +616,29 @@ def test_server_text_to_image_equals_the_pytorch_driver(checkpoints, client, lay
     assert metrics["forward_tokens"] < metrics["dense_forward_tokens"]
 
 
+def edit_reference(folder: Path, layout, source, seed: int, guidance: float, image_guidance: float,
+                   dense: bool = False) -> list[int]:
+    """The PyTorch driver's edit for what the route lays out: on this checkpoint (a vision tower) the prompt holds
+    the source's SigLIP rows (`<image>`, expanded by lavida_o_vision.edit_understanding) before its VQ rows."""
+    from sparse_lavida_vllm.model_executor.lavida_o_vision import edit_understanding
+
+    model = load_lavida_o(folder)
+    patches = layout.encode(source, SIZE)
+    edit = layout.edit_prompt("make it red", patches, source)
+    assert edit.image is not None and edit.image_rows > 0  # the tiny tower's rows are in the prompt
+    ids, understanding = edit_understanding(model, torch.tensor(edit.reference_ids()), edit.image)
+    assert ids.numel() == edit.num_prompt_tokens
+    assert understanding[0].tolist() == list(range(edit.image_start, edit.image_start + edit.image_rows))
+    return reference_image(model, ids.tolist(), seed, 16, guidance, image_guidance, suffix=layout.suffix,
+                           source_span=edit.source_span, source_codes=patches, dense=dense,
+                           num_registers=0 if dense else 3, understanding=understanding)
+
+
 @pytest.mark.slow
 def test_server_edit_equals_the_pytorch_driver_and_inpainting_keeps_the_rest(checkpoints, server, layout):
+    """An edit on a checkpoint with a vision tower: the route puts the source in as its VQ rows and its SigLIP copy
+    (vLLM's multimodal processor expands `<image>`, the runner feeds the tower's features), sparse and dense, with
+    three-way guidance (both companions mask the SigLIP rows); the image equals the PyTorch driver's."""
     import requests
     from PIL import Image
 
@@ -599,11 +653,12 @@ def test_server_edit_equals_the_pytorch_driver_and_inpainting_keeps_the_rest(che
     assert r.status_code == 200, r.text
     image = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
     assert image.size == SIZE
+    assert r.json()["data"][0]["token_ids"] == edit_reference(folder, layout, source, 5, 1.0, 1.5)
+    r = requests.post(server.base_url + "/v1/images/edits", data={**data, "seed": "6", "sparse": "false"},
+                      files={"image": ("a.png", upload.getvalue(), "image/png")}, timeout=300)
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["token_ids"] == edit_reference(folder, layout, source, 6, 1.0, 1.5, dense=True)
     patches = layout.encode(source, SIZE)
-    prompt, span, _ = layout.edit_prompt("make it red", patches)
-    expected = reference_image(load_lavida_o(folder), prompt, 5, 16, 1.0, 1.5, suffix=layout.suffix,
-                               source_span=span, source_codes=patches)
-    assert r.json()["data"][0]["token_ids"] == expected
     # inpainting: the transparent left half is repainted, every position of the right half keeps the source
     mask = Image.new("RGBA", SIZE, (0, 0, 0, 255))
     mask.paste((0, 0, 0, 0), (0, 0, 16, 32))
