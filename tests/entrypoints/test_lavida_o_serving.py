@@ -675,6 +675,26 @@ def test_server_edit_equals_the_pytorch_driver_and_inpainting_keeps_the_rest(che
 
 
 @pytest.mark.slow
+def test_generate_image_edit_takes_the_siglip_copy_as_the_driver(checkpoints, layout, tmp_path):
+    """`sparse-lavida generate-image --image` lays an edit out as the route does (the source's SigLIP rows through
+    vLLM's multimodal processor on this checkpoint with a tower): its PNG is the driver's canvas, decoded."""
+    from PIL import Image
+
+    folder = checkpoints["sparse"]
+    source_png, out = tmp_path / "source.png", tmp_path / "edit.png"
+    _source_image().save(source_png)
+    run = subprocess.run([sys.executable, "-m", "sparse_lavida_vllm.cli", "generate-image", "make it red",
+                          "--model", str(folder), "--image", str(source_png), "--size", "32x32", "--steps", "16",
+                          "--guidance-scale", "1.0", "--image-guidance-scale", "1.5", "--seed", "5", "--dtype",
+                          "float32", "--max-model-len", "256", "-o", str(out), "--quiet"],
+                         env={**os.environ, **VLLM_ENV}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    source = Image.open(source_png)
+    expected = edit_reference(folder, layout, source, 5, 1.0, 1.5)
+    assert Image.open(out).tobytes() == layout.decode(torch.tensor(expected), SIZE).tobytes()
+
+
+@pytest.mark.slow
 def test_server_image_requests_name_what_is_unsupported(checkpoints, client, server):
     import requests
     from openai import BadRequestError
