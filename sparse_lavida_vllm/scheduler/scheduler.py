@@ -180,6 +180,13 @@ class DiffusionScheduler(Scheduler):
             # an edit's source also comes as its SigLIP copy (LaViDaOLayout.edit_prompt); nothing else takes images
             raise DiffusionParamError("messages", "image inputs apply to text answers (chat) and to edits (the "
                                       "source's understanding copy), not to text-to-image requests")
+        if request.mm_features and isinstance(params, ImageParams):
+            start, end = params.source_span
+            for feature in request.mm_features:  # the SigLIP rows and the VQ rows are two copies, side by side
+                offset, length = feature.mm_position.offset, feature.mm_position.length
+                if offset < end and start < offset + length:
+                    raise DiffusionParamError("source_span", "source_span overlaps the source image's "
+                                              "understanding rows")
         if isinstance(params, ImageParams) and self.patch_ids is not None:
             check_lavida_o_image(params, self.patch_ids)
             if params.source_codes is not None and not self.lavida_edits:
