@@ -59,6 +59,10 @@ if TYPE_CHECKING:  # lavida_o imports this module; the model type is only needed
     from sparse_lavida_vllm.model_executor.lavida_o import LaViDaOConfig, LaViDaOMDM
 
 IMAGE_TOKEN_INDEX = -200  # llava.constants: what tokenizer_image_token puts where the prompt says "<image>"
+# What a prompt says where an image goes (llava.constants.DEFAULT_IMAGE_TOKEN): the chat renderer writes it for an
+# image part and LaViDaOLayout.edit_prompt for an edit's source; vLLM's multimodal processor
+# (worker/lavida_o_processor.py) expands its ids into the image's rows.
+IMAGE_PLACEHOLDER = "<image>"
 # SigLipImageProcessor's constants (the publishers hard-code them; the tile size is the tower's image_size)
 IMAGE_MEAN = 0.5
 IMAGE_STD = 0.5
@@ -503,7 +507,7 @@ def generate_understanding(model: LaViDaOMDM, prompt: UnderstandingPrompt, plan:
     return generate_sparse(wrapped, prompt.ids, plan, sampling, options)
 
 
-__all__ = ["IMAGE_TOKEN_INDEX", "VisionTowerConfig", "UnderstandingConfig", "ImageTiles", "UnderstandingPrompt",
-           "ImagePromptModel", "select_best_resolution", "anyres_grid", "unpad_slices", "num_image_rows",
-           "preprocess_image", "build_understanding", "encode_tiles", "image_features", "understanding_prompt",
-           "edit_understanding", "generate_understanding", "dropped_by_publishers"]
+__all__ = ["IMAGE_TOKEN_INDEX", "IMAGE_PLACEHOLDER", "VisionTowerConfig", "UnderstandingConfig", "ImageTiles",
+           "UnderstandingPrompt", "ImagePromptModel", "select_best_resolution", "anyres_grid", "unpad_slices",
+           "num_image_rows", "preprocess_image", "build_understanding", "encode_tiles", "image_features",
+           "understanding_prompt", "edit_understanding", "generate_understanding", "dropped_by_publishers"]

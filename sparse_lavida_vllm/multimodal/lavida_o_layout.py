@@ -19,7 +19,7 @@ from sparse_lavida_vllm.model_executor.lavida_o import (
     load_config,
     patches_to_codes,
 )
-from sparse_lavida_vllm.model_executor.lavida_o_vision import IMAGE_TOKEN_INDEX, num_image_rows
+from sparse_lavida_vllm.model_executor.lavida_o_vision import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, num_image_rows
 from sparse_lavida_vllm.multimodal.vq import VQCodec
 
 # predict_t2i_edit.text_to_image's defaults: the caption template, the micro-conditioning appended to a caption
@@ -33,9 +33,6 @@ CLOSING_TOKEN = "<|eot_id|>"
 DEFAULTS: dict[str, Any] = {"steps": 32, "temperature": 1.0, "guidance_scale": 0.0, "image_guidance_scale": 0.0,
                             "schedule": "shift", "order": "stratified", "shift": 3.0}
 MAX_SIDE = 2048
-# What the edit prompt writes for the SigLIP copy of the source (LLaVA's DEFAULT_IMAGE_TOKEN): vLLM's multimodal
-# processor (worker/lavida_o_processor.py) finds its ids and expands them into the image's rows, as for chat images.
-IMAGE_PLACEHOLDER = "<image>"
 
 
 @dataclass(frozen=True)
@@ -82,8 +79,8 @@ class LaViDaOLayout:
     prefilled at its true positions). Text-to-image: the caption template + micro-conditioning. Edits: the user turn
     is `<image> <|reserved_token_6|> x positions` (the source's SigLIP rows when the checkpoint has a vision tower,
     then its VQ codes, prompt rows of the stream the checkpoint's enc_use_image_branch names) then the instruction.
-    The codec is the checkpoint's vqvae/ at the
-    request's size: an H x W image is (H/f) x (W/f) codes and (H/2f) x (W/2f) positions (f = the VQ downsampling).
+    The codec is the checkpoint's vqvae/ at the request's size: an H x W image is (H/f) x (W/f) codes and
+    (H/2f) x (W/2f) positions (f = the VQ downsampling).
     """
 
     folder: Path
@@ -251,4 +248,4 @@ def _chat_encoder(tokenizer: Any) -> Callable[..., tuple[list[int], list[int]]]:
     return encode
 
 
-__all__ = ["LaViDaOLayout", "EditPrompt", "IMAGE_PLACEHOLDER", "T2I_TEMPLATE", "MICRO_COND", "DEFAULTS"]
+__all__ = ["LaViDaOLayout", "EditPrompt", "T2I_TEMPLATE", "MICRO_COND", "DEFAULTS"]

@@ -823,22 +823,36 @@ def tp2_main(folder: str, payload: str) -> None:
                                                   {"type": "text", "text": QUESTION}]}],
                     SamplingParams(max_tokens=GEN, ignore_eos=True, extra_args={**KNOBS, "sparse": True}, **TP_CHAT),
                     use_tqdm=False)[0]
+    # an edit laid out as the route does: the source's SigLIP rows through vLLM's processor, on both ranks
+    from transformers import AutoTokenizer
+
+    from sparse_lavida_vllm.multimodal.lavida_o_layout import LaViDaOLayout
+
+    layout = LaViDaOLayout.load(folder, AutoTokenizer.from_pretrained(folder))
+    source = _source_image()
+    edit = layout.edit_prompt("make it red", layout.encode(source, SIZE), source)
+    extra = layout.request_args(SIZE, steps=16, guidance_scale=1.0, image_guidance_scale=1.5,
+                                source_span=edit.source_span, source_codes=edit.source_codes)
+    siglip_edit = llm.generate([edit.engine_prompt()], [SamplingParams(max_tokens=16, temperature=1.0, seed=5,
+                                                                      detokenize=False, extra_args=extra)],
+                               use_tqdm=False)[0].outputs[0].token_ids
     n = len(TP_IMAGE_CASES)
-    print("RESULT " + json.dumps({
+    print("RESULT " + json.dumps({"siglip_edit": list(siglip_edit),
         "images": dict(zip(TP_IMAGE_CASES, map(list, outs[:n]))), "tokens": dict(zip(CASES, map(list, outs[n:]))),
         "chat": {"prompt": list(chat.prompt_token_ids), "tokens": list(chat.outputs[0].token_ids)},
         "workers": llm.collective_rpc(_lavida_worker_view)}), flush=True)
 
 
 @pytest.mark.slow
-def test_tp2_serves_images_text_and_chat_images_as_the_pytorch_drivers(checkpoints):
+def test_tp2_serves_images_text_and_chat_images_as_the_pytorch_drivers(checkpoints, layout):
     """I4 under tensor parallelism for the whole LaViDa-O model: `LLM(tensor_parallel_size=2)` shards both streams
     (text q/k/v/MLP and their `*_vision` twins; attn_out row-parallel for every row) and replicates the generation
     head, the 2x2 convs and the SigLIP tower. Every rank samples from the same all-reduced logits, and the engine's
-    T2I with CFG, three-way edit and dense T2I (one batch with text requests), and a chat answer about an image,
-    equal the single-rank PyTorch drivers (generate_image_sparse / _dense, the text sampler,
-    generate_understanding) token for token: at this size the all-reduce's float rounding (two partial sums instead
-    of one GEMM, <= 1e-5: tests/model_executor/test_lavida_o_parallel.py) flips no sample."""
+    T2I with CFG, three-way edit and dense T2I (one batch with text requests), a chat answer about an image, and an
+    edit with the source's SigLIP rows (as the route lays it out), equal the single-rank PyTorch drivers
+    (generate_image_sparse / _dense, the text sampler, generate_understanding) token for token: at this size the
+    all-reduce's float rounding (two partial sums instead of one GEMM, <= 1e-5:
+    tests/model_executor/test_lavida_o_parallel.py) flips no sample."""
     from tests.worker.test_tensor_parallel import check_tp2_result
 
     folder = checkpoints["sparse"]
@@ -873,6 +887,7 @@ def test_tp2_serves_images_text_and_chat_images_as_the_pytorch_drivers(checkpoin
         assert out["images"][name] == expected, name
     prompt, tokens = understanding_reference(folder, [image], sparse=True, **TP_CHAT)
     assert out["chat"] == {"prompt": prompt, "tokens": tokens}
+    assert out["siglip_edit"] == edit_reference(folder, layout, _source_image(), 5, 1.0, 1.5)  # with its SigLIP rows
 
 
 if __name__ == "__main__":  # the TP=2 engine's child process (vLLM spawns its workers under this guard)
