@@ -59,7 +59,7 @@ def _layout_request(ns: argparse.Namespace, model: str, tokenizer: Any, model_co
 
 def _lavida_o_request(ns: argparse.Namespace, llm: Any, model: str, tokenizer: Any) -> tuple:
     """(prompt, extra_args, positions, decode, image registers, has a register code) of a LaViDa-O request, laid out
-    as the images routes do (multimodal/lavida_o_layout.py)."""
+    as the images routes do (multimodal/lavida_o_layout.py); the prompt is token ids, or an edit's EditPrompt."""
     import torch
 
     from sparse_lavida_vllm.entrypoints.images import BadField, mask_to_canvas, read_image
@@ -88,7 +88,8 @@ def _lavida_o_request(ns: argparse.Namespace, llm: Any, model: str, tokenizer: A
                                              layout.canvas_ids(patches), layout.positions(size))
                 if GENERATE not in init_canvas:
                     sys.exit("--mask keeps every pixel: nothing to repaint")
-            prompt, span, codes = layout.edit_prompt(ns.prompt, patches)
+            prompt = layout.edit_prompt(ns.prompt, patches, source)  # with a tower: its SigLIP copy too
+            span, codes = prompt.source_span, prompt.source_codes
         elif ns.mask:
             sys.exit("--mask needs --image (the picture to repaint)")
         else:
@@ -144,17 +145,20 @@ def generate_image(ns: argparse.Namespace) -> int:
         def decode(tokens: list[int]) -> Image.Image:
             return layout.codec.decode(torch.tensor(tokens, dtype=torch.long))
     temperature = defaults["temperature"] if ns.temperature is None else ns.temperature
+    # a LaViDa-O edit (EditPrompt) may carry the source's SigLIP copy: vLLM's processor expands its `<image>`
+    engine_prompt = prompt.engine_prompt() if hasattr(prompt, "engine_prompt") else {"prompt_token_ids": prompt}
+    prompt_length = prompt.num_prompt_tokens if hasattr(prompt, "engine_prompt") else len(prompt)
     params = [SamplingParams(max_tokens=num_outputs, temperature=temperature, seed=ns.seed + i,
                              extra_args=dict(extra), detokenize=False) for i in range(ns.n)]
     try:  # the engine's own checks, before anything runs: a bad flag is one clear line
-        parse_params(params[0], len(prompt), model_config.max_model_len, registers,
+        parse_params(params[0], prompt_length, model_config.max_model_len, registers,
                      default_sparse=bool(getattr(hf_config, "block_causal", False)), has_register_token=has_register)
     except DiffusionParamError as e:
         sys.exit(f"{e.field}: {e}")
 
     engine = llm.llm_engine
     for i, p in enumerate(params):  # submitted together: the engine batches the n images and their CFG branches
-        engine.add_request(f"image-{i}", {"prompt_token_ids": prompt}, p)
+        engine.add_request(f"image-{i}", engine_prompt, p)
     finished = {}
     with tqdm(total=extra["steps"], desc="denoising", unit="step", disable=ns.quiet) as bar:
         while engine.has_unfinished_requests():

@@ -179,6 +179,20 @@ class ImageJob:
     seeds: list[int]
     size: tuple[int, int]
     return_token_ids: bool = False  # each image's canvas ids in the response (LaViDa-O: packed positions)
+    # a LaViDa-O edit's SigLIP copy of the source (vLLM multimodal data: its processor expands the prompt's
+    # `<image>` into the image's rows) and the prompt's length once expanded (None: len(prompt_ids))
+    image: Image.Image | None = None
+    num_prompt_tokens: int | None = None
+
+    def engine_prompt(self) -> dict[str, Any]:
+        prompt: dict[str, Any] = {"prompt_token_ids": self.prompt_ids}
+        if self.image is not None:
+            prompt["multi_modal_data"] = {"image": self.image}
+        return prompt
+
+    @property
+    def prompt_length(self) -> int:
+        return len(self.prompt_ids) if self.num_prompt_tokens is None else self.num_prompt_tokens
 
 
 class ImageService:
@@ -276,11 +290,13 @@ class ImageService:
         }
 
     def job(self, fields: dict[str, Any], prompt_ids: list[int], source_span: tuple[int, int] | None = None,
-            init_canvas: list[int] | None = None, source_codes: list[int] | None = None) -> ImageJob:
+            init_canvas: list[int] | None = None, source_codes: list[int] | None = None,
+            image: Image.Image | None = None, num_prompt_tokens: int | None = None) -> ImageJob:
         uncond = None
+        length = len(prompt_ids) if num_prompt_tokens is None else num_prompt_tokens  # the engine's prompt length
         if fields["negative_prompt"]:  # the uncond branch reads the negative prompt, padded with masks
-            neg = self.t2i_prompt(fields["negative_prompt"], fields["size"])[:len(prompt_ids)]
-            uncond = neg + [self.mask_id] * (len(prompt_ids) - len(neg))
+            neg = self.t2i_prompt(fields["negative_prompt"], fields["size"])[:length]
+            uncond = neg + [self.mask_id] * (length - len(neg))
         args = dict(steps=fields["steps"], guidance_scale=fields["guidance_scale"],
                     image_guidance_scale=fields["image_guidance_scale"], source_span=source_span,
                     init_canvas=init_canvas, uncond_prompt_ids=uncond, **fields["knobs"])
@@ -292,7 +308,8 @@ class ImageService:
             raise BadField("negative_prompt", "negative_prompt needs guidance_scale > 0 (it is the uncond branch)")
         base = fields["seed"] if fields["seed"] is not None else secrets.randbits(62)
         job = ImageJob(prompt_ids, extra, fields["temperature"], fields["top_k"], fields["top_p"],
-                       [base + i for i in range(fields["n"])], fields["size"], bool(fields["return_token_ids"]))
+                       [base + i for i in range(fields["n"])], fields["size"], bool(fields["return_token_ids"]),
+                       image, num_prompt_tokens)
         self.validate(job)
         return job
 
@@ -305,7 +322,7 @@ class ImageService:
     def validate(self, job: ImageJob) -> None:
         """The scheduler's own checks, run here so a bad request is a 400 before anything is queued."""
         try:
-            parse_params(self.sampling_params(job, job.seeds[0]), len(job.prompt_ids), self.max_model_len,
+            parse_params(self.sampling_params(job, job.seeds[0]), job.prompt_length, self.max_model_len,
                          self.num_registers, **self.model_defaults)
         except DiffusionParamError as e:
             raise BadField(API_FIELD.get(e.field, e.field), str(e)) from None
@@ -315,7 +332,7 @@ class ImageService:
 
         async def one(seed: int) -> tuple[Image.Image, dict]:
             final = None
-            async for output in self.engine.generate({"prompt_token_ids": job.prompt_ids},
+            async for output in self.engine.generate(job.engine_prompt(),
                                                      self.sampling_params(job, seed), f"img-{uuid.uuid4().hex}"):
                 final = output
             completion = final.outputs[0] if final is not None and final.outputs else None
@@ -402,7 +419,6 @@ async def edit_image(request: Request) -> JSONResponse:
         source = read_image(await upload.read(), "image")
         fields = service.common(body)
         layout = service.layout
-        source_codes = None
         if service.lavida and service.layout.config.gen_enc_add_pos_emb:
             raise BadField("image", "gen_enc_add_pos_emb=true (Sparse-LaViDa) changes how an edit's source image is "
                                     "embedded and that code is not published: edits are not supported on this "
@@ -422,11 +438,14 @@ async def edit_image(request: Request) -> JSONResponse:
             if GENERATE not in init_canvas:  # nothing to repaint: the source, untouched
                 image = service.decode(source_ids, fields["size"])
                 return JSONResponse(service.response([(image, {"steps": 0})] * fields["n"], fields["size"]))
-        if service.lavida:
-            prompt, span, source_codes = layout.edit_prompt(fields["prompt"], patches)
+        if service.lavida:  # with a vision tower the source also goes in as its SigLIP copy (the `<image>` rows)
+            edit = layout.edit_prompt(fields["prompt"], patches, source)
+            job = service.job(fields, edit.prompt_ids, source_span=edit.source_span, init_canvas=init_canvas,
+                              source_codes=edit.source_codes, image=edit.image,
+                              num_prompt_tokens=edit.num_prompt_tokens)
         else:
             prompt, span = layout.edit_prompt(source_ids, service.encode_text(fields["prompt"]))
-        job = service.job(fields, prompt, source_span=span, init_canvas=init_canvas, source_codes=source_codes)
+            job = service.job(fields, prompt, source_span=span, init_canvas=init_canvas)
     except BadField as e:
         return _error(400, str(e), e.field)
     return await _answer(service, job)

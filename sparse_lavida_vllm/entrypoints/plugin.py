@@ -122,12 +122,22 @@ def _prompt_len(prompt) -> int | None:
     return None if token_ids is None else len(token_ids)
 
 
+def _unexpanded_edit(prompt, params) -> bool:
+    """An image request whose token ids come with raw images (a LaViDa-O edit's SigLIP copy of its source): vLLM's
+    multimodal processor has yet to expand its `<image>` into the image's rows, so the prompt's length (and the
+    source span inside it) is not known here. The images route validated the expanded prompt, and the scheduler
+    checks the request again once expanded."""
+    extra = getattr(params, "extra_args", None) or {}
+    return isinstance(prompt, dict) and "multi_modal_data" in prompt and extra.get("kind") == "image"
+
+
 def _validate_diffusion_request(process_inputs):
     """Wrap InputProcessor.process_inputs: bad knobs become a VLLMValidationError (HTTP 400) naming the field."""
 
     @functools.wraps(process_inputs)
     def wrapper(self, request_id, prompt, params, *args, **kwargs):
-        _check_request(self.vllm_config, _prompt_len(prompt) or 0, params)
+        if not _unexpanded_edit(prompt, params):
+            _check_request(self.vllm_config, _prompt_len(prompt) or 0, params)
         return process_inputs(self, request_id, prompt, params, *args, **kwargs)
 
     wrapper.__sparse_lavida__ = True
@@ -147,7 +157,7 @@ def _validate_before_streaming(generate):
         if _draining:
             raise _shutting_down(SHUTTING_DOWN)
         prompt_len = _prompt_len(prompt)
-        if prompt_len is not None:
+        if prompt_len is not None and not _unexpanded_edit(prompt, sampling_params):
             _check_request(self.vllm_config, prompt_len, sampling_params)
         return generate(self, prompt, sampling_params, request_id, *args, **kwargs)
 

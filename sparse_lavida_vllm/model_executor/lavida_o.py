@@ -798,16 +798,23 @@ def _register_patch(config: LaViDaOConfig, count: int, device: torch.device) -> 
 @dataclass(frozen=True)
 class ImageContext:
     """One guidance branch's context around the image: text before it (with an edit's source-image positions among
-    them, as 2x2 code patches) and text after it."""
+    them, as 2x2 code patches, and on checkpoints with a vision tower the source's SigLIP rows) and text after it."""
 
-    prompt_ids: Tensor  # (p,) ids; entries at source_rows are ignored
+    prompt_ids: Tensor  # (p,) ids; entries at source_rows and feature_rows are ignored
     suffix_ids: Tensor  # (s,) text after the image placeholders (LaViDa-O's closing <|eot_id|>)
     source_rows: Tensor  # (n,) indices into prompt_ids of the source image's positions (edits), else empty
     source_codes: Tensor  # (n, codes_per_position)
+    # (f,) indices into prompt_ids of text-stream rows fed given embeddings instead of their ids' (an edit's SigLIP
+    # copy of the source: lavida_o_vision.edit_understanding), and those embeddings (f, d_model)
+    feature_rows: Tensor | None = None
+    features: Tensor | None = None
 
 
 def image_context(config: LaViDaOConfig, prompt_ids: Tensor, suffix_ids: Tensor | None = None,
-                  source_rows: Tensor | None = None, source_codes: Tensor | None = None) -> ImageContext:
+                  source_rows: Tensor | None = None, source_codes: Tensor | None = None,
+                  understanding: tuple[Tensor, Tensor] | None = None) -> ImageContext:
+    """`understanding` (rows, features): prompt rows that carry the understanding branch's features (the edit
+    prompt's `<image>`, as lavida_o_vision.edit_understanding lays it out)."""
     empty = torch.empty(0, dtype=torch.long, device=prompt_ids.device)
     rows = empty if source_rows is None else source_rows.to(prompt_ids.device)
     codes = empty.view(0, config.codes_per_position) if source_codes is None else source_codes
@@ -817,13 +824,21 @@ def image_context(config: LaViDaOConfig, prompt_ids: Tensor, suffix_ids: Tensor 
     if rows.numel() and config.gen_enc_add_pos_emb:
         raise ValueError("gen_enc_add_pos_emb=true (Sparse-LaViDa) changes how an edit's source image is embedded "
                          "and that code is not published: edits are not supported on this checkpoint")
-    return ImageContext(prompt_ids, empty if suffix_ids is None else suffix_ids, rows, codes)
+    feature_rows = features = None
+    if understanding is not None:
+        feature_rows, features = understanding[0].to(prompt_ids.device), understanding[1]
+        if features.shape != (feature_rows.numel(), config.d_model):
+            raise ValueError(f"understanding features must have shape ({feature_rows.numel()}, {config.d_model}), "
+                             f"got {tuple(features.shape)}")
+    return ImageContext(prompt_ids, empty if suffix_ids is None else suffix_ids, rows, codes, feature_rows,
+                        features)
 
 
 def edit_branches(config: LaViDaOConfig, cond: ImageContext) -> tuple[ImageContext, ImageContext]:
     """LaViDa-O's guidance companions (predict_t2i_edit, edit_mode 0): uncond = the prompt all mask tokens (the
     source image too, as text rows), text after the image kept; image-only = every text row masked, the source
-    image kept."""
+    image's VQ positions kept. Neither keeps the SigLIP rows: edit_mode 0 replaces every row but the VQ source
+    (`~is_gen_enc`) by the mask embedding in the image-only branch, and the whole prompt (`is_prompt`) in uncond."""
     mask = config.mask_token_id
     none = cond.source_rows[:0]
     uncond = ImageContext(torch.full_like(cond.prompt_ids, mask), cond.suffix_ids, none, cond.source_codes[:0])
@@ -833,24 +848,34 @@ def edit_branches(config: LaViDaOConfig, cond: ImageContext) -> tuple[ImageConte
 
 
 def context_inputs(model: LaViDaOMDM, ctx: ImageContext, extra_ids: Tensor, extra_image_rows: Tensor,
-                    extra_codes: Tensor) -> dict[str, Tensor]:
+                   extra_codes: Tensor) -> dict[str, Tensor]:
     """Model inputs for rows [prompt | suffix | extra...]: source rows in the image stream when the checkpoint says
-    enc_use_image_branch, else as text rows carrying the zero-padded patch embedding (the publishers' two paths)."""
+    enc_use_image_branch, else as text rows carrying the zero-padded patch embedding (the publishers' two paths);
+    feature rows (an edit's SigLIP copy) as text rows carrying their features."""
     cfg = model.config
     ids = torch.cat([ctx.prompt_ids, ctx.suffix_ids, extra_ids])
-    if cfg.enc_use_image_branch or not ctx.source_rows.numel():
+    source_as_text = not cfg.enc_use_image_branch and ctx.source_rows.numel()
+    has_features = ctx.feature_rows is not None and ctx.feature_rows.numel()
+    if not source_as_text and not has_features:
         return {"input_ids": ids, "image_rows": torch.cat([ctx.source_rows, extra_image_rows]),
                 "image_codes": torch.cat([ctx.source_codes, extra_codes])}
+    # the ids of feature rows (IMAGE_TOKEN_INDEX) and source rows are not embedded: clamp them to a valid id
     embeds = model.model.transformer["wte"](ids.masked_fill(ids < 0, 0))
-    embeds[ctx.source_rows] = F.pad(model.embed_patches(ctx.source_codes), (0, cfg.d_model - cfg.d_model_gen))
-    return {"input_ids": ids, "image_rows": extra_image_rows, "image_codes": extra_codes, "text_embeds": embeds}
+    if has_features:
+        embeds[ctx.feature_rows] = ctx.features.to(embeds.dtype)
+    if source_as_text:
+        embeds[ctx.source_rows] = F.pad(model.embed_patches(ctx.source_codes), (0, cfg.d_model - cfg.d_model_gen))
+        return {"input_ids": ids, "image_rows": extra_image_rows, "image_codes": extra_codes, "text_embeds": embeds}
+    return {"input_ids": ids, "image_rows": torch.cat([ctx.source_rows, extra_image_rows]),
+            "image_codes": torch.cat([ctx.source_codes, extra_codes]), "text_embeds": embeds}
 
 
 @torch.no_grad()
 def generate_image_sparse(model: LaViDaOMDM, prompt_ids: Tensor, plan: UnmaskPlan, sampling: SamplingConfig,
                           num_registers: int | None = None, record_logits: bool = True,
                           uncond_prompt_ids: Tensor | None = None, suffix_ids: Tensor | None = None,
-                          source_rows: Tensor | None = None, source_codes: Tensor | None = None) -> ImageResult:
+                          source_rows: Tensor | None = None, source_codes: Tensor | None = None,
+                          understanding: tuple[Tensor, Tensor] | None = None) -> ImageResult:
     """Sparse-LaViDa image generation over positions: prompt (+ suffix) prefilled into the cache, then per step
     [C_{k-1} (cached after the pass) | decode positions as mask patches | image registers].
 
@@ -858,15 +883,16 @@ def generate_image_sparse(model: LaViDaOMDM, prompt_ids: Tensor, plan: UnmaskPla
     with the (seed, step) noise; the plan's stages fix which positions are kept (all of the stage). `suffix_ids`
     is the text after the image placeholders, prefilled with the prompt at positions after the image; registers
     follow the whole sequence. Edits: `source_rows` / `source_codes` put the source image's positions in the
-    prompt. Guidance (`cfg_scale`, `image_cfg_scale`, `cfg_interval`): the companions of `edit_branches` (or
-    `uncond_prompt_ids`) are sequences with caches of their own; outside `cfg_interval` they run only their commit
-    rows, so their caches stay in step with the canvas.
+    prompt, and `understanding` (rows, features) its SigLIP copy on checkpoints with a vision tower (the cond
+    branch only, see edit_branches). Guidance (`cfg_scale`, `image_cfg_scale`, `cfg_interval`): the companions of
+    `edit_branches` (or `uncond_prompt_ids`) are sequences with caches of their own; outside `cfg_interval` they
+    run only their commit rows, so their caches stay in step with the canvas.
     """
     cfg = model.config
     device = prompt_ids.device
     m = cfg.registers("image") if num_registers is None else num_registers
     length, k = plan.length, cfg.codes_per_position
-    cond = image_context(cfg, prompt_ids, suffix_ids, source_rows, source_codes)
+    cond = image_context(cfg, prompt_ids, suffix_ids, source_rows, source_codes, understanding)
     branches = [cond]
     if sampling.cfg_scale > 0:
         uncond, image_only = edit_branches(cfg, cond)
@@ -929,15 +955,17 @@ def generate_image_sparse(model: LaViDaOMDM, prompt_ids: Tensor, plan: UnmaskPla
 @torch.no_grad()
 def generate_image_dense(model: LaViDaOMDM, prompt_ids: Tensor, plan: UnmaskPlan, sampling: SamplingConfig,
                          suffix_ids: Tensor | None = None, source_rows: Tensor | None = None,
-                         source_codes: Tensor | None = None) -> ImageResult:
+                         source_codes: Tensor | None = None,
+                         understanding: tuple[Tensor, Tensor] | None = None) -> ImageResult:
     """The vanilla (dense) MDM over positions: every step feeds [prompt | all positions (mask patches where not
     decoded) | suffix] with full attention (per-modality layers still split by modality), no cache, no registers;
     decode positions sample their 4 codes with the (seed, step) noise as generate_image_sparse does. Guidance
-    branches (edit_branches) each run the full pass at guided steps. The dense reference of the served dense path."""
+    branches (edit_branches) each run the full pass at guided steps; `understanding` as in generate_image_sparse.
+    The dense reference of the served dense path."""
     cfg = model.config
     device = prompt_ids.device
     length, k = plan.length, cfg.codes_per_position
-    cond = image_context(cfg, prompt_ids, suffix_ids, source_rows, source_codes)
+    cond = image_context(cfg, prompt_ids, suffix_ids, source_rows, source_codes, understanding)
     branches = [cond]
     if sampling.cfg_scale > 0:
         uncond, image_only = edit_branches(cfg, cond)

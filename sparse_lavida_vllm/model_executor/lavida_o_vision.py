@@ -59,6 +59,10 @@ if TYPE_CHECKING:  # lavida_o imports this module; the model type is only needed
     from sparse_lavida_vllm.model_executor.lavida_o import LaViDaOConfig, LaViDaOMDM
 
 IMAGE_TOKEN_INDEX = -200  # llava.constants: what tokenizer_image_token puts where the prompt says "<image>"
+# What a prompt says where an image goes (llava.constants.DEFAULT_IMAGE_TOKEN): the chat renderer writes it for an
+# image part and LaViDaOLayout.edit_prompt for an edit's source; vLLM's multimodal processor
+# (worker/lavida_o_processor.py) expands its ids into the image's rows.
+IMAGE_PLACEHOLDER = "<image>"
 # SigLipImageProcessor's constants (the publishers hard-code them; the tile size is the tower's image_size)
 IMAGE_MEAN = 0.5
 IMAGE_STD = 0.5
@@ -446,6 +450,19 @@ def understanding_prompt(model: LaViDaOMDM, prompt_ids: Tensor,
     return UnderstandingPrompt(torch.cat(ids), torch.cat(embeds))
 
 
+def edit_understanding(model: LaViDaOMDM, prompt_ids: Tensor,
+                       image: ImageTiles | Image.Image) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """An edit prompt holding one IMAGE_TOKEN_INDEX (predict_t2i_edit's `<image>` before the source's VQ
+    placeholders) -> (the prompt with the source's SigLIP rows spliced in, (those rows, their features)), the
+    `understanding` argument of lavida_o.generate_image_sparse / generate_image_dense. The rows are text-stream rows
+    as in a chat prompt (the publishers' `modality_indices` name only the VQ rows)."""
+    if int((prompt_ids == IMAGE_TOKEN_INDEX).sum()) != 1:
+        raise ValueError(f"an edit prompt holds exactly one image placeholder ({IMAGE_TOKEN_INDEX})")
+    spliced = understanding_prompt(model, prompt_ids, [image])
+    rows = (spliced.ids == IMAGE_TOKEN_INDEX).nonzero().flatten()
+    return spliced.ids, (rows, spliced.embeds[rows])
+
+
 class ImagePromptModel(nn.Module):
     """LaViDaOMDM seen by the text samplers with one understanding prompt: a row whose id is IMAGE_TOKEN_INDEX gets
     the prompt's embedding at its position. The samplers put the prompt at positions 0..p-1 in every pass (dense,
@@ -490,7 +507,7 @@ def generate_understanding(model: LaViDaOMDM, prompt: UnderstandingPrompt, plan:
     return generate_sparse(wrapped, prompt.ids, plan, sampling, options)
 
 
-__all__ = ["IMAGE_TOKEN_INDEX", "VisionTowerConfig", "UnderstandingConfig", "ImageTiles", "UnderstandingPrompt",
-           "ImagePromptModel", "select_best_resolution", "anyres_grid", "unpad_slices", "num_image_rows",
-           "preprocess_image", "build_understanding", "encode_tiles", "image_features", "understanding_prompt",
-           "generate_understanding", "dropped_by_publishers"]
+__all__ = ["IMAGE_TOKEN_INDEX", "IMAGE_PLACEHOLDER", "VisionTowerConfig", "UnderstandingConfig", "ImageTiles",
+           "UnderstandingPrompt", "ImagePromptModel", "select_best_resolution", "anyres_grid", "unpad_slices",
+           "num_image_rows", "preprocess_image", "build_understanding", "encode_tiles", "image_features",
+           "understanding_prompt", "edit_understanding", "generate_understanding", "dropped_by_publishers"]

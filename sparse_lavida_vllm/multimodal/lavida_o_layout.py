@@ -19,6 +19,7 @@ from sparse_lavida_vllm.model_executor.lavida_o import (
     load_config,
     patches_to_codes,
 )
+from sparse_lavida_vllm.model_executor.lavida_o_vision import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, num_image_rows
 from sparse_lavida_vllm.multimodal.vq import VQCodec
 
 # predict_t2i_edit.text_to_image's defaults: the caption template, the micro-conditioning appended to a caption
@@ -34,6 +35,41 @@ DEFAULTS: dict[str, Any] = {"steps": 32, "temperature": 1.0, "guidance_scale": 0
 MAX_SIDE = 2048
 
 
+@dataclass(frozen=True)
+class EditPrompt:
+    """An edit request's prompt. `prompt_ids` is what the engine is given; with a vision tower it holds
+    `placeholder` (the ids of `<image>`) where the source's SigLIP rows go, which vLLM's multimodal processor
+    expands into `image_rows` rows (`image`: the multimodal data). `source_span` is in the expanded prompt, the one
+    the scheduler and the model see (`num_prompt_tokens` long)."""
+
+    prompt_ids: list[int]
+    source_span: tuple[int, int]
+    source_codes: list[int]
+    image: Image.Image | None = None
+    image_start: int = 0  # where the SigLIP rows start (in either prompt: only text precedes them)
+    image_rows: int = 0
+    placeholder: tuple[int, ...] = ()
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids) - len(self.placeholder) + self.image_rows
+
+    def engine_prompt(self) -> dict[str, Any]:
+        """The engine's prompt: token ids, and the SigLIP copy as vLLM multimodal data when there is one."""
+        prompt: dict[str, Any] = {"prompt_token_ids": list(self.prompt_ids)}
+        if self.image is not None:
+            prompt["multi_modal_data"] = {"image": self.image}
+        return prompt
+
+    def reference_ids(self) -> list[int]:
+        """The prompt with one IMAGE_TOKEN_INDEX in place of the placeholder (the publishers' tokenizer_image_token
+        output; lavida_o_vision.edit_understanding expands it), or the prompt itself without a tower."""
+        if self.image is None:
+            return list(self.prompt_ids)
+        start, end = self.image_start, self.image_start + len(self.placeholder)
+        return self.prompt_ids[:start] + [IMAGE_TOKEN_INDEX] + self.prompt_ids[end:]
+
+
 @dataclass
 class LaViDaOLayout:
     """A `llava_llada` checkpoint's image requests as engine requests.
@@ -41,10 +77,10 @@ class LaViDaOLayout:
     Prompt (the publishers' predict_t2i_edit.py): the tokenizer's chat template around the user turn, the image's
     positions after it (the canvas, one packed id per 2x2 code patch), then `<|eot_id|>` after the image (a suffix
     prefilled at its true positions). Text-to-image: the caption template + micro-conditioning. Edits: the user turn
-    is `<|reserved_token_6|> x positions` (the source image's VQ codes, prompt rows of the stream the checkpoint's
-    enc_use_image_branch names) then the instruction; the publishers' SigLIP understanding image (`<image>`) is not
-    part of the served prompt (the engine takes no image embeddings). The codec is the checkpoint's vqvae/ at the
-    request's size: an H x W image is (H/f) x (W/f) codes and (H/2f) x (W/2f) positions (f = the VQ downsampling).
+    is `<image> <|reserved_token_6|> x positions` (the source's SigLIP rows when the checkpoint has a vision tower,
+    then its VQ codes, prompt rows of the stream the checkpoint's enc_use_image_branch names) then the instruction.
+    The codec is the checkpoint's vqvae/ at the request's size: an H x W image is (H/f) x (W/f) codes and
+    (H/2f) x (W/2f) positions (f = the VQ downsampling).
     """
 
     folder: Path
@@ -53,6 +89,10 @@ class LaViDaOLayout:
     encode_chat: Callable[..., tuple[list[int], list[int]]]  # user text -> ids (before, after) the split point
     suffix: tuple[int, ...]
     image_registers: int
+    # the ids of `<image>` and of the space after it (predict_t2i_edit writes f"<image> {placeholders}..."); only
+    # used on checkpoints with a vision tower
+    image_placeholder: tuple[int, ...] = ()
+    space: tuple[int, ...] = ()
     defaults: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULTS))
     _codecs: dict[tuple[int, int], VQCodec] = field(default_factory=dict)
 
@@ -64,7 +104,8 @@ class LaViDaOLayout:
         vocab = tokenizer.get_vocab()
         suffix = (vocab[CLOSING_TOKEN],) if CLOSING_TOKEN in vocab else ()
         registers = config.registers("image") if config.register_code is not None else 0
-        return cls(folder, config, codec, _chat_encoder(tokenizer), suffix, registers)
+        return cls(folder, config, codec, _chat_encoder(tokenizer), suffix, registers,
+                   tuple(_ids(tokenizer, IMAGE_PLACEHOLDER)), tuple(_ids(tokenizer, " ")))
 
     @property
     def patch_ids(self) -> PatchIds:
@@ -132,12 +173,24 @@ class LaViDaOLayout:
         before, after = self.encode_chat(T2I_TEMPLATE.replace("<prompt>", f"{caption} {micro}"))
         return before + after
 
-    def edit_prompt(self, instruction: str, source: Tensor) -> tuple[list[int], tuple[int, int], list[int]]:
-        """(prompt with placeholders, the source span, the source's codes flattened for `source_codes`)."""
+    def edit_prompt(self, instruction: str, source: Tensor, image: Image.Image | None = None) -> EditPrompt:
+        """The edit's prompt: the source's VQ placeholders (`source`: its code patches) and the instruction, after
+        the source's SigLIP copy (`image`, the picture as uploaded) on checkpoints with a vision tower. Without a
+        tower (or an image) the prompt is the VQ placeholders and the instruction, as before."""
         before, after = self.encode_chat(f"\n {instruction} ", split=True)
-        start = len(before)
-        prompt = before + [self.config.edit_image_token_id] * source.shape[0] + after
-        return prompt, (start, start + source.shape[0]), source.reshape(-1).tolist()
+        codes = source.reshape(-1).tolist()
+        understanding = self.config.understanding
+        if understanding is None or image is None:
+            start = len(before)
+            prompt = before + [self.config.edit_image_token_id] * source.shape[0] + after
+            return EditPrompt(prompt, (start, start + source.shape[0]), codes)
+        image = image.convert("RGB")
+        rows = num_image_rows(understanding, image.size)
+        placeholder = self.image_placeholder
+        prompt = before + list(placeholder) + list(self.space) + [self.config.edit_image_token_id] * source.shape[0]
+        start = len(before) + rows + len(self.space)  # in the expanded prompt
+        return EditPrompt(prompt + after, (start, start + source.shape[0]), codes, image, len(before), rows,
+                          placeholder)
 
     def request_args(self, size: tuple[int, int], *, steps: int | None = None, guidance_scale: float | None = None,
                      image_guidance_scale: float | None = None, source_span: tuple[int, int] | None = None,
@@ -195,4 +248,4 @@ def _chat_encoder(tokenizer: Any) -> Callable[..., tuple[list[int], list[int]]]:
     return encode
 
 
-__all__ = ["LaViDaOLayout", "T2I_TEMPLATE", "MICRO_COND", "DEFAULTS"]
+__all__ = ["LaViDaOLayout", "EditPrompt", "T2I_TEMPLATE", "MICRO_COND", "DEFAULTS"]

@@ -82,7 +82,8 @@ class ImageParams:
 
     def branches(self, prompt: list[int], mask_id: int) -> list[tuple[list[int], list[int]]]:
         """(prompt, text after the image) of each guidance branch, LaViDa-O's edit_branches: cond; uncond = the prompt
-        all masks (the source image too), the suffix kept; image-only = every text row masked, the source kept."""
+        all masks (the source image too), the suffix kept; image-only = every text row masked, the source kept. An
+        edit's SigLIP rows (pad ids in the prompt) become masks in both companions, as edit_mode 0 has it."""
         suffix = list(self.suffix_ids)
         out = [(prompt, suffix)]
         if self.sampling.cfg_scale > 0:

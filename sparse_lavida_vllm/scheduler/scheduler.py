@@ -176,8 +176,17 @@ class DiffusionScheduler(Scheduler):
         if request.mm_features and not self.takes_images:  # the API server refuses these first; offline lands here
             raise DiffusionParamError("messages", "this model takes no image inputs (LaViDa-O understanding needs "
                                       "the whole model with its vision tower and vqvae/)")
+        if request.mm_features and isinstance(params, ImageParams) and params.source_codes is None:
+            # an edit's source also comes as its SigLIP copy (LaViDaOLayout.edit_prompt); nothing else takes images
+            raise DiffusionParamError("messages", "image inputs apply to text answers (chat) and to edits (the "
+                                      "source's understanding copy), not to text-to-image requests")
         if request.mm_features and isinstance(params, ImageParams):
-            raise DiffusionParamError("messages", "image inputs apply to text answers (chat), not image requests")
+            start, end = params.source_span
+            for feature in request.mm_features:  # the SigLIP rows and the VQ rows are two copies, side by side
+                offset, length = feature.mm_position.offset, feature.mm_position.length
+                if offset < end and start < offset + length:
+                    raise DiffusionParamError("source_span", "source_span overlaps the source image's "
+                                              "understanding rows")
         if isinstance(params, ImageParams) and self.patch_ids is not None:
             check_lavida_o_image(params, self.patch_ids)
             if params.source_codes is not None and not self.lavida_edits:
@@ -295,8 +304,10 @@ class DiffusionScheduler(Scheduler):
             decode_positions = (p + decode).tolist() if decodes else []
             if params.sparse and not (prefill_ids or commit or decode_positions):
                 continue
-            # image rows are prompt rows: fed with the prefill (sparse: then cached) or every dense step (re-fed)
-            image_rows = bool(state.images) and (bool(prefill_ids) or not params.sparse)
+            # image rows are prompt rows: fed with the prefill (sparse: then cached) or every dense step (re-fed).
+            # Only the request's own branch: an edit's guidance companions hold masks there (ImageParams.branches,
+            # the publishers' edit_mode 0 masks the SigLIP rows in both), and text requests have no companions.
+            image_rows = bool(state.images) and b == 0 and (bool(prefill_ids) or not params.sparse)
             first_feed = bool(prefill_ids) or (not params.sparse and state.step == 0)
             steps.append(RequestStep(
                 req_id=branch.kv.request_id, sparse=params.sparse, block_ids=block_ids, prefill_ids=prefill_ids,

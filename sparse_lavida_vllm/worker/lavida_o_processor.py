@@ -22,14 +22,11 @@ from vllm.multimodal.processing import (
 from sparse_lavida_vllm.model_executor.lavida_o import ARCHITECTURE, LaViDaOConfig, load_config
 from sparse_lavida_vllm.model_executor.lavida_o_text import serves_lavida_o_images
 from sparse_lavida_vllm.model_executor.lavida_o_vision import (
+    IMAGE_PLACEHOLDER,
     UnderstandingConfig,
     num_image_rows,
     preprocess_image,
 )
-
-# What the chat renderer writes where an image part was (LLaVA's DEFAULT_IMAGE_TOKEN); tokenizer_image_token turns
-# it into IMAGE_TOKEN_INDEX in the publishers' code, and our processor into the image's rows.
-IMAGE_PLACEHOLDER = "<image>"
 
 
 @functools.cache

@@ -452,9 +452,9 @@ def reference_image(model: torch.nn.Module, prompt: list[int], seed: int, steps:
                     image_guidance: float = 0.0, interval: tuple[float, float] = (0.0, 1.0), suffix: tuple = (),
                     source_span: tuple[int, int] | None = None, source_codes: torch.Tensor | None = None,
                     shift: float = 3.0, grid: tuple[int, int] = (4, 4), num_registers: int = 3,
-                    dense: bool = False) -> list[int]:
+                    dense: bool = False, understanding: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[int]:
     """The PyTorch driver's image (lavida_o.generate_image_sparse, or generate_image_dense) for the request the
-    engine ran, as packed ids."""
+    engine ran, as packed ids. `understanding`: an edit's SigLIP rows (lavida_o_vision.edit_understanding)."""
     from sparse_lavida_vllm.diffusion.planners import image_plan
     from sparse_lavida_vllm.model_executor.lavida_o import PatchIds, generate_image_dense, generate_image_sparse
 
@@ -464,11 +464,11 @@ def reference_image(model: torch.nn.Module, prompt: list[int], seed: int, steps:
     rows = None if source_span is None else torch.arange(*source_span)
     if dense:
         result = generate_image_dense(model, torch.tensor(prompt), plan, sampling,
-                                      torch.tensor(suffix, dtype=torch.long), rows, source_codes)
+                                      torch.tensor(suffix, dtype=torch.long), rows, source_codes, understanding)
         return PatchIds.of(model.config).pack(result.patches).tolist()
     result = generate_image_sparse(model, torch.tensor(prompt), plan, sampling, num_registers,
                                    suffix_ids=torch.tensor(suffix, dtype=torch.long), source_rows=rows,
-                                   source_codes=source_codes)
+                                   source_codes=source_codes, understanding=understanding)
     return PatchIds.of(model.config).pack(result.patches).tolist()
 
 
@@ -563,6 +563,39 @@ def layout(checkpoints):
     return LaViDaOLayout.load(folder, AutoTokenizer.from_pretrained(str(folder)))
 
 
+def test_edit_siglip_rows_are_in_the_prompt_and_change_the_logits(checkpoints, layout):
+    """On a checkpoint with a vision tower the edit prompt is predict_t2i_edit's: `<image>` (the source's SigLIP rows)
+    then the VQ placeholders; the driver's logits differ from the no-tower layout's, and from the same layout with
+    the features left out (the rows are read); without an image the layout is the no-tower one."""
+    from sparse_lavida_vllm.diffusion.planners import image_plan
+    from sparse_lavida_vllm.model_executor.lavida_o import generate_image_sparse
+    from sparse_lavida_vllm.model_executor.lavida_o_vision import edit_understanding, num_image_rows
+
+    model = load_lavida_o(checkpoints["sparse"])
+    source = _source_image()
+    patches = layout.encode(source, SIZE)
+    edit, plain = layout.edit_prompt("make it red", patches, source), layout.edit_prompt("make it red", patches)
+    assert plain.image is None and plain.num_prompt_tokens == len(plain.prompt_ids)
+    rows = num_image_rows(model.config.understanding, SIZE)
+    assert edit.image_rows == rows and edit.num_prompt_tokens == len(plain.prompt_ids) + rows + len(layout.space)
+    assert edit.prompt_ids[edit.image_start:edit.image_start + len(edit.placeholder)] == list(layout.image_placeholder)
+    start, end = edit.source_span
+    assert end - start == patches.shape[0] and start == edit.image_start + rows + len(layout.space)
+    ids, understanding = edit_understanding(model, torch.tensor(edit.reference_ids()), edit.image)
+    assert (ids[start:end] == model.config.edit_image_token_id).all()
+
+    def first_logits(prompt: list[int] | torch.Tensor, span: tuple[int, int], und=None) -> torch.Tensor:
+        plan = image_plan(4, 4, 4, "shift", "stratified", 3.0, torch.Generator().manual_seed(0))
+        result = generate_image_sparse(model, torch.as_tensor(prompt), plan, SamplingConfig(temperature=1.0, seed=0),
+                                       3, suffix_ids=torch.tensor(layout.suffix, dtype=torch.long),
+                                       source_rows=torch.arange(*span), source_codes=patches, understanding=und)
+        return result.steps[0].logits
+
+    with_rows = first_logits(ids, edit.source_span, understanding)
+    assert not torch.allclose(with_rows, first_logits(plain.prompt_ids, plain.source_span), atol=1e-4)
+    assert not torch.allclose(with_rows, first_logits(ids, edit.source_span), atol=1e-4)  # features, not wte(0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("guidance", [0.0, 2.0])
 def test_server_text_to_image_equals_the_pytorch_driver(checkpoints, client, layout, guidance):
@@ -583,8 +616,29 @@ def test_server_text_to_image_equals_the_pytorch_driver(checkpoints, client, lay
     assert metrics["forward_tokens"] < metrics["dense_forward_tokens"]
 
 
+def edit_reference(folder: Path, layout, source, seed: int, guidance: float, image_guidance: float,
+                   dense: bool = False) -> list[int]:
+    """The PyTorch driver's edit for what the route lays out: on this checkpoint (a vision tower) the prompt holds
+    the source's SigLIP rows (`<image>`, expanded by lavida_o_vision.edit_understanding) before its VQ rows."""
+    from sparse_lavida_vllm.model_executor.lavida_o_vision import edit_understanding
+
+    model = load_lavida_o(folder)
+    patches = layout.encode(source, SIZE)
+    edit = layout.edit_prompt("make it red", patches, source)
+    assert edit.image is not None and edit.image_rows > 0  # the tiny tower's rows are in the prompt
+    ids, understanding = edit_understanding(model, torch.tensor(edit.reference_ids()), edit.image)
+    assert ids.numel() == edit.num_prompt_tokens
+    assert understanding[0].tolist() == list(range(edit.image_start, edit.image_start + edit.image_rows))
+    return reference_image(model, ids.tolist(), seed, 16, guidance, image_guidance, suffix=layout.suffix,
+                           source_span=edit.source_span, source_codes=patches, dense=dense,
+                           num_registers=0 if dense else 3, understanding=understanding)
+
+
 @pytest.mark.slow
 def test_server_edit_equals_the_pytorch_driver_and_inpainting_keeps_the_rest(checkpoints, server, layout):
+    """An edit on a checkpoint with a vision tower: the route puts the source in as its VQ rows and its SigLIP copy
+    (vLLM's multimodal processor expands `<image>`, the runner feeds the tower's features), sparse and dense, with
+    three-way guidance (both companions mask the SigLIP rows); the image equals the PyTorch driver's."""
     import requests
     from PIL import Image
 
@@ -599,11 +653,12 @@ def test_server_edit_equals_the_pytorch_driver_and_inpainting_keeps_the_rest(che
     assert r.status_code == 200, r.text
     image = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
     assert image.size == SIZE
+    assert r.json()["data"][0]["token_ids"] == edit_reference(folder, layout, source, 5, 1.0, 1.5)
+    r = requests.post(server.base_url + "/v1/images/edits", data={**data, "seed": "6", "sparse": "false"},
+                      files={"image": ("a.png", upload.getvalue(), "image/png")}, timeout=300)
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["token_ids"] == edit_reference(folder, layout, source, 6, 1.0, 1.5, dense=True)
     patches = layout.encode(source, SIZE)
-    prompt, span, _ = layout.edit_prompt("make it red", patches)
-    expected = reference_image(load_lavida_o(folder), prompt, 5, 16, 1.0, 1.5, suffix=layout.suffix,
-                               source_span=span, source_codes=patches)
-    assert r.json()["data"][0]["token_ids"] == expected
     # inpainting: the transparent left half is repainted, every position of the right half keeps the source
     mask = Image.new("RGBA", SIZE, (0, 0, 0, 255))
     mask.paste((0, 0, 0, 0), (0, 0, 16, 32))
@@ -617,6 +672,26 @@ def test_server_edit_equals_the_pytorch_driver_and_inpainting_keeps_the_rest(che
     right = [i for i in range(16) if i % 4 >= 2]
     assert all(tokens[i] == given[i] for i in right)
     assert r.json()["sparse_lavida_metrics"][0]["steps"] == 8  # only the 8 repainted positions were planned
+
+
+@pytest.mark.slow
+def test_generate_image_edit_takes_the_siglip_copy_as_the_driver(checkpoints, layout, tmp_path):
+    """`sparse-lavida generate-image --image` lays an edit out as the route does (the source's SigLIP rows through
+    vLLM's multimodal processor on this checkpoint with a tower): its PNG is the driver's canvas, decoded."""
+    from PIL import Image
+
+    folder = checkpoints["sparse"]
+    source_png, out = tmp_path / "source.png", tmp_path / "edit.png"
+    _source_image().save(source_png)
+    run = subprocess.run([sys.executable, "-m", "sparse_lavida_vllm.cli", "generate-image", "make it red",
+                          "--model", str(folder), "--image", str(source_png), "--size", "32x32", "--steps", "16",
+                          "--guidance-scale", "1.0", "--image-guidance-scale", "1.5", "--seed", "5", "--dtype",
+                          "float32", "--max-model-len", "256", "-o", str(out), "--quiet"],
+                         env={**os.environ, **VLLM_ENV}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    source = Image.open(source_png)
+    expected = edit_reference(folder, layout, source, 5, 1.0, 1.5)
+    assert Image.open(out).tobytes() == layout.decode(torch.tensor(expected), SIZE).tobytes()
 
 
 @pytest.mark.slow
@@ -748,22 +823,36 @@ def tp2_main(folder: str, payload: str) -> None:
                                                   {"type": "text", "text": QUESTION}]}],
                     SamplingParams(max_tokens=GEN, ignore_eos=True, extra_args={**KNOBS, "sparse": True}, **TP_CHAT),
                     use_tqdm=False)[0]
+    # an edit laid out as the route does: the source's SigLIP rows through vLLM's processor, on both ranks
+    from transformers import AutoTokenizer
+
+    from sparse_lavida_vllm.multimodal.lavida_o_layout import LaViDaOLayout
+
+    layout = LaViDaOLayout.load(folder, AutoTokenizer.from_pretrained(folder))
+    source = _source_image()
+    edit = layout.edit_prompt("make it red", layout.encode(source, SIZE), source)
+    extra = layout.request_args(SIZE, steps=16, guidance_scale=1.0, image_guidance_scale=1.5,
+                                source_span=edit.source_span, source_codes=edit.source_codes)
+    siglip_edit = llm.generate([edit.engine_prompt()], [SamplingParams(max_tokens=16, temperature=1.0, seed=5,
+                                                                      detokenize=False, extra_args=extra)],
+                               use_tqdm=False)[0].outputs[0].token_ids
     n = len(TP_IMAGE_CASES)
-    print("RESULT " + json.dumps({
+    print("RESULT " + json.dumps({"siglip_edit": list(siglip_edit),
         "images": dict(zip(TP_IMAGE_CASES, map(list, outs[:n]))), "tokens": dict(zip(CASES, map(list, outs[n:]))),
         "chat": {"prompt": list(chat.prompt_token_ids), "tokens": list(chat.outputs[0].token_ids)},
         "workers": llm.collective_rpc(_lavida_worker_view)}), flush=True)
 
 
 @pytest.mark.slow
-def test_tp2_serves_images_text_and_chat_images_as_the_pytorch_drivers(checkpoints):
+def test_tp2_serves_images_text_and_chat_images_as_the_pytorch_drivers(checkpoints, layout):
     """I4 under tensor parallelism for the whole LaViDa-O model: `LLM(tensor_parallel_size=2)` shards both streams
     (text q/k/v/MLP and their `*_vision` twins; attn_out row-parallel for every row) and replicates the generation
     head, the 2x2 convs and the SigLIP tower. Every rank samples from the same all-reduced logits, and the engine's
-    T2I with CFG, three-way edit and dense T2I (one batch with text requests), and a chat answer about an image,
-    equal the single-rank PyTorch drivers (generate_image_sparse / _dense, the text sampler,
-    generate_understanding) token for token: at this size the all-reduce's float rounding (two partial sums instead
-    of one GEMM, <= 1e-5: tests/model_executor/test_lavida_o_parallel.py) flips no sample."""
+    T2I with CFG, three-way edit and dense T2I (one batch with text requests), a chat answer about an image, and an
+    edit with the source's SigLIP rows (as the route lays it out), equal the single-rank PyTorch drivers
+    (generate_image_sparse / _dense, the text sampler, generate_understanding) token for token: at this size the
+    all-reduce's float rounding (two partial sums instead of one GEMM, <= 1e-5:
+    tests/model_executor/test_lavida_o_parallel.py) flips no sample."""
     from tests.worker.test_tensor_parallel import check_tp2_result
 
     folder = checkpoints["sparse"]
@@ -798,6 +887,7 @@ def test_tp2_serves_images_text_and_chat_images_as_the_pytorch_drivers(checkpoin
         assert out["images"][name] == expected, name
     prompt, tokens = understanding_reference(folder, [image], sparse=True, **TP_CHAT)
     assert out["chat"] == {"prompt": prompt, "tokens": tokens}
+    assert out["siglip_edit"] == edit_reference(folder, layout, _source_image(), 5, 1.0, 1.5)  # with its SigLIP rows
 
 
 if __name__ == "__main__":  # the TP=2 engine's child process (vLLM spawns its workers under this guard)
