@@ -103,14 +103,16 @@ def shard_state_dict(state: dict[str, torch.Tensor], model: LLaDAMDM) -> dict[st
     return {name: model.load_shard(name, tensor) for name, tensor in state.items()}
 
 
-def load_weights_into(model: LLaDAMDM, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-    """Copy full checkpoint tensors into `model` (this rank's slice of each); every bad or missing name is a
-    ValueError naming the tensor. What vLLM's loader calls (SparseLLaDAForVLLM.load_weights), over a stream."""
+def load_weights_into(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                      owner: str = "") -> set[str]:
+    """Copy full checkpoint tensors into `model` (this rank's slice of each: any model with `load_shard` and `tp`,
+    LLaDAMDM or LaViDaOMDM); every bad or missing name is a ValueError naming the tensor (`owner` says whose
+    parameters it is not). What vLLM's loaders call (SparseLLaDAForVLLM / LlavaLladaForVLLM.load_weights)."""
     params = dict(model.named_parameters())
     loaded = set()
     for name, tensor in weights:
         if name not in params:
-            raise ValueError(f"unexpected weight {name!r} in the checkpoint")
+            raise ValueError(f"unexpected weight {name!r} in the checkpoint{owner}")
         shard = model.load_shard(name, tensor)
         if shard.shape != params[name].shape:  # copy_ would broadcast a wrong shape silently
             raise ValueError(f"weight {name!r}: checkpoint shard {tuple(shard.shape)} does not fit the "

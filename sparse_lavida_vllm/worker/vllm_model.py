@@ -246,30 +246,21 @@ class LlavaLladaForVLLM(LaViDaOMDM):
         return self.text_head(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
         vision = self.config.understanding
-        loaded: set[str] = set()
         skipped: list[str] = []
-        for name, tensor in weights:
-            unused_vision = name.startswith(UNDERSTANDING_PREFIXES) and (vision is None or
-                                                                         dropped_by_publishers(name, vision))
-            if name.startswith(IGNORED_PREFIXES) or unused_vision:
-                # the VQ copy (multimodal.vq reads vqvae/); no tower declared, or what SigLipVisionTower deletes
-                skipped.append(name)
-                continue
-            if name not in params:
-                raise ValueError(f"unexpected weight {name!r} in the checkpoint (not a parameter of "
-                                 f"{LAVIDA_O_ARCHITECTURE} with this config.json)")
-            shard = self.load_shard(name, tensor)  # this rank's slice (the tensor itself when replicated)
-            if tuple(shard.shape) != tuple(params[name].shape):
-                raise ValueError(f"weight {name!r}: checkpoint shard {tuple(shard.shape)} does not fit the "
-                                 f"parameter {tuple(params[name].shape)} (tensor-parallel {self.tp})")
-            with torch.no_grad():
-                params[name].copy_(shard.to(params[name].dtype))
-            loaded.add(name)
-        missing = set(params) - loaded
-        if missing:
-            raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}")
+
+        def served(stream: Iterable[tuple[str, Tensor]]) -> Iterable[tuple[str, Tensor]]:
+            for name, tensor in stream:
+                unused_vision = name.startswith(UNDERSTANDING_PREFIXES) and (vision is None or
+                                                                             dropped_by_publishers(name, vision))
+                if name.startswith(IGNORED_PREFIXES) or unused_vision:
+                    # the VQ copy (multimodal.vq reads vqvae/); no tower declared, or what SigLipVisionTower deletes
+                    skipped.append(name)
+                    continue
+                yield name, tensor
+
+        loaded = load_weights_into(self, served(weights),
+                                   owner=f" (not a parameter of {LAVIDA_O_ARCHITECTURE} with this config.json)")
         what = "text, image generation and image understanding" if vision is not None else \
             "text and image generation"
         logger.info("%s: serving %s (%d tensors, tensor-parallel rank %d of %d); skipped the %s",
