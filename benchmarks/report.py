@@ -183,6 +183,26 @@ def section_serve(data: dict) -> list[str]:
             out += ["Cost of batch invariance (unconstrained tokens/s over invariant tokens/s): "
                     + ", ".join(f"{v:.2f}x at {n}" for n, v in sorted(cost.items(), key=lambda x: int(x[0])))
                     + (f"; torch threads {data['machine']['torch_threads']}" if "machine" in data else "") + ".", ""]
+        def by_count(item: tuple[str, float]) -> int:
+            return int(item[0])
+
+        fractions = {m: r["gemm_fraction_of_matmul_rate"] for m, r in modes.items()
+                     if "gemm_fraction_of_matmul_rate" in r}
+        if fractions:
+            out += ["Fraction of the measured matmul rate (F.linear in the same process, "
+                    f"{modes['invariant'].get('matmul_gflops', float('nan')):.0f} GFLOP/s for the invariant run) that "
+                    "the engine steps reach, counting the GEMMs' FLOPs only (attention, norms, RoPE, gathers, "
+                    "sampling and scheduling are the rest of each step's time): "
+                    + "; ".join(m + " " + ", ".join(f"{v:.0%} at {n}" for n, v in sorted(f.items(), key=by_count))
+                                for m, f in fractions.items()) + ".", ""]
+        tiles = data.get("invariance_cost_tiles")
+        if tiles:
+            rows = modes.get("invariant", {}).get("plain_gemm_rows")
+            out += ["The default invariant runner runs plain GEMMs for passes of up to "
+                    f"{rows} rows (checked at load to give every row its 64-row tile's bits; 0 = tiles only); with "
+                    "the row tiles always on (`plain_gemm: false`) the cost is "
+                    + ", ".join(f"{v:.2f}x at {n}" for n, v in sorted(tiles.items(), key=lambda x: int(x[0])))
+                    + ".", ""]
     else:
         out += ["```json", json.dumps(data, indent=1)[:6000], "```", ""]
     return out

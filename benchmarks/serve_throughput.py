@@ -65,7 +65,13 @@ def reference_run(folder: Path, config: MDMConfig):
     return run
 
 
-def child(folder: Path, flat: bool, repeats: int) -> dict:
+# runner modes: the default (batch-invariant; plain GEMMs where they are checked to give the tiles' bits), the same
+# with the row tiles always on, and the unconstrained runner
+MODES = {"invariant": {"batch_invariant": True}, "invariant_tiles": {"batch_invariant": True, "plain_gemm": False},
+         "unconstrained": {"batch_invariant": False}}
+
+
+def child(folder: Path, mode: str, repeats: int) -> dict:
     """Runs inside its own process: one vLLM engine, batch-1 latency then throughput per concurrency."""
     os.environ.update(VLLM_ENV)
     from vllm import LLM, SamplingParams
@@ -73,7 +79,8 @@ def child(folder: Path, flat: bool, repeats: int) -> dict:
 
     config = MDMConfig.load(folder)
     llm = LLM(model=str(folder), dtype="float32", enforce_eager=True, skip_tokenizer_init=True, max_num_seqs=32,
-              max_model_len=PROMPT_LEN + GEN_LENGTH, additional_config={"batch_invariant": not flat}, seed=0)
+              max_model_len=PROMPT_LEN + GEN_LENGTH, additional_config=MODES[mode], seed=0)
+    runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
 
     def run(n: int, seed0: int) -> tuple[float, float]:
         prompts = [TokensPrompt(prompt_token_ids=prompt(i, config.vocab_size)) for i in range(n)]
@@ -100,6 +107,9 @@ def child(folder: Path, flat: bool, repeats: int) -> dict:
     # percentile of those many short samples is robust to the load spikes of a shared machine.
     engine = llm.llm_engine
     step_s: dict[int, list[float]] = {n: [] for n in CONCURRENCY}
+    step_flops: dict[int, list[float]] = {n: [] for n in CONCURRENCY}
+    passes: list[tuple[int, int]] = []  # (rows, logit rows) of each forward of the engine step being timed
+    hook = runner.model.register_forward_pre_hook(lambda _, args: passes.append((args[0].numel(), args[3].numel())))
     for r in range(max(2, repeats // 3)):
         for n in CONCURRENCY:
             for i in range(n):
@@ -107,9 +117,13 @@ def child(folder: Path, flat: bool, repeats: int) -> dict:
                                    SamplingParams(max_tokens=GEN_LENGTH, temperature=0, seed=i, ignore_eos=True,
                                                   detokenize=False, extra_args=knobs(config.num_registers)))
             while engine.has_unfinished_requests():
+                passes.clear()
                 start = time.perf_counter()
                 engine.step()
                 step_s[n].append(time.perf_counter() - start)
+                step_flops[n].append(sum(gemm_flops(config, rows, logits) for rows, logits in passes))
+    hook.remove()
+    peak = max(matmul_rate(8 * (config.num_registers + 20), config.d_model, config.mlp_hidden_size) for _ in range(3))
 
     def low(samples: list[float]) -> float:
         return sorted(samples)[len(samples) // 5]  # 20th percentile
@@ -119,8 +133,32 @@ def child(folder: Path, flat: bool, repeats: int) -> dict:
             "step_cpu_ms": best(engine_s, 1) / STEPS * 1000,
             "reference_step_cpu_ms": best(reference_s, 1) / STEPS * 1000,
             "engine_torch_threads": torch.get_num_threads(),  # the engine runs in this process
+            "plain_gemm_rows": runner.model.plain_rows if runner.model.row_tile else None,
             "engine_step_ms": {n: low(t) * 1000 for n, t in step_s.items()},
-            "tokens_per_s": {n: n * tokens_per_step / low(t) for n, t in step_s.items()}}
+            "tokens_per_s": {n: n * tokens_per_step / low(t) for n, t in step_s.items()},
+            # the GEMMs' FLOPs (projections, MLP, LM head on the sampled rows; attention not counted) over all timed
+            # engine steps' seconds, against F.linear's rate at an 8-request pass's shape in this process
+            "matmul_gflops": peak,
+            "gemm_fraction_of_matmul_rate": {n: sum(step_flops[n]) / sum(step_s[n]) / 1e9 / peak for n in step_s}}
+
+
+def gemm_flops(config: MDMConfig, rows: int, logit_rows: int) -> float:
+    """FLOPs of one forward's linear layers: every block's projections and MLP on every row, the LM head on the
+    sampled rows."""
+    c = config
+    per_row = 2 * c.d_model * (c.n_heads + c.n_kv_heads) * c.head_dim + 3 * c.d_model * c.mlp_hidden_size
+    return 2.0 * rows * per_row * c.n_layers + 2.0 * logit_rows * c.d_model * c.vocab_size
+
+
+def matmul_rate(rows: int, d: int, out: int, repeats: int = 20) -> float:
+    """Measured GFLOP/s of F.linear at (rows x d) @ (d x out) in this process."""
+    a, w = torch.randn(rows, d), torch.randn(out, d)
+    for _ in range(3):
+        torch.nn.functional.linear(a, w)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.nn.functional.linear(a, w)
+    return 2 * rows * d * out * repeats / (time.perf_counter() - start) / 1e9
 
 
 def best_of(runs: list[dict]) -> dict:
@@ -128,7 +166,7 @@ def best_of(runs: list[dict]) -> dict:
     out = dict(runs[0])
     for key, value in runs[0].items():
         if isinstance(value, dict):
-            pick = max if key == "tokens_per_s" else min
+            pick = max if key in ("tokens_per_s", "gemm_fraction_of_matmul_rate") else min
             out[key] = {n: pick(r[key][n] for r in runs) for n in value}
         elif key.endswith("_ms"):
             out[key] = min(r[key] for r in runs)
@@ -148,23 +186,23 @@ def main() -> None:
                         help="run the two modes alternately this many times and keep each mode's best figures "
                              "(a shared machine's load then weighs on both alike)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--flat", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="invariant", choices=list(MODES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     repeats = 3 if args.quick else 7
     if args.child:
-        print(json.dumps(child(Path(args.child), args.flat, repeats)))
+        print(json.dumps(child(Path(args.child), args.mode, repeats)))
         return
 
     config = MODELS["quick" if args.quick else "full"]
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         folder = Path(tmp)
         save_pretrained(random_model(config, seed=0, std=0.1), folder)
-        runs: dict[str, list[dict]] = {"invariant": [], "unconstrained": []}
+        runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
         env = {**os.environ, **VLLM_ENV, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
         for _ in range(args.rounds):
             for mode, results in runs.items():
-                cmd = [sys.executable, __file__, "--child", str(folder)]
-                cmd += (["--flat"] if mode == "unconstrained" else []) + (["--quick"] if args.quick else [])
+                cmd = [sys.executable, __file__, "--child", str(folder), "--mode", mode]
+                cmd += ["--quick"] if args.quick else []
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
                 results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         modes = {mode: best_of(results) for mode, results in runs.items()}
@@ -180,9 +218,13 @@ def main() -> None:
                       "overhead_ratio_cpu": r["step_cpu_ms"] / r["reference_step_cpu_ms"],
                       "speedup_at_8": r["tokens_per_s"]["8"] / r["tokens_per_s"]["1"]}
                   for m, r in modes.items()},
-        # what batch invariance costs: unconstrained tokens/s over invariant tokens/s (1.0 = free)
+        # what batch invariance costs: unconstrained tokens/s over invariant tokens/s (1.0 = free), by default and
+        # with the row tiles always on
         "invariance_cost": {n: modes["unconstrained"]["tokens_per_s"][n] / modes["invariant"]["tokens_per_s"][n]
                             for n in modes["invariant"]["tokens_per_s"]},
+        "invariance_cost_tiles": {n: modes["unconstrained"]["tokens_per_s"][n]
+                                  / modes["invariant_tiles"]["tokens_per_s"][n]
+                                  for n in modes["invariant"]["tokens_per_s"]},
     }
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -191,11 +233,14 @@ def main() -> None:
     else:
         for m, r in result["modes"].items():
             tps = ", ".join(f"{n}: {v:.0f}" for n, v in r["tokens_per_s"].items())
+            frac = ", ".join(f"{n}: {v:.0%}" for n, v in r["gemm_fraction_of_matmul_rate"].items())
             print(f"engine [{m}]: {r['step_ms']:.2f} ms/step vs reference {r['reference_step_ms']:.2f} "
                   f"(x{r['overhead_ratio']:.2f}, CPU time x{r['overhead_ratio_cpu']:.2f}); tokens/s {tps}; "
-                  f"8 vs 1: x{r['speedup_at_8']:.2f}")
+                  f"8 vs 1: x{r['speedup_at_8']:.2f}; GEMM FLOP/s / matmul rate {frac}")
         cost = ", ".join(f"{n}: x{v:.2f}" for n, v in result["invariance_cost"].items())
         print(f"invariance cost (unconstrained / invariant tokens/s): {cost}")
+        cost = ", ".join(f"{n}: x{v:.2f}" for n, v in result["invariance_cost_tiles"].items())
+        print(f"  with the row tiles always on: {cost}")
 
 
 if __name__ == "__main__":

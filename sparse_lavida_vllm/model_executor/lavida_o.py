@@ -81,6 +81,7 @@ from sparse_lavida_vllm.model_executor.model import (
     ROW_PARALLEL,
     ROW_TILE,
     RMSNorm,
+    RowTiles,
     apply_rope,
     narrow_shard,
     rope_cos_sin,
@@ -487,7 +488,7 @@ def check_lavida_divisible(config: LaViDaOConfig, world_size: int) -> None:
 
 # ---- the model ------------------------------------------------------------------------------
 
-def _swiglu(x: Tensor, ff_proj: nn.Linear, up_proj: nn.Linear, ff_out: nn.Linear, tile: int | None,
+def _swiglu(x: Tensor, ff_proj: nn.Linear, up_proj: nn.Linear, ff_out: nn.Linear, tile: RowTiles | None,
             tp: TensorParallel) -> Tensor:
     if not x.shape[0]:  # every rank sees the same rows, so every rank skips the same collectives
         return x
@@ -533,7 +534,7 @@ class LaViDaOBlock(nn.Module):
             self.up_proj_vision = nn.Linear(dg, mlp_gen, bias=False)
             self.ff_out_vision = nn.Linear(mlp_gen, dg, bias=False)
 
-    def _qkv(self, x: Tensor, vision: bool, tile: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    def _qkv(self, x: Tensor, vision: bool, tile: RowTiles | None) -> tuple[Tensor, Tensor, Tensor]:
         if vision and self.dual_tower:
             h = self.attn_norm_vision(x)
             return (tiled(self.q_proj_vision, h, tile), tiled(self.k_proj_vision, h, tile),
@@ -543,7 +544,7 @@ class LaViDaOBlock(nn.Module):
 
     def forward(self, x_text: Tensor, x_image: Tensor, text_rows: Tensor, image_rows: Tensor, cos: Tensor,
                 sin: Tensor, layer: int, attention: AttentionBackend,
-                tile: int | None = None) -> tuple[Tensor, Tensor]:
+                tile: RowTiles | None = None) -> tuple[Tensor, Tensor]:
         rows = text_rows.numel() + image_rows.numel()
         q = x_text.new_empty(rows, self.n_heads * self.head_dim)
         k = x_text.new_empty(rows, self.n_kv_heads * self.head_dim)
@@ -595,7 +596,8 @@ class LaViDaOMDM(nn.Module):
     `local_kv_heads` is what this rank caches.
     """
 
-    row_tile: int | None = ROW_TILE
+    row_tile: RowTiles | None = ROW_TILE
+    plain_rows: int = 0  # passes of up to this many rows skip the tiles (verified equal: plain_rows_verified)
 
     def __init__(self, config: LaViDaOConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
@@ -642,9 +644,11 @@ class LaViDaOMDM(nn.Module):
         return narrow_shard(name, full, lavida_shard_dim(name), self.tp.rank, self.tp.world_size)
 
     @property
-    def tile(self) -> int | None:
-        """The GEMM row tile of this call: tiles for inference, plain GEMMs under autograd (training)."""
-        return None if torch.is_grad_enabled() else self.row_tile
+    def tile(self) -> RowTiles | None:
+        """The GEMM row tiles of this call: tiles for inference, plain GEMMs under autograd (training)."""
+        if torch.is_grad_enabled() or self.row_tile is None:
+            return None
+        return RowTiles(self.row_tile, self.plain_rows)
 
     # ---- embeddings and heads ----
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -52,10 +54,25 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # 256 to 4096); in the serving benchmark 128-row tiles served one request 1.4x slower than 64-row ones (a pass of
 # 36-66 rows) and 8-32 requests no faster.
 ROW_TILE = 64
+# Below this many rows a plain GEMM takes other kernels (measured: rows differ from their tile's up to 15 rows)
+PLAIN_MIN_ROWS = 16
 
 
-def tiled(layer: nn.Linear, x: Tensor, tile: int | None) -> Tensor:
-    """layer(x) over fixed tiles of `tile` rows (the last one zero-padded); plain layer(x) when tile is None.
+@dataclass(frozen=True)
+class RowTiles:
+    """How an inference GEMM splits its rows: fixed tiles of `size` rows, the bits every row must get.
+
+    `plain_up_to` > 0 says a plain GEMM over n rows (PLAIN_MIN_ROWS <= n <= plain_up_to) was checked on this
+    machine to give every row exactly its tile's bits (`plain_rows_verified`); such passes skip the tiles and
+    their padding, larger or smaller ones keep them, so both give a row the same bits (batch invariance).
+    """
+
+    size: int = ROW_TILE
+    plain_up_to: int = 0
+
+
+def tiled(layer: nn.Linear, x: Tensor, tile: RowTiles | None) -> Tensor:
+    """layer(x) over fixed tiles of `tile.size` rows (the last one zero-padded); plain layer(x) when tile is None.
 
     Each tile is one GEMM call of shape (tile, in) x (in, out) writing its slice of the output in place: full tiles
     read x where it lies (a fresh activation, so every tile starts 64-byte aligned, as the padded last tile does).
@@ -67,15 +84,61 @@ def tiled(layer: nn.Linear, x: Tensor, tile: int | None) -> Tensor:
     if tile is None or n == 0:
         return layer(x)
     weight = layer.weight.t()
-    full = n - n % tile
-    out = x.new_empty(full + (tile if full < n else 0), weight.shape[1])
-    for start in range(0, full, tile):
-        torch.mm(x[start:start + tile], weight, out=out[start:start + tile])
+    if PLAIN_MIN_ROWS <= n <= tile.plain_up_to:  # verified to give each row its tile's bits, without the padding
+        out = torch.mm(x, weight)
+        return out if layer.bias is None else out + layer.bias
+    size = tile.size
+    full = n - n % size
+    out = x.new_empty(full + (size if full < n else 0), weight.shape[1])
+    for start in range(0, full, size):
+        torch.mm(x[start:start + size], weight, out=out[start:start + size])
     if full < n:
-        last = x.new_zeros(tile, x.shape[1])
+        last = x.new_zeros(size, x.shape[1])
         last[:n - full] = x[full:]
         torch.mm(last, weight, out=out[full:])
     return out[:n] if layer.bias is None else out[:n] + layer.bias
+
+
+def plain_rows_verified(model: nn.Module, max_rows: int = 4096, tile: int = ROW_TILE,
+                        flop_budget: float = 2e11, seed: int = 0) -> int:
+    """The largest row count up to which plain GEMMs give every row its `tile`-row tile's bits, for every weight shape
+    of `model`'s linear layers at this process's dtype and torch thread count; 0 when they do not.
+
+    It runs both on seeded random inputs: every row count from PLAIN_MIN_ROWS to 2 x tile, every 16th to 1024, every
+    64th above (up to `max_rows`, lowered until the probe fits `flop_budget`: ~2 s on one CPU thread). A BLAS picks
+    its kernel and thread split from the shape alone, so one input per shape shows whether the two agree. Above the
+    returned count the tiles stay.
+    """
+    shapes = sorted({(m.in_features, m.out_features, m.weight.dtype, m.weight.device)
+                     for m in model.modules() if isinstance(m, nn.Linear)}, key=str)
+    if not shapes:
+        return 0
+    per_row = sum(2 * k * n for k, n, _, _ in shapes)
+    top = max_rows
+    while top > 2 * tile and per_row * sum(_probe_counts(top, tile)) > flop_budget:
+        top //= 2
+    counts = _probe_counts(top, tile)
+    if not counts or per_row * sum(counts) > flop_budget:
+        return 0
+    gen = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():
+        for k, n, dtype, device in shapes:
+            layer = nn.Linear(k, n, bias=False, dtype=dtype, device=device)
+            layer.weight.copy_(torch.randn(n, k, generator=gen))
+            x = torch.randn(counts[-1], k, generator=gen).to(dtype=dtype, device=device)
+            reference = tiled(layer, x, RowTiles(tile))
+            weight = layer.weight.t()
+            for count in counts:
+                if not torch.equal(torch.mm(x[:count], weight), reference[:count]):
+                    return 0
+    return counts[-1]
+
+
+def _probe_counts(top: int, tile: int) -> list[int]:
+    """The row counts plain_rows_verified checks, up to `top`."""
+    counts = [*range(PLAIN_MIN_ROWS, 2 * tile + 1), *range(2 * tile + 16, min(top, 1024) + 1, 16),
+              *range(1024 + 64, top + 1, 64)]
+    return [c for c in counts if c <= top]
 
 
 def check_divisible(config: MDMConfig, world_size: int) -> None:
@@ -142,7 +205,7 @@ class LLaDABlock(nn.Module):
         self.ff_out = nn.Linear(mlp, d, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layer: int, attention: AttentionBackend,
-                tile: int | None = None) -> Tensor:
+                tile: RowTiles | None = None) -> Tensor:
         rows = x.shape[0]
         h = self.attn_norm(x)
         q = apply_rope(tiled(self.q_proj, h, tile).view(rows, self.n_heads, self.head_dim), cos, sin)
@@ -170,7 +233,8 @@ class LLaDAMDM(nn.Module):
     GEMMs for speed. `row_tile = None` switches tiling off.
     """
 
-    row_tile: int | None = ROW_TILE
+    row_tile: RowTiles | None = ROW_TILE
+    plain_rows: int = 0  # passes of up to this many rows skip the tiles (verified equal: plain_rows_verified)
 
     def __init__(self, config: MDMConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
@@ -196,9 +260,11 @@ class LLaDAMDM(nn.Module):
         return shard_weight(name, full, self.tp.rank, self.tp.world_size)
 
     @property
-    def tile(self) -> int | None:
-        """The GEMM row tile of this call: tiles for inference, plain GEMMs under autograd (training)."""
-        return None if torch.is_grad_enabled() else self.row_tile
+    def tile(self) -> RowTiles | None:
+        """The GEMM row tiles of this call: tiles for inference, plain GEMMs under autograd (training)."""
+        if torch.is_grad_enabled() or self.row_tile is None:
+            return None
+        return RowTiles(self.row_tile, self.plain_rows)
 
     def hidden_states(self, input_ids: Tensor, positions: Tensor, attention: AttentionBackend) -> Tensor:
         t = self.model.transformer

@@ -21,6 +21,7 @@ from sparse_lavida_vllm.diffusion.sampling import (
     sample_tokens,
     step_generator,
 )
+from sparse_lavida_vllm.model_executor.model import ROW_TILE, plain_rows_verified
 from sparse_lavida_vllm.scheduler.output import DiffusionRunnerOutput, RequestStep
 from sparse_lavida_vllm.worker.flex_attention import FlexPagedAttention, choose_backend
 from sparse_lavida_vllm.worker.paged_attention import (
@@ -57,6 +58,8 @@ class DiffusionRunnerMixin:
         extra = vllm_config.additional_config or {}
         # "flat_batch": true is the earlier name of the unconstrained mode
         self.batch_invariant = bool(extra.get("batch_invariant", not extra.get("flat_batch", False)))
+        # invariant mode: check whether plain GEMMs give the tiles' bits here and skip the tiles where they do
+        self.plain_gemm = bool(extra.get("plain_gemm", True))
         # the unconstrained runner's attention: one batched SDPA, or FlexAttention (the default on CUDA)
         self.attention_backend = choose_backend(str(extra.get("attention_backend", "auto")), torch.device(device),
                                                 self.batch_invariant)
@@ -69,6 +72,14 @@ class DiffusionRunnerMixin:
         super().load_model(*args, **kwargs)
         if not self.batch_invariant:
             self.model.row_tile = None  # plain GEMMs: each is one call over all rows of the step
+        elif self.plain_gemm:
+            # the tiles' padding and small-call cost is the price of invariance; where this machine's BLAS gives each
+            # row its tile's bits anyway (checked here, at the serving thread count), passes skip the tiles
+            self.model.plain_rows = plain_rows_verified(self.model)
+            logger.info("batch-invariant GEMMs: %s (torch threads %d)",
+                        f"plain up to {self.model.plain_rows} rows, checked equal to {ROW_TILE}-row tiles"
+                        if self.model.plain_rows else f"{ROW_TILE}-row tiles (plain GEMMs differ here)",
+                        torch.get_num_threads())
 
     # ---- KV cache: one (2, slots, kv_heads, head_dim) tensor per layer ----------------------
 
@@ -124,7 +135,8 @@ class DiffusionRunnerMixin:
         request's prefill rides in the same pass. Dense: prompt + canvas, full attention, nothing cached.
         Batch invariance: attention has per-request arithmetic (PagedSpanAttention: same-shape neighbours share
         an SDPA call, which gives each its solo bits), and the model's GEMMs run in fixed row tiles
-        (model.row_tile), so no row's arithmetic depends on which rows share the pass.
+        (model.row_tile; or plain GEMMs where plain_rows_verified found they give the tiles' bits), so no row's
+        arithmetic depends on which rows share the pass.
         """
         cfg = self.model.config
         ids: list[int] = []

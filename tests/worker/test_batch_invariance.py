@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from sparse_lavida_vllm.model_executor.model import ROW_TILE, tiled
+from sparse_lavida_vllm.model_executor.model import ROW_TILE, RowTiles, plain_rows_verified, tiled
 from tests.serving_helpers import engine_scheduler, reference_tokens, set_vllm_env, shared_llm
 
 set_vllm_env()
@@ -23,9 +23,32 @@ def test_tiled_gemm_rows_do_not_depend_on_their_neighbours(threads, tile):
             layer = torch.nn.Linear(k, n, bias=False)
             x = torch.randn(700, k, generator=gen)
             with torch.no_grad():
-                together = tiled(layer, x, tile)
+                together = tiled(layer, x, RowTiles(tile))
                 for start, rows in ((0, 1), (5, 3), (40, 17), (100, 64), (300, 129), (0, 700)):
-                    assert torch.equal(tiled(layer, x[start:start + rows], tile), together[start:start + rows])
+                    part = tiled(layer, x[start:start + rows], RowTiles(tile))
+                    assert torch.equal(part, together[start:start + rows])
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_plain_gemms_skip_the_tiles_only_where_they_give_every_row_its_tiles_bits(threads):
+    """plain_rows_verified's promise: passes of up to its row count, which run plain GEMMs, give each row the bits
+    of the tiled pass (checked here at other row counts than its own probe's, on other inputs and weights)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(1)
+        for k, n in ((128, 384), (384, 128), (256, 2048)):
+            model = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False))
+            plain = plain_rows_verified(model, max_rows=512)
+            assert plain == 0 or 2 * ROW_TILE <= plain <= 512
+            layer, x = model[0], torch.randn(600, k, generator=gen)
+            with torch.no_grad():
+                together = tiled(layer, x, RowTiles())
+                for rows in (16, 23, 77, 129, 201, 333, 511):
+                    part = tiled(layer, x[:rows], RowTiles(plain_up_to=plain))
+                    assert torch.equal(part, together[:rows]), (k, n, rows, plain)
     finally:
         torch.set_num_threads(old)
 
