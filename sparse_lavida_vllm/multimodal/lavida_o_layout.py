@@ -20,6 +20,7 @@ from sparse_lavida_vllm.model_executor.lavida_o import (
     patches_to_codes,
 )
 from sparse_lavida_vllm.model_executor.lavida_o_vision import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, num_image_rows
+from sparse_lavida_vllm.multimodal.layout import add_request_inputs
 from sparse_lavida_vllm.multimodal.vq import VQCodec
 
 # predict_t2i_edit.text_to_image's defaults: the caption template, the micro-conditioning appended to a caption
@@ -208,20 +209,11 @@ class LaViDaOLayout:
             "guidance_scale": self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale}
         if self.suffix:
             args["suffix_ids"] = list(self.suffix)
-        if init_canvas is not None:
-            args["init_canvas"] = list(init_canvas)
         if source_span is not None:
-            args["source_span"] = list(source_span)
             args["source_codes"] = list(source_codes or [])
-            scale = self.defaults["image_guidance_scale"] if image_guidance_scale is None else image_guidance_scale
-            if scale:
-                args["image_guidance_scale"] = scale
-        elif image_guidance_scale:
-            args["image_guidance_scale"] = image_guidance_scale  # refused by validation: no source image
-        if uncond_prompt_ids is not None:
-            args["uncond_prompt_ids"] = list(uncond_prompt_ids)
-        args.update({k: v for k, v in knobs.items() if v is not None})
-        return args
+        return add_request_inputs(args, self.defaults, init_canvas=init_canvas, source_span=source_span,
+                                  image_guidance_scale=image_guidance_scale, uncond_prompt_ids=uncond_prompt_ids,
+                                  **knobs)
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:

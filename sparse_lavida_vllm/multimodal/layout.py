@@ -22,6 +22,26 @@ DEFAULTS: dict[str, Any] = {"steps": 16, "temperature": 0.8, "guidance_scale": 0
                             "schedule": "shift", "order": "stratified"}
 
 
+def add_request_inputs(args: dict[str, Any], defaults: Mapping[str, Any], *, init_canvas: list[int] | None,
+                       source_span: tuple[int, int] | None, image_guidance_scale: float | None,
+                       uncond_prompt_ids: list[int] | None, **knobs: Any) -> dict[str, Any]:
+    """The request-specific part of an image request's extra_args, shared by every layout: the inpainting canvas,
+    the source image's span and its guidance (the checkpoint default when None), the negative prompt, the knobs."""
+    if init_canvas is not None:
+        args["init_canvas"] = list(init_canvas)
+    if source_span is not None:
+        args["source_span"] = list(source_span)
+        scale = defaults["image_guidance_scale"] if image_guidance_scale is None else image_guidance_scale
+        if scale:
+            args["image_guidance_scale"] = scale
+    elif image_guidance_scale:
+        args["image_guidance_scale"] = image_guidance_scale  # refused by validation: no source image
+    if uncond_prompt_ids is not None:
+        args["uncond_prompt_ids"] = list(uncond_prompt_ids)
+    args.update({k: v for k, v in knobs.items() if v is not None})
+    return args
+
+
 @dataclass(frozen=True)
 class ImageLayout:
     """An image request as token ids: `[t2i prefix] text` or `[edit prefix] source image tokens text`, then
@@ -91,19 +111,9 @@ class ImageLayout:
                                 "schedule": self.defaults["schedule"], "order": self.defaults["order"],
                                 "guidance_scale": self.defaults["guidance_scale"] if guidance_scale is None
                                 else guidance_scale}
-        if init_canvas is not None:
-            args["init_canvas"] = list(init_canvas)
-        if source_span is not None:
-            args["source_span"] = list(source_span)
-            scale = self.defaults["image_guidance_scale"] if image_guidance_scale is None else image_guidance_scale
-            if scale:
-                args["image_guidance_scale"] = scale
-        elif image_guidance_scale:
-            args["image_guidance_scale"] = image_guidance_scale  # refused by validation: no source image
-        if uncond_prompt_ids is not None:
-            args["uncond_prompt_ids"] = list(uncond_prompt_ids)
         for key in ("temperature_schedule", "min_temperature", "guidance_interval", "shift"):
             if key in self.defaults:
                 args[key] = self.defaults[key]
-        args.update({k: v for k, v in knobs.items() if v is not None})
-        return args
+        return add_request_inputs(args, self.defaults, init_canvas=init_canvas, source_span=source_span,
+                                  image_guidance_scale=image_guidance_scale, uncond_prompt_ids=uncond_prompt_ids,
+                                  **knobs)

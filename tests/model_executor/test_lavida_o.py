@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +36,8 @@ from sparse_lavida_vllm.model_executor.lavida_o import (  # noqa: E402
     write_tiny_checkpoint,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny tensors, one thread
+
 CODES = 16  # tiny codebook; the image mask code is CODES + 1 as 8193 is for 8192 codes
 IMG = 50  # the image placeholder id in the tiny vocabulary (126089 in the published one)
 EDIT = 51  # the edit source-image placeholder (126090)
@@ -51,14 +52,6 @@ def tiny_config(**kw) -> LaViDaOConfig:
                 num_register_groups=(25, 25), block_causal=True, register_token_id=61, register_code=CODES + 2)
     base.update(kw)
     return LaViDaOConfig(**base)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a shared CPU: thread wake-ups cost more than the math
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- an independent implementation of the published forward (llava_llada / modeling_llada / u_vit) ---------

@@ -5,11 +5,10 @@ a three-way edit, dense), an image question (the replicated SigLIP tower), the I
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 pytest.importorskip("diffusers")  # write_tiny_checkpoint writes vqvae/
 
@@ -36,6 +35,7 @@ from sparse_lavida_vllm.model_executor.model import narrow_shard  # noqa: E402
 from sparse_lavida_vllm.model_executor.parallel import SingleRank, TorchDistributedTP  # noqa: E402
 from tests.model_executor.test_lavida_o import EDIT, IMG  # noqa: E402
 from tests.model_executor.test_lavida_o_understanding import config, picture  # noqa: E402
+from tests.parallel_helpers import run_ranks  # noqa: E402
 
 WORLD = 2
 PROMPT = torch.tensor([5, 9, 17, 3, IMG, 22])
@@ -70,23 +70,18 @@ def run_everything(model: LaViDaOMDM) -> dict:
     return out
 
 
-def _rank_main(rank: int, init_file: str, folder: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+def _collect(folder: str, tp: TorchDistributedTP) -> dict:
+    """One rank's share of the comparison: its results, its shards, and the refusal of an indivisible shape."""
+    model = load_lavida_o(folder, tp=tp)
+    out = run_everything(model)
+    out["tp"] = (tp.rank, tp.world_size, model.local_kv_heads)
+    out["state"] = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    out["random"] = random_lavida_o(config(), seed=9, tp=tp).state_dict()
     try:
-        tp = TorchDistributedTP()
-        model = load_lavida_o(folder, tp=tp)
-        out = run_everything(model)
-        out["tp"] = (tp.rank, tp.world_size, model.local_kv_heads)
-        out["state"] = {n: p.detach().clone() for n, p in model.state_dict().items()}
-        out["random"] = random_lavida_o(config(), seed=9, tp=tp).state_dict()
-        try:
-            LaViDaOMDM(replace(config(), mlp_hidden_size_gen=25), tp)
-        except ValueError as e:
-            out["error"] = str(e)
-        torch.save(out, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+        LaViDaOMDM(replace(config(), mlp_hidden_size_gen=25), tp)
+    except ValueError as e:
+        out["error"] = str(e)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +89,7 @@ def ranks(tmp_path_factory):
     """One 2-rank run over a tiny checkpoint with a tower; each rank's results, and the single-rank model."""
     tmp = tmp_path_factory.mktemp("lavida-tp")
     write_tiny_checkpoint(tmp / "ck", config(), seed=1, std=0.2)
-    mp.spawn(_rank_main, args=(str(tmp / "init"), str(tmp / "ck"), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)], load_lavida_o(tmp / "ck")
+    return run_ranks(partial(_collect, str(tmp / "ck")), tmp, WORLD), load_lavida_o(tmp / "ck")
 
 
 def test_two_ranks_reproduce_the_single_rank_images_and_answers(ranks):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,6 +45,8 @@ from sparse_lavida_vllm.model_executor.lavida_o_vision import (  # noqa: E402
 )
 from tests.model_executor.test_lavida_o import PubBlock, PubRMS, published_like_config, tiny_config  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny tensors, one thread
+
 TILE = 30  # 30 px / patch 4 -> 7x7 patches (2 px unseen), pooled 3x3: the odd shapes of 384 / 14 -> 27 -> 13
 PINPOINTS = ((30, 60), (60, 30), (60, 60), (90, 30), (30, 90))  # base.sh's pinpoints scaled by 30 / 384
 TOWER = "model.vision_tower.vision_tower.vision_model."
@@ -67,14 +68,6 @@ def config(resampler: str | None = "spatial_pool") -> LaViDaOConfig:
 def picture(width: int, height: int, seed: int) -> Image.Image:
     rng = np.random.RandomState(seed)
     return Image.fromarray(rng.randint(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- the reference ------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Tensor parallelism: two real gloo ranks hold Megatron-style shards and reproduce the single-rank model."""
 
+from functools import partial
+
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from sparse_lavida_vllm.diffusion.planners import text_plan
 from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_sparse, step_causal_logits
@@ -12,6 +12,7 @@ from sparse_lavida_vllm.model_executor.config import MDMConfig
 from sparse_lavida_vllm.model_executor.model import LLaDAMDM, check_divisible, shard_dim, shard_weight
 from sparse_lavida_vllm.model_executor.parallel import SingleRank, TorchDistributedTP
 from sparse_lavida_vllm.model_executor.weights import load_pretrained, random_model, save_pretrained
+from tests.parallel_helpers import run_ranks
 
 # GQA (4 query heads read 2 K/V heads) so each of the 2 ranks holds 2 query heads and 1 K/V head
 CONFIG = MDMConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=128,
@@ -35,24 +36,19 @@ def run_everything(model: LLaDAMDM) -> dict:
     return out
 
 
-def _rank_main(rank: int, init_file: str, folder: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+def _collect(folder: str, tp: TorchDistributedTP) -> dict:
+    """One rank's share of the comparison: its results, its shards, and the refusal of an indivisible shape."""
+    model = load_pretrained(folder, tp=tp)
+    out = run_everything(model)
+    out["tp"] = (tp.rank, tp.world_size, model.local_kv_heads)
+    out["shapes"] = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    out["state"] = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    out["random"] = random_model(CONFIG, seed=9, tp=tp).state_dict()
     try:
-        tp = TorchDistributedTP()
-        model = load_pretrained(folder, tp=tp)
-        out = run_everything(model)
-        out["tp"] = (tp.rank, tp.world_size, model.local_kv_heads)
-        out["shapes"] = {n: tuple(p.shape) for n, p in model.named_parameters()}
-        out["state"] = {n: p.detach().clone() for n, p in model.state_dict().items()}
-        out["random"] = random_model(CONFIG, seed=9, tp=tp).state_dict()
-        try:
-            LLaDAMDM(MDMConfig(n_heads=3, n_kv_heads=3, d_model=96), tp)
-        except ValueError as e:
-            out["error"] = str(e)
-        torch.save(out, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+        LLaDAMDM(MDMConfig(n_heads=3, n_kv_heads=3, d_model=96), tp)
+    except ValueError as e:
+        out["error"] = str(e)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +56,7 @@ def ranks(tmp_path_factory):
     """One 2-rank run over a saved random checkpoint; each rank's results, and the single-rank model."""
     tmp = tmp_path_factory.mktemp("tp")
     save_pretrained(random_model(CONFIG, seed=1, std=0.1), tmp / "ck")
-    mp.spawn(_rank_main, args=(str(tmp / "init"), str(tmp / "ck"), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)], load_pretrained(tmp / "ck")
+    return run_ranks(partial(_collect, str(tmp / "ck")), tmp, WORLD), load_pretrained(tmp / "ck")
 
 
 def test_two_ranks_reproduce_the_single_rank_logits_and_tokens(ranks):

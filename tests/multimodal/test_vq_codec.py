@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,8 @@ diffusers = pytest.importorskip("diffusers")
 from sparse_lavida_vllm.multimodal import ImageCodec, PixelCodec  # noqa: E402
 from sparse_lavida_vllm.multimodal.factory import load_image_codec  # noqa: E402
 from sparse_lavida_vllm.multimodal.vq import VQCodec  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny tensors, one thread
 
 CODES = 64
 SIZE = 16  # pixels; 3 encoder blocks -> 4x downsampling -> 4x4 grid
@@ -40,15 +41,6 @@ def tiny_vq(lookup_from_codebook: bool = True) -> diffusers.VQModel:
     # spread it like a trained codebook so encode exercises many codes.
     model.quantize.embedding.weight.data.normal_(0.0, 0.5)
     return model.eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # The convs here are tiny: with several threads on a busy CPU, thread wake-ups cost 10-30x the math.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
