@@ -38,6 +38,14 @@ _EMPTY = torch.empty(0, dtype=torch.long)
 FAULT_ENV = "SPARSE_LAVIDA_FAULT_TOKEN"
 
 
+def config_flag(extra: dict, key: str, default: bool) -> bool:
+    """A true/false switch of --additional-config; anything else (the string "false", 0) is an error naming it."""
+    value = extra.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"--additional-config {key} must be true or false, got {value!r}")
+    return value
+
+
 class DiffusionRunnerMixin:
     """Our runner logic over any vLLM runner base: loading and config stay vLLM's; the KV layout and execute_model
     are ours. Every tensor it makes lives on `self.device`, so the same code serves CPU and CUDA (the adapters
@@ -57,9 +65,9 @@ class DiffusionRunnerMixin:
         super().__init__(vllm_config, device)  # type: ignore[call-arg]  # the vLLM runner base
         extra = vllm_config.additional_config or {}
         # "flat_batch": true is the earlier name of the unconstrained mode
-        self.batch_invariant = bool(extra.get("batch_invariant", not extra.get("flat_batch", False)))
+        self.batch_invariant = config_flag(extra, "batch_invariant", not config_flag(extra, "flat_batch", False))
         # invariant mode: check whether plain GEMMs give the tiles' bits here and skip the tiles where they do
-        self.plain_gemm = bool(extra.get("plain_gemm", True))
+        self.plain_gemm = config_flag(extra, "plain_gemm", True)
         # the unconstrained runner's attention: one batched SDPA, or FlexAttention (the default on CUDA)
         self.attention_backend = choose_backend(str(extra.get("attention_backend", "auto")), torch.device(device),
                                                 self.batch_invariant)

@@ -53,6 +53,16 @@ def test_plain_gemms_skip_the_tiles_only_where_they_give_every_row_its_tiles_bit
         torch.set_num_threads(old)
 
 
+def test_runner_switches_take_only_true_or_false():
+    from sparse_lavida_vllm.worker.model_runner import config_flag
+
+    assert config_flag({}, "plain_gemm", True) is True
+    assert config_flag({"batch_invariant": False}, "batch_invariant", True) is False
+    for bad in ("false", 0, None):
+        with pytest.raises(ValueError, match="plain_gemm must be true or false"):
+            config_flag({"plain_gemm": bad}, "plain_gemm", True)
+
+
 def _params(gen_length, block_length, steps, num_registers, seed, sparse=True, temperature=1.0):
     from vllm import SamplingParams
 
