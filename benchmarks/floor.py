@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 from common import (
@@ -24,15 +25,16 @@ from sparse_lavida_vllm.model_executor.config import MDMConfig
 from sparse_lavida_vllm.model_executor.model import LLaDAMDM
 
 
-def matmul_rate(rows: int, d: int, out: int, repeats: int = 20) -> float:
-    """Measured fp32 GFLOP/s of F.linear at (rows x d) @ (d x out), on the benchmarks' clock (see common.CLOCK)."""
+def matmul_rate(rows: int, d: int, out: int, repeats: int = 20, clock: Callable[[], float] = now) -> float:
+    """Measured fp32 GFLOP/s of F.linear at (rows x d) @ (d x out), on the benchmarks' clock (see common.CLOCK)
+    unless `clock` is given."""
     a, w = torch.randn(rows, d), torch.randn(out, d)
     for _ in range(3):
         torch.nn.functional.linear(a, w)
-    t0 = now()
+    t0 = clock()
     for _ in range(repeats):
         torch.nn.functional.linear(a, w)
-    return 2 * rows * d * out * repeats / (now() - t0) / 1e9
+    return 2 * rows * d * out * repeats / (clock() - t0) / 1e9
 
 
 def copy_bandwidth(mib: int = 256, repeats: int = 5) -> float:

@@ -165,6 +165,11 @@ def section_floor(data: dict) -> list[str]:
     return out
 
 
+def by_count(item: tuple[str, float]) -> int:
+    """Sort key of a {concurrency: value} item (the JSON's keys are strings)."""
+    return int(item[0])
+
+
 def section_serve(data: dict) -> list[str]:
     out = ["## Serving throughput (`benchmarks/serve_throughput.py`, written by the vLLM room)", ""]
     if "model" in data:
@@ -181,11 +186,8 @@ def section_serve(data: dict) -> list[str]:
         cost = data.get("invariance_cost")
         if cost:
             out += ["Cost of batch invariance (unconstrained tokens/s over invariant tokens/s): "
-                    + ", ".join(f"{v:.2f}x at {n}" for n, v in sorted(cost.items(), key=lambda x: int(x[0])))
+                    + ", ".join(f"{v:.2f}x at {n}" for n, v in sorted(cost.items(), key=by_count))
                     + (f"; torch threads {data['machine']['torch_threads']}" if "machine" in data else "") + ".", ""]
-        def by_count(item: tuple[str, float]) -> int:
-            return int(item[0])
-
         fractions = {m: r["gemm_fraction_of_matmul_rate"] for m, r in modes.items()
                      if "gemm_fraction_of_matmul_rate" in r}
         if fractions:
@@ -201,7 +203,7 @@ def section_serve(data: dict) -> list[str]:
             out += ["The default invariant runner runs plain GEMMs for passes of up to "
                     f"{rows} rows (checked at load to give every row its 64-row tile's bits; 0 = tiles only); with "
                     "the row tiles always on (`plain_gemm: false`) the cost is "
-                    + ", ".join(f"{v:.2f}x at {n}" for n, v in sorted(tiles.items(), key=lambda x: int(x[0])))
+                    + ", ".join(f"{v:.2f}x at {n}" for n, v in sorted(tiles.items(), key=by_count))
                     + ".", ""]
     else:
         out += ["```json", json.dumps(data, indent=1)[:6000], "```", ""]

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from floor import Counter, matmul_rate
 
 from sparse_lavida_vllm.diffusion.planners import text_plan
 from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_sparse
@@ -121,9 +122,13 @@ def child(folder: Path, mode: str, repeats: int) -> dict:
                 start = time.perf_counter()
                 engine.step()
                 step_s[n].append(time.perf_counter() - start)
-                step_flops[n].append(sum(gemm_flops(config, rows, logits) for rows, logits in passes))
+                work = Counter(config)  # floor.py's count: projections and MLP on every row, LM head on the sampled
+                for rows, logits in passes:
+                    work.on_pass(rows, logits)
+                step_flops[n].append(work.flops)
     hook.remove()
-    peak = max(matmul_rate(8 * (config.num_registers + 20), config.d_model, config.mlp_hidden_size) for _ in range(3))
+    peak = max(matmul_rate(8 * (config.num_registers + 20), config.d_model, config.mlp_hidden_size,
+                           clock=time.perf_counter) for _ in range(3))
 
     def low(samples: list[float]) -> float:
         return sorted(samples)[len(samples) // 5]  # 20th percentile
@@ -140,25 +145,6 @@ def child(folder: Path, mode: str, repeats: int) -> dict:
             # engine steps' seconds, against F.linear's rate at an 8-request pass's shape in this process
             "matmul_gflops": peak,
             "gemm_fraction_of_matmul_rate": {n: sum(step_flops[n]) / sum(step_s[n]) / 1e9 / peak for n in step_s}}
-
-
-def gemm_flops(config: MDMConfig, rows: int, logit_rows: int) -> float:
-    """FLOPs of one forward's linear layers: every block's projections and MLP on every row, the LM head on the
-    sampled rows."""
-    c = config
-    per_row = 2 * c.d_model * (c.n_heads + c.n_kv_heads) * c.head_dim + 3 * c.d_model * c.mlp_hidden_size
-    return 2.0 * rows * per_row * c.n_layers + 2.0 * logit_rows * c.d_model * c.vocab_size
-
-
-def matmul_rate(rows: int, d: int, out: int, repeats: int = 20) -> float:
-    """Measured GFLOP/s of F.linear at (rows x d) @ (d x out) in this process."""
-    a, w = torch.randn(rows, d), torch.randn(out, d)
-    for _ in range(3):
-        torch.nn.functional.linear(a, w)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        torch.nn.functional.linear(a, w)
-    return 2 * rows * d * out * repeats / (time.perf_counter() - start) / 1e9
 
 
 def best_of(runs: list[dict]) -> dict:

@@ -596,7 +596,7 @@ class LaViDaOMDM(nn.Module):
     `local_kv_heads` is what this rank caches.
     """
 
-    row_tile: RowTiles | None = ROW_TILE
+    row_tile: int | None = ROW_TILE
     plain_rows: int = 0  # passes of up to this many rows skip the tiles (verified equal: plain_rows_verified)
 
     def __init__(self, config: LaViDaOConfig, tp: TensorParallel | None = None) -> None:

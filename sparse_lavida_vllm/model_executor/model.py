@@ -233,7 +233,7 @@ class LLaDAMDM(nn.Module):
     GEMMs for speed. `row_tile = None` switches tiling off.
     """
 
-    row_tile: RowTiles | None = ROW_TILE
+    row_tile: int | None = ROW_TILE
     plain_rows: int = 0  # passes of up to this many rows skip the tiles (verified equal: plain_rows_verified)
 
     def __init__(self, config: MDMConfig, tp: TensorParallel | None = None) -> None:

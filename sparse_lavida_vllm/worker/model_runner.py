@@ -21,7 +21,7 @@ from sparse_lavida_vllm.diffusion.sampling import (
     sample_tokens,
     step_generator,
 )
-from sparse_lavida_vllm.model_executor.model import ROW_TILE, plain_rows_verified
+from sparse_lavida_vllm.model_executor.model import plain_rows_verified
 from sparse_lavida_vllm.scheduler.output import DiffusionRunnerOutput, RequestStep
 from sparse_lavida_vllm.worker.flex_attention import FlexPagedAttention, choose_backend
 from sparse_lavida_vllm.worker.paged_attention import (
@@ -83,10 +83,11 @@ class DiffusionRunnerMixin:
         elif self.plain_gemm:
             # the tiles' padding and small-call cost is the price of invariance; where this machine's BLAS gives each
             # row its tile's bits anyway (checked here, at the serving thread count), passes skip the tiles
-            self.model.plain_rows = plain_rows_verified(self.model)
+            tile = self.model.row_tile
+            self.model.plain_rows = plain_rows_verified(self.model, tile=tile)
             logger.info("batch-invariant GEMMs: %s (torch threads %d)",
-                        f"plain up to {self.model.plain_rows} rows, checked equal to {ROW_TILE}-row tiles"
-                        if self.model.plain_rows else f"{ROW_TILE}-row tiles (plain GEMMs differ here)",
+                        f"plain up to {self.model.plain_rows} rows, checked equal to {tile}-row tiles"
+                        if self.model.plain_rows else f"{tile}-row tiles (plain GEMMs differ here)",
                         torch.get_num_threads())
 
     # ---- KV cache: one (2, slots, kv_heads, head_dim) tensor per layer ----------------------
