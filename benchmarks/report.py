@@ -174,7 +174,9 @@ def section_serve(data: dict) -> list[str]:
     out = ["## Serving throughput (`benchmarks/serve_throughput.py`, written by the vLLM room)", ""]
     if "model" in data:
         out += ["Model: " + ", ".join(f"{k} {v}" for k, v in data["model"].items()) + "; workload: "
-                + ", ".join(f"{k} {v}" for k, v in data.get("workload", {}).items()) + ".", ""]
+                + ", ".join(f"{k} {v}" for k, v in data.get("workload", {}).items()) + "."
+                + ("" if "machine" not in data else " Machine: " + ", ".join(f"{k} {v}" for k, v in
+                                                                            data["machine"].items()) + "."), ""]
     modes = data.get("modes", {})
     if modes:
         levels = sorted({n for r in modes.values() for n in r.get("tokens_per_s", {})}, key=int)
