@@ -170,8 +170,9 @@ def by_count(item: tuple[str, float]) -> int:
     return int(item[0])
 
 
-def section_serve(data: dict) -> list[str]:
-    out = ["## Serving throughput (`benchmarks/serve_throughput.py`, written by the vLLM room)", ""]
+def section_serve(data: dict, title: str = "Serving throughput (`benchmarks/serve_throughput.py`, written by the "
+                                             "vLLM room)") -> list[str]:
+    out = [f"## {title}", ""]
     if "model" in data:
         out += ["Model: " + ", ".join(f"{k} {v}" for k, v in data["model"].items()) + "; workload: "
                 + ", ".join(f"{k} {v}" for k, v in data.get("workload", {}).items()) + "."
@@ -193,20 +194,27 @@ def section_serve(data: dict) -> list[str]:
         fractions = {m: r["gemm_fraction_of_matmul_rate"] for m, r in modes.items()
                      if "gemm_fraction_of_matmul_rate" in r}
         if fractions:
+            first = next(iter(fractions))
             out += ["Fraction of the measured matmul rate (F.linear in the same process, "
-                    f"{modes['invariant'].get('matmul_gflops', float('nan')):.0f} GFLOP/s for the invariant run) that "
+                    f"{modes[first].get('matmul_gflops', float('nan')):.0f} GFLOP/s for the {first} run) that "
                     "the engine steps reach, counting the GEMMs' FLOPs only (attention, norms, RoPE, gathers, "
                     "sampling and scheduling are the rest of each step's time): "
                     + "; ".join(m + " " + ", ".join(f"{v:.0%} at {n}" for n, v in sorted(f.items(), key=by_count))
                                 for m, f in fractions.items()) + ".", ""]
-        tiles = data.get("invariance_cost_tiles")
-        if tiles:
-            rows = modes.get("invariant", {}).get("plain_gemm_rows")
-            out += ["The default invariant runner runs plain GEMMs for passes of up to "
-                    f"{rows} rows (checked at load to give every row its 64-row tile's bits; 0 = tiles only); with "
-                    "the row tiles always on (`plain_gemm: false`) the cost is "
-                    + ", ".join(f"{v:.2f}x at {n}" for n, v in sorted(tiles.items(), key=by_count))
-                    + ".", ""]
+        shares = {m: r["gemm_time_share"] for m, r in modes.items() if "gemm_time_share" in r}
+        if shares:
+            out += ["Share of the engine steps' time spent inside the GEMMs (timed around `model.tiled`; a ratio of "
+                    "two times that a busy machine stretches alike, so steadier than the fraction above): "
+                    + "; ".join(m + " " + ", ".join(f"{v:.0%} at {n}" for n, v in sorted(f.items(), key=by_count))
+                                for m, f in shares.items()) + ".", ""]
+        rows, tiles = modes.get("invariant", {}).get("plain_gemm_rows"), data.get("invariance_cost_tiles")
+        if rows is not None:
+            line = (f"The invariant runner ran plain GEMMs in chunks of up to {rows} rows (checked at load to give "
+                    "every row its 64-row tile's bits; 0 = tiles only).")
+            if tiles:
+                line += " With the row tiles always on (`plain_gemm: false`) the cost is " + ", ".join(
+                    f"{v:.2f}x at {n}" for n, v in sorted(tiles.items(), key=by_count)) + "."
+            out += [line, ""]
     else:
         out += ["```json", json.dumps(data, indent=1)[:6000], "```", ""]
     return out
@@ -296,7 +304,7 @@ def render() -> str:
              "`.venv/bin/python benchmarks/report.py`.", "",
              "Ratios are measured within one run (same model, prompts, seeds; contenders interleaved a, b, a, b "
              "so load changes on this shared machine hit both), median of the repeats after a warm-up.", ""]
-    found = {name: load(name) for name in (*BENCHMARKS, "serve_throughput", "soak")}
+    found = {name: load(name) for name in (*BENCHMARKS, "serve_throughput", "serve_throughput_wide", "soak")}
     machines = [machine_line(d) for d in found.values() if d and "machine" in d and "date_utc" in d]
     parts += section_summary(found)
     parts += ["## Machine and versions", "", *(f"- {m}" for m in machines), ""]
@@ -308,6 +316,9 @@ def render() -> str:
         parts += section_floor(found["floor"])
     if found["serve_throughput"]:
         parts += section_serve(found["serve_throughput"])
+    if found.get("serve_throughput_wide"):
+        parts += section_serve(found["serve_throughput_wide"], "Serving throughput on a wider model "
+                               "(`benchmarks/serve_throughput.py --model wide`)")
     if found.get("images"):
         parts += section_images(found["images"])
     if found.get("soak"):

@@ -1,11 +1,13 @@
-"""Engine overhead (batch-1 step latency: vLLM engine vs reference sparse sampler) and throughput at 1-16 requests.
+"""Engine overhead (batch-1 step latency: vLLM engine vs reference sparse sampler) and throughput at 1-32 requests.
 
-Runs vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) on a random LLaDA-shaped checkpoint written to a temp
-folder; each runner mode (invariant: the default batch-invariant forward, tiled GEMMs + per-request attention;
-unconstrained: `batch_invariant: false`, plain GEMMs + one batched attention call per layer) runs in its own
-process because vLLM keeps process-wide state.
-Usage: python benchmarks/serve_throughput.py [--quick] [--threads N] [--rounds N] [--json]
-       [--out benchmarks/results/serve_throughput.json]
+Runs vLLM in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, in a child process) on a random LLaDA-shaped checkpoint
+written to a temp folder. One engine times every runner mode (invariant: the default batch-invariant forward;
+invariant_tiles: the same with the 64-row GEMM tiles always on; unconstrained: `batch_invariant: false`, plain
+GEMMs + one batched attention call per layer), switching between request groups, so their ratios come from one
+process under one load.
+Usage: python benchmarks/serve_throughput.py [--model full|quick|wide] [--modes M,...] [--threads N] [--rounds N]
+       [--json] [--out benchmarks/results/serve_throughput.json]
+`--model wide` (d_model 1024) asks where the step's time goes once the GEMMs dominate the per-row work.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from sparse_lavida_vllm.diffusion.planners import text_plan
 from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_sparse
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
 from sparse_lavida_vllm.model_executor.config import MDMConfig
+from sparse_lavida_vllm.model_executor.model import ROW_TILE
 from sparse_lavida_vllm.model_executor.weights import load_pretrained, random_model, save_pretrained
 
 MODELS = {
@@ -36,6 +39,10 @@ MODELS = {
     "quick": MDMConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden_size=256,
                        mask_token_id=510, register_token_id=511, eos_token_id=2, max_sequence_length=512,
                        num_registers=8),
+    # LLaDA-8B's width ratio (mlp 2.75 d_model) at 1/4 of its width, two layers: GEMMs dominate each row's work
+    "wide": MDMConfig(vocab_size=2048, d_model=1024, n_layers=2, n_heads=16, n_kv_heads=16, mlp_hidden_size=2816,
+                      mask_token_id=2046, register_token_id=2047, eos_token_id=2, max_sequence_length=1024,
+                      num_registers=32),
 }
 PROMPT_LEN, GEN_LENGTH, BLOCK_LENGTH, STEPS = 64, 64, 32, 32
 CONCURRENCY = (1, 4, 8, 16, 32)
@@ -67,21 +74,32 @@ def reference_run(folder: Path, config: MDMConfig):
 
 
 # runner modes: the default (batch-invariant; plain GEMMs where they are checked to give the tiles' bits), the same
-# with the row tiles always on, and the unconstrained runner
-MODES = {"invariant": {"batch_invariant": True}, "invariant_tiles": {"batch_invariant": True, "plain_gemm": False},
-         "unconstrained": {"batch_invariant": False}}
+# with the row tiles always on, and the unconstrained runner. Each is the runner state its --additional-config sets
+# at load (model_runner.load_model), so one engine switches between them between request groups and every mode is
+# timed in the same process, interleaved: a shared machine's load then weighs on all alike.
+MODES = ("invariant", "invariant_tiles", "unconstrained")
 
 
-def child(folder: Path, mode: str, repeats: int) -> dict:
-    """Runs inside its own process: one vLLM engine, batch-1 latency then throughput per concurrency."""
+def set_mode(runner, mode: str, plain_rows: int) -> None:
+    """The runner state `--additional-config` gives `mode` (batch_invariant / plain_gemm), set between requests."""
+    runner.batch_invariant = mode != "unconstrained"
+    runner.model.row_tile = None if mode == "unconstrained" else ROW_TILE
+    runner.model.plain_rows = plain_rows if mode == "invariant" else 0
+
+
+def child(folder: Path, modes: list[str], repeats: int) -> dict:
+    """Runs inside its own process: one vLLM engine; per mode, batch-1 latency then throughput per concurrency."""
     os.environ.update(VLLM_ENV)
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    import sparse_lavida_vllm.model_executor.model as model_module
+
     config = MDMConfig.load(folder)
     llm = LLM(model=str(folder), dtype="float32", enforce_eager=True, skip_tokenizer_init=True, max_num_seqs=32,
-              max_model_len=PROMPT_LEN + GEN_LENGTH, additional_config=MODES[mode], seed=0)
+              max_model_len=PROMPT_LEN + GEN_LENGTH, additional_config={"batch_invariant": True}, seed=0)
     runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    plain_rows = runner.model.plain_rows  # what the load-time check found for the default mode
 
     def run(n: int, seed0: int) -> tuple[float, float]:
         prompts = [TokensPrompt(prompt_token_ids=prompt(i, config.vocab_size)) for i in range(n)]
@@ -93,65 +111,100 @@ def child(folder: Path, mode: str, repeats: int) -> dict:
         assert all(len(o.outputs[0].token_ids) == GEN_LENGTH for o in outs)
         return wall, cpu
 
-    # The machine is shared: interleave engine and reference runs in this process and keep the best of each.
+    # Batch-1 latency against the reference sampler, interleaved; the best of each (the least disturbed run).
     reference = reference_run(folder, config)
-    run(1, 0), reference(0)  # warm-up
-    engine_s, reference_s = [], []
+    reference(0)
+    engine_s: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+    reference_s = []
+    for mode in modes:
+        set_mode(runner, mode, plain_rows)
+        run(1, 0)  # warm-up
+    for r in range(repeats):
+        for mode in modes:
+            set_mode(runner, mode, plain_rows)
+            engine_s[mode].append(run(1, r))
+        reference_s.append(reference(r))
 
-    def best(samples, i):  # wall (i=0) or process CPU seconds (i=1): the least disturbed run
+    def best(samples, i):  # wall (i=0) or process CPU seconds (i=1)
         return min(t[i] for t in samples)
 
-    for r in range(repeats):
-        engine_s.append(run(1, r))
-        reference_s.append(reference(r))
     # Throughput: step the engine by hand and time every engine step while all n requests run; a low
     # percentile of those many short samples is robust to the load spikes of a shared machine.
     engine = llm.llm_engine
-    step_s: dict[int, list[float]] = {n: [] for n in CONCURRENCY}
-    step_flops: dict[int, list[float]] = {n: [] for n in CONCURRENCY}
-    passes: list[tuple[int, int]] = []  # (rows, logit rows) of each forward of the engine step being timed
-    hook = runner.model.register_forward_pre_hook(lambda _, args: passes.append((args[0].numel(), args[3].numel())))
-    for r in range(max(2, repeats // 3)):
-        for n in CONCURRENCY:
-            for i in range(n):
-                engine.add_request(f"t{r}-{n}-{i}", TokensPrompt(prompt_token_ids=prompt(i, config.vocab_size)),
-                                   SamplingParams(max_tokens=GEN_LENGTH, temperature=0, seed=i, ignore_eos=True,
-                                                  detokenize=False, extra_args=knobs(config.num_registers)))
-            while engine.has_unfinished_requests():
-                passes.clear()
-                start = time.perf_counter()
-                engine.step()
-                step_s[n].append(time.perf_counter() - start)
-                work = Counter(config)  # floor.py's count: projections and MLP on every row, LM head on the sampled
-                for rows, logits in passes:
-                    work.on_pass(rows, logits)
-                step_flops[n].append(work.flops)
-    hook.remove()
+    # the matmul rate to compare with: the best of 3 measurements before and 3 after the timed steps
     peak = max(matmul_rate(8 * (config.num_registers + 20), config.d_model, config.mlp_hidden_size,
                            clock=time.perf_counter) for _ in range(3))
+    step_s = {m: {n: [] for n in CONCURRENCY} for m in modes}
+    step_flops = {m: {n: [] for n in CONCURRENCY} for m in modes}
+    gemm_s = {m: {n: 0.0 for n in CONCURRENCY} for m in modes}
+    passes: list[tuple[int, int]] = []  # (rows, logit rows) of each forward of the engine step being timed
+    hook = runner.model.register_forward_pre_hook(lambda _, args: passes.append((args[0].numel(), args[3].numel())))
+    # seconds inside the model's GEMMs (model.tiled, looked up at each call): their share of a step's time does not
+    # depend on how busy the shared machine is, unlike a rate against a separately measured matmul rate
+    gemm_clock, untimed = [0.0], model_module.tiled
+
+    def timed_tiled(*args):
+        start = time.perf_counter()
+        out = untimed(*args)
+        gemm_clock[0] += time.perf_counter() - start
+        return out
+
+    model_module.tiled = timed_tiled
+    for r in range(max(2, repeats // 3)):
+        for n in CONCURRENCY:
+            for mode in modes:
+                set_mode(runner, mode, plain_rows)
+                for i in range(n):
+                    engine.add_request(f"t{r}-{n}-{mode}-{i}",
+                                       TokensPrompt(prompt_token_ids=prompt(i, config.vocab_size)),
+                                       SamplingParams(max_tokens=GEN_LENGTH, temperature=0, seed=i, ignore_eos=True,
+                                                      detokenize=False, extra_args=knobs(config.num_registers)))
+                while engine.has_unfinished_requests():
+                    passes.clear()
+                    start, in_gemms = time.perf_counter(), gemm_clock[0]
+                    engine.step()
+                    step_s[mode][n].append(time.perf_counter() - start)
+                    gemm_s[mode][n] += gemm_clock[0] - in_gemms
+                    work = Counter(config)  # floor.py's count: projections and MLP on every row, LM head on sampled
+                    for rows, logits in passes:
+                        work.on_pass(rows, logits)
+                    step_flops[mode][n].append(work.flops)
+    hook.remove()
+    model_module.tiled = untimed
+    peak = max(peak, *(matmul_rate(8 * (config.num_registers + 20), config.d_model, config.mlp_hidden_size,
+                                   clock=time.perf_counter) for _ in range(3)))
 
     def low(samples: list[float]) -> float:
         return sorted(samples)[len(samples) // 5]  # 20th percentile
 
+    def step_rate(mode: str, n: int) -> float:  # GFLOP/s of the n-request steps, 80th percentile (least disturbed)
+        rates = sorted(f / s for f, s in zip(step_flops[mode][n], step_s[mode][n]))
+        return rates[len(rates) * 4 // 5] / 1e9
+
     tokens_per_step = GEN_LENGTH / STEPS  # per request
-    return {"step_ms": best(engine_s, 0) / STEPS * 1000, "reference_step_ms": best(reference_s, 0) / STEPS * 1000,
-            "step_cpu_ms": best(engine_s, 1) / STEPS * 1000,
-            "reference_step_cpu_ms": best(reference_s, 1) / STEPS * 1000,
-            "engine_torch_threads": torch.get_num_threads(),  # the engine runs in this process
-            "plain_gemm_rows": runner.model.plain_rows if runner.model.row_tile else None,
-            "engine_step_ms": {n: low(t) * 1000 for n, t in step_s.items()},
-            "tokens_per_s": {n: n * tokens_per_step / low(t) for n, t in step_s.items()},
-            # the GEMMs' FLOPs (projections, MLP, LM head on the sampled rows; attention not counted) over all timed
-            # engine steps' seconds, against F.linear's rate at an 8-request pass's shape in this process
-            "matmul_gflops": peak,
-            "gemm_fraction_of_matmul_rate": {n: sum(step_flops[n]) / sum(step_s[n]) / 1e9 / peak for n in step_s}}
+    ref_ms = best(reference_s, 0) / STEPS * 1000, best(reference_s, 1) / STEPS * 1000
+    return {mode: {
+        "step_ms": best(engine_s[mode], 0) / STEPS * 1000, "reference_step_ms": ref_ms[0],
+        "step_cpu_ms": best(engine_s[mode], 1) / STEPS * 1000, "reference_step_cpu_ms": ref_ms[1],
+        "engine_torch_threads": torch.get_num_threads(),  # the engine runs in this process
+        "plain_gemm_rows": plain_rows if mode == "invariant" else (0 if mode == "invariant_tiles" else None),
+        "engine_step_ms": {n: low(t) * 1000 for n, t in step_s[mode].items()},
+        "tokens_per_s": {n: n * tokens_per_step / low(t) for n, t in step_s[mode].items()},
+        # the GEMMs' FLOPs (projections, MLP, LM head on the sampled rows; attention not counted) per engine step
+        # second, against F.linear's rate at an 8-request pass's shape in this process; both the least disturbed
+        # of many measurements, as tokens_per_s uses the fast steps
+        "matmul_gflops": peak,
+        "gemm_fraction_of_matmul_rate": {n: step_rate(mode, n) / peak for n in CONCURRENCY},
+        "gemm_time_share": {n: gemm_s[mode][n] / sum(step_s[mode][n]) for n in CONCURRENCY}} for mode in modes}
 
 
 def best_of(runs: list[dict]) -> dict:
     """Each figure's best over one mode's runs (the least time, the most tokens/s): its least disturbed run."""
     out = dict(runs[0])
     for key, value in runs[0].items():
-        if isinstance(value, dict):
+        if key == "gemm_time_share":  # a ratio of two times the load stretches alike: the runs' mean
+            out[key] = {n: sum(r[key][n] for r in runs) / len(runs) for n in value}
+        elif isinstance(value, dict):
             pick = max if key in ("tokens_per_s", "gemm_fraction_of_matmul_rate") else min
             out[key] = {n: pick(r[key][n] for r in runs) for n in value}
         elif key.endswith("_ms"):
@@ -159,9 +212,22 @@ def best_of(runs: list[dict]) -> dict:
     return out
 
 
+def cost_ratio(modes: dict[str, dict], invariant_mode: str) -> dict[str, float] | None:
+    """Unconstrained tokens/s over `invariant_mode`'s at each concurrency, or None if either was not run."""
+    if "unconstrained" not in modes or invariant_mode not in modes:
+        return None
+    fast, slow = modes["unconstrained"]["tokens_per_s"], modes[invariant_mode]["tokens_per_s"]
+    return {n: fast[n] / slow[n] for n in slow}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="tiny model, fewer repeats (smoke run)")
+    parser.add_argument("--model", default="full", choices=list(MODELS),
+                        help="full: d_model 256 x 4 layers; quick: tiny, fewer repeats (smoke run); wide: d_model 1024")
+    parser.add_argument("--quick", action="store_true", help="same as --model quick")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="runner modes to run, comma-separated (invariance costs need invariant and "
+                             "unconstrained)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--out", default=None,
                         help="also write the JSON here (benchmarks/results/serve_throughput.json feeds report.py)")
@@ -169,28 +235,31 @@ def main() -> None:
                         help="torch threads of the engine and the reference (OMP_NUM_THREADS); on a machine shared "
                              "with other work, 1 keeps the timings from waiting on busy cores")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="run the two modes alternately this many times and keep each mode's best figures "
-                             "(a shared machine's load then weighs on both alike)")
+                        help="engine processes to run (each times every mode, interleaved); each mode's best "
+                             "figures over them are kept")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--mode", default="invariant", choices=list(MODES), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    repeats = 3 if args.quick else 7
+    model = "quick" if args.quick else args.model
+    repeats = 3 if model == "quick" else 7
+    modes_run = args.modes.split(",")
+    if unknown := set(modes_run) - set(MODES):
+        raise SystemExit(f"--modes: unknown runner mode(s) {sorted(unknown)}; choose from {list(MODES)}")
     if args.child:
-        print(json.dumps(child(Path(args.child), args.mode, repeats)))
+        print(json.dumps(child(Path(args.child), modes_run, repeats)))
         return
 
-    config = MODELS["quick" if args.quick else "full"]
+    config = MODELS[model]
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         folder = Path(tmp)
         save_pretrained(random_model(config, seed=0, std=0.1), folder)
-        runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
+        runs: dict[str, list[dict]] = {mode: [] for mode in modes_run}
         env = {**os.environ, **VLLM_ENV, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
         for _ in range(args.rounds):
-            for mode, results in runs.items():
-                cmd = [sys.executable, __file__, "--child", str(folder), "--mode", mode]
-                cmd += ["--quick"] if args.quick else []
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-                results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            cmd = [sys.executable, __file__, "--child", str(folder), "--modes", ",".join(modes_run)]
+            cmd += ["--quick"] if model == "quick" else []
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+            for mode, result in json.loads(out.stdout.strip().splitlines()[-1]).items():
+                runs[mode].append(result)
         modes = {mode: best_of(results) for mode, results in runs.items()}
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -205,12 +274,9 @@ def main() -> None:
                       "speedup_at_8": r["tokens_per_s"]["8"] / r["tokens_per_s"]["1"]}
                   for m, r in modes.items()},
         # what batch invariance costs: unconstrained tokens/s over invariant tokens/s (1.0 = free), by default and
-        # with the row tiles always on
-        "invariance_cost": {n: modes["unconstrained"]["tokens_per_s"][n] / modes["invariant"]["tokens_per_s"][n]
-                            for n in modes["invariant"]["tokens_per_s"]},
-        "invariance_cost_tiles": {n: modes["unconstrained"]["tokens_per_s"][n]
-                                  / modes["invariant_tiles"]["tokens_per_s"][n]
-                                  for n in modes["invariant"]["tokens_per_s"]},
+        # with the row tiles always on (absent when --modes left either side out)
+        "invariance_cost": cost_ratio(modes, "invariant"),
+        "invariance_cost_tiles": cost_ratio(modes, "invariant_tiles"),
     }
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -222,11 +288,12 @@ def main() -> None:
             frac = ", ".join(f"{n}: {v:.0%}" for n, v in r["gemm_fraction_of_matmul_rate"].items())
             print(f"engine [{m}]: {r['step_ms']:.2f} ms/step vs reference {r['reference_step_ms']:.2f} "
                   f"(x{r['overhead_ratio']:.2f}, CPU time x{r['overhead_ratio_cpu']:.2f}); tokens/s {tps}; "
-                  f"8 vs 1: x{r['speedup_at_8']:.2f}; GEMM FLOP/s / matmul rate {frac}")
-        cost = ", ".join(f"{n}: x{v:.2f}" for n, v in result["invariance_cost"].items())
-        print(f"invariance cost (unconstrained / invariant tokens/s): {cost}")
-        cost = ", ".join(f"{n}: x{v:.2f}" for n, v in result["invariance_cost_tiles"].items())
-        print(f"  with the row tiles always on: {cost}")
+                  f"8 vs 1: x{r['speedup_at_8']:.2f}; GEMM FLOP/s / matmul rate {frac}; GEMM share of step time "
+                  + ", ".join(f"{n}: {v:.0%}" for n, v in r["gemm_time_share"].items()))
+        for key, label in (("invariance_cost", "invariance cost (unconstrained / invariant tokens/s)"),
+                           ("invariance_cost_tiles", "  with the row tiles always on")):
+            if result[key]:
+                print(f"{label}: " + ", ".join(f"{n}: x{v:.2f}" for n, v in result[key].items()))
 
 
 if __name__ == "__main__":

@@ -62,9 +62,10 @@ PLAIN_MIN_ROWS = 16
 class RowTiles:
     """How an inference GEMM splits its rows: fixed tiles of `size` rows, the bits every row must get.
 
-    `plain_up_to` > 0 says a plain GEMM over n rows (PLAIN_MIN_ROWS <= n <= plain_up_to) was checked on this
-    machine to give every row exactly its tile's bits (`plain_rows_verified`); such passes skip the tiles and
-    their padding, larger or smaller ones keep them, so both give a row the same bits (batch invariance).
+    `plain_up_to` >= PLAIN_MIN_ROWS says a plain GEMM over n rows (PLAIN_MIN_ROWS <= n <= plain_up_to) was checked on
+    this machine to give every row exactly its tile's bits (`plain_rows_verified`). Passes then run plain GEMMs over
+    chunks of PLAIN_MIN_ROWS..plain_up_to rows instead of the tiles and their padding, and a row gets the same bits
+    either way (batch invariance). Passes under PLAIN_MIN_ROWS rows keep the tiles.
     """
 
     size: int = ROW_TILE
@@ -72,20 +73,30 @@ class RowTiles:
 
 
 def tiled(layer: nn.Linear, x: Tensor, tile: RowTiles | None) -> Tensor:
-    """layer(x) over fixed tiles of `tile.size` rows (the last one zero-padded); plain layer(x) when tile is None.
+    """layer(x) with every row getting the bits of its `tile.size`-row tile; plain layer(x) when tile is None.
 
-    Each tile is one GEMM call of shape (tile, in) x (in, out) writing its slice of the output in place: full tiles
-    read x where it lies (a fresh activation, so every tile starts 64-byte aligned, as the padded last tile does).
+    Tiles: one GEMM call of shape (tile, in) x (in, out) per tile writing its slice of the output in place (full tiles
+    read x where it lies, a fresh activation, so every tile starts 64-byte aligned, as the padded last tile does).
     One batched call over the tiles (bmm) is not used: for a batch of one tile torch calls MKL's threaded GEMM and
     for more it calls MKL's batched GEMM, which runs each tile on one thread, so with 2 threads a row's bits
     depended on the tile count (measured for K, N >= 1024); over 2+ tiles it was no faster than this loop.
+    Verified plain GEMMs (`tile.plain_up_to`): the pass is cut into equal chunks of at most plain_up_to rows, each
+    at least plain_up_to / 2 >= PLAIN_MIN_ROWS, so every chunk is a row count the check covered.
     """
     n = x.shape[0]
     if tile is None or n == 0:
         return layer(x)
     weight = layer.weight.t()
-    if PLAIN_MIN_ROWS <= n <= tile.plain_up_to:  # verified to give each row its tile's bits, without the padding
-        out = torch.mm(x, weight)
+    chunk = tile.plain_up_to
+    if chunk >= 2 * PLAIN_MIN_ROWS and n >= PLAIN_MIN_ROWS:
+        if n <= chunk:
+            out = torch.mm(x, weight)
+        else:
+            parts = -(-n // chunk)
+            bounds = [n * i // parts for i in range(parts + 1)]
+            out = x.new_empty(n, weight.shape[1])
+            for start, end in zip(bounds[:-1], bounds[1:]):
+                torch.mm(x[start:end], weight, out=out[start:end])
         return out if layer.bias is None else out + layer.bias
     size = tile.size
     full = n - n % size
@@ -99,46 +110,52 @@ def tiled(layer: nn.Linear, x: Tensor, tile: RowTiles | None) -> Tensor:
     return out[:n] if layer.bias is None else out[:n] + layer.bias
 
 
-def plain_rows_verified(model: nn.Module, max_rows: int = 4096, tile: int = ROW_TILE,
+def plain_rows_verified(model: nn.Module, max_rows: int = 512, tile: int = ROW_TILE,
                         flop_budget: float = 2e11, seed: int = 0) -> int:
     """The largest row count up to which plain GEMMs give every row its `tile`-row tile's bits, for every weight shape
     of `model`'s linear layers at this process's dtype and torch thread count; 0 when they do not.
 
-    It runs both on seeded random inputs: every row count from PLAIN_MIN_ROWS to 2 x tile, every 16th to 1024, every
-    64th above (up to `max_rows`, lowered until the probe fits `flop_budget`: ~2 s on one CPU thread). A BLAS picks
-    its kernel and thread split from the shape alone, so one input per shape shows whether the two agree. Above the
-    returned count the tiles stay.
+    It runs both on seeded random inputs: every row count from PLAIN_MIN_ROWS to 2 x tile, every 16th above, up to
+    `max_rows` (lowered until the probe fits `flop_budget`: ~1-2 s on one CPU thread, never below 2 x tile), and a
+    chunked pass of 2 x the count + PLAIN_MIN_ROWS rows as `tiled` runs it. A BLAS picks its kernel and thread split
+    from the shape alone, so one input per shape shows whether the two agree. Larger passes run in chunks of at
+    most the returned count (`tiled`), so a few hundred rows is all the speed needs.
     """
     shapes = sorted({(m.in_features, m.out_features, m.weight.dtype, m.weight.device)
                      for m in model.modules() if isinstance(m, nn.Linear)}, key=str)
     if not shapes:
         return 0
     per_row = sum(2 * k * n for k, n, _, _ in shapes)
+
+    def cost(top: int) -> float:
+        return per_row * (sum(_probe_counts(top, tile)) + 2 * (2 * top + PLAIN_MIN_ROWS))
+
     top = max_rows
-    while top > 2 * tile and per_row * sum(_probe_counts(top, tile)) > flop_budget:
+    while top > 2 * tile and cost(top) > flop_budget:
         top //= 2
     counts = _probe_counts(top, tile)
-    if not counts or per_row * sum(counts) > flop_budget:
+    if not counts or top < 2 * PLAIN_MIN_ROWS or cost(top) > flop_budget:
         return 0
+    top = counts[-1]
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
         for k, n, dtype, device in shapes:
             layer = nn.Linear(k, n, bias=False, dtype=dtype, device=device)
             layer.weight.copy_(torch.randn(n, k, generator=gen))
-            x = torch.randn(counts[-1], k, generator=gen).to(dtype=dtype, device=device)
+            x = torch.randn(2 * top + PLAIN_MIN_ROWS, k, generator=gen).to(dtype=dtype, device=device)
             reference = tiled(layer, x, RowTiles(tile))
             weight = layer.weight.t()
             for count in counts:
                 if not torch.equal(torch.mm(x[:count], weight), reference[:count]):
                     return 0
-    return counts[-1]
+            if not torch.equal(tiled(layer, x, RowTiles(tile, top)), reference):
+                return 0
+    return top
 
 
 def _probe_counts(top: int, tile: int) -> list[int]:
     """The row counts plain_rows_verified checks, up to `top`."""
-    counts = [*range(PLAIN_MIN_ROWS, 2 * tile + 1), *range(2 * tile + 16, min(top, 1024) + 1, 16),
-              *range(1024 + 64, top + 1, 64)]
-    return [c for c in counts if c <= top]
+    return [*range(PLAIN_MIN_ROWS, min(top, 2 * tile) + 1), *range(2 * tile + 16, top + 1, 16)]
 
 
 def check_divisible(config: MDMConfig, world_size: int) -> None:

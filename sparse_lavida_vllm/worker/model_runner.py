@@ -86,7 +86,7 @@ class DiffusionRunnerMixin:
             tile = self.model.row_tile
             self.model.plain_rows = plain_rows_verified(self.model, tile=tile)
             logger.info("batch-invariant GEMMs: %s (torch threads %d)",
-                        f"plain up to {self.model.plain_rows} rows, checked equal to {tile}-row tiles"
+                        f"plain, in chunks of up to {self.model.plain_rows} rows, checked equal to {tile}-row tiles"
                         if self.model.plain_rows else f"{tile}-row tiles (plain GEMMs differ here)",
                         torch.get_num_threads())
 

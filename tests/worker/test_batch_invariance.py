@@ -33,22 +33,25 @@ def test_tiled_gemm_rows_do_not_depend_on_their_neighbours(threads, tile):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_plain_gemms_skip_the_tiles_only_where_they_give_every_row_its_tiles_bits(threads):
-    """plain_rows_verified's promise: passes of up to its row count, which run plain GEMMs, give each row the bits
-    of the tiled pass (checked here at other row counts than its own probe's, on other inputs and weights)."""
+    """plain_rows_verified's promise: passes that run plain GEMMs (one call up to its row count, equal chunks above)
+    give each row the bits of the tiled pass (checked here at other row counts than its own probe's, on other inputs
+    and weights)."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         gen = torch.Generator().manual_seed(1)
         for k, n in ((128, 384), (384, 128), (256, 2048)):
             model = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False))
-            plain = plain_rows_verified(model, max_rows=512)
-            assert plain == 0 or 2 * ROW_TILE <= plain <= 512
-            layer, x = model[0], torch.randn(600, k, generator=gen)
-            with torch.no_grad():
-                together = tiled(layer, x, RowTiles())
-                for rows in (16, 23, 77, 129, 201, 333, 511):
-                    part = tiled(layer, x[:rows], RowTiles(plain_up_to=plain))
-                    assert torch.equal(part, together[:rows]), (k, n, rows, plain)
+            # 128: passes above it run in plain chunks (2-5 here), 512: most passes are one plain GEMM
+            for max_rows in (128, 512):
+                plain = plain_rows_verified(model, max_rows=max_rows)
+                assert plain == 0 or 2 * ROW_TILE <= plain <= max_rows
+                layer, x = model[0], torch.randn(600, k, generator=gen)
+                with torch.no_grad():
+                    together = tiled(layer, x, RowTiles())
+                    for rows in (16, 23, 77, 129, 201, 333, 511, 600):
+                        part = tiled(layer, x[:rows], RowTiles(plain_up_to=plain))
+                        assert torch.equal(part, together[:rows]), (k, n, rows, plain)
     finally:
         torch.set_num_threads(old)
 
