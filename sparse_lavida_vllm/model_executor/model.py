@@ -63,9 +63,10 @@ class RowTiles:
     """How an inference GEMM splits its rows: fixed tiles of `size` rows, the bits every row must get.
 
     `plain_up_to` >= 2 x PLAIN_MIN_ROWS says a plain GEMM over n rows (PLAIN_MIN_ROWS <= n <= plain_up_to) was checked
-    on this machine to give every row exactly its tile's bits (`plain_rows_verified`). Passes then run plain GEMMs
-    over chunks of plain_up_to / 2..plain_up_to rows instead of the tiles and their padding, and a row gets the same
-    bits either way (batch invariance). Passes under PLAIN_MIN_ROWS rows keep the tiles.
+    on this machine to give every row exactly its tile's bits (`plain_rows_verified`). Passes of PLAIN_MIN_ROWS rows or
+    more then run one plain GEMM, or above plain_up_to rows one per equal chunk (each half to all of plain_up_to),
+    instead of the tiles and their padding, and a row gets the same bits either way (batch invariance). Passes under
+    PLAIN_MIN_ROWS rows keep the tiles.
     """
 
     size: int = ROW_TILE
