@@ -131,9 +131,12 @@ def child(folder: Path, modes: list[str], repeats: int) -> dict:
     # Throughput: step the engine by hand and time every engine step while all n requests run; a low
     # percentile of those many short samples is robust to the load spikes of a shared machine.
     engine = llm.llm_engine
-    # the matmul rate to compare with: the best of 3 measurements before and 3 after the timed steps
-    peak = max(matmul_rate(8 * (config.num_registers + 20), config.d_model, config.mlp_hidden_size,
-                           clock=time.perf_counter) for _ in range(3))
+
+    def best_matmul_rate() -> float:  # F.linear's GFLOP/s at an 8-request pass's shape, best of 3
+        return max(matmul_rate(8 * (config.num_registers + 20), config.d_model, config.mlp_hidden_size,
+                               clock=time.perf_counter) for _ in range(3))
+
+    peak = best_matmul_rate()  # the rate to compare with: measured before and after the timed steps, the best kept
     step_s = {m: {n: [] for n in CONCURRENCY} for m in modes}
     step_flops = {m: {n: [] for n in CONCURRENCY} for m in modes}
     gemm_s = {m: {n: 0.0 for n in CONCURRENCY} for m in modes}
@@ -171,8 +174,7 @@ def child(folder: Path, modes: list[str], repeats: int) -> dict:
                     step_flops[mode][n].append(work.flops)
     hook.remove()
     model_module.tiled = untimed
-    peak = max(peak, *(matmul_rate(8 * (config.num_registers + 20), config.d_model, config.mlp_hidden_size,
-                                   clock=time.perf_counter) for _ in range(3)))
+    peak = max(peak, best_matmul_rate())
 
     def low(samples: list[float]) -> float:
         return sorted(samples)[len(samples) // 5]  # 20th percentile
