@@ -165,9 +165,14 @@ def section_floor(data: dict) -> list[str]:
     return out
 
 
-def by_count(item: tuple[str, float]) -> int:
-    """Sort key of a {concurrency: value} item (the JSON's keys are strings)."""
-    return int(item[0])
+def at_counts(values: dict[str, float], fmt: str, unit: str = "") -> str:
+    """"v at n, ..." for a {concurrency: value} dict, in concurrency order (the JSON's keys are strings)."""
+    return ", ".join(f"{v:{fmt}}{unit} at {n}" for n, v in sorted(values.items(), key=lambda item: int(item[0])))
+
+
+def per_mode(values: dict[str, dict[str, float]]) -> str:
+    """"mode p% at n, ...; mode ..." for {mode: {concurrency: fraction}}."""
+    return "; ".join(f"{m} {at_counts(f, '.0%')}" for m, f in values.items())
 
 
 def section_serve(data: dict, title: str = "Serving throughput (`benchmarks/serve_throughput.py`, written by the "
@@ -189,7 +194,7 @@ def section_serve(data: dict, title: str = "Serving throughput (`benchmarks/serv
         cost = data.get("invariance_cost")
         if cost:
             out += ["Cost of batch invariance (unconstrained tokens/s over invariant tokens/s): "
-                    + ", ".join(f"{v:.2f}x at {n}" for n, v in sorted(cost.items(), key=by_count))
+                    + at_counts(cost, ".2f", "x")
                     + (f"; torch threads {data['machine']['torch_threads']}" if "machine" in data else "") + ".", ""]
         fractions = {m: r["gemm_fraction_of_matmul_rate"] for m, r in modes.items()
                      if "gemm_fraction_of_matmul_rate" in r}
@@ -199,21 +204,19 @@ def section_serve(data: dict, title: str = "Serving throughput (`benchmarks/serv
                     f"{modes[first].get('matmul_gflops', float('nan')):.0f} GFLOP/s for the {first} run) that "
                     "the engine steps reach, counting the GEMMs' FLOPs only (attention, norms, RoPE, gathers, "
                     "sampling and scheduling are the rest of each step's time): "
-                    + "; ".join(m + " " + ", ".join(f"{v:.0%} at {n}" for n, v in sorted(f.items(), key=by_count))
-                                for m, f in fractions.items()) + ".", ""]
+                    + per_mode(fractions) + ".", ""]
         shares = {m: r["gemm_time_share"] for m, r in modes.items() if "gemm_time_share" in r}
         if shares:
             out += ["Share of the engine steps' time spent inside the GEMMs (timed around `model.tiled`; a ratio of "
                     "two times that a busy machine stretches alike, so steadier than the fraction above): "
-                    + "; ".join(m + " " + ", ".join(f"{v:.0%} at {n}" for n, v in sorted(f.items(), key=by_count))
-                                for m, f in shares.items()) + ".", ""]
+                    + per_mode(shares) + ".", ""]
         rows, tiles = modes.get("invariant", {}).get("plain_gemm_rows"), data.get("invariance_cost_tiles")
         if rows is not None:
             line = (f"The invariant runner ran plain GEMMs in chunks of up to {rows} rows (checked at load to give "
                     "every row its 64-row tile's bits; 0 = tiles only).")
             if tiles:
-                line += " With the row tiles always on (`plain_gemm: false`) the cost is " + ", ".join(
-                    f"{v:.2f}x at {n}" for n, v in sorted(tiles.items(), key=by_count)) + "."
+                line += (" With the row tiles always on (`plain_gemm: false`) the cost is "
+                         + at_counts(tiles, ".2f", "x") + ".")
             out += [line, ""]
     else:
         out += ["```json", json.dumps(data, indent=1)[:6000], "```", ""]
