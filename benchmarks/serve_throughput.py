@@ -29,7 +29,6 @@ from sparse_lavida_vllm.diffusion.planners import text_plan
 from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_sparse
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
 from sparse_lavida_vllm.model_executor.config import MDMConfig
-from sparse_lavida_vllm.model_executor.model import ROW_TILE
 from sparse_lavida_vllm.model_executor.weights import load_pretrained, random_model, save_pretrained
 
 MODELS = {
@@ -80,11 +79,17 @@ def reference_run(folder: Path, config: MDMConfig):
 MODES = ("invariant", "invariant_tiles", "unconstrained")
 
 
-def set_mode(runner, mode: str, plain_rows: int) -> None:
-    """The runner state `--additional-config` gives `mode` (batch_invariant / plain_gemm), set between requests."""
-    runner.batch_invariant = mode != "unconstrained"
-    runner.model.row_tile = None if mode == "unconstrained" else ROW_TILE
-    runner.model.plain_rows = plain_rows if mode == "invariant" else 0
+def mode_state(mode: str, row_tile: int, plain_rows: int) -> tuple[bool, int | None, int]:
+    """(batch_invariant, model.row_tile, model.plain_rows) that `--additional-config` gives `mode` at load, from the
+    tile and checked plain rows the default mode loaded with."""
+    if mode == "unconstrained":
+        return False, None, 0
+    return True, row_tile, plain_rows if mode == "invariant" else 0
+
+
+def set_mode(runner, state: tuple[bool, int | None, int]) -> None:
+    """Puts the runner in a mode_state between request groups."""
+    runner.batch_invariant, runner.model.row_tile, runner.model.plain_rows = state
 
 
 def child(folder: Path, modes: list[str], repeats: int) -> dict:
@@ -99,7 +104,8 @@ def child(folder: Path, modes: list[str], repeats: int) -> dict:
     llm = LLM(model=str(folder), dtype="float32", enforce_eager=True, skip_tokenizer_init=True, max_num_seqs=32,
               max_model_len=PROMPT_LEN + GEN_LENGTH, additional_config={"batch_invariant": True}, seed=0)
     runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
-    plain_rows = runner.model.plain_rows  # what the load-time check found for the default mode
+    # the default mode as loaded (its tile, and the plain rows the load-time check found) gives every mode's state
+    states = {m: mode_state(m, runner.model.row_tile, runner.model.plain_rows) for m in modes}
 
     def run(n: int, seed0: int) -> tuple[float, float]:
         prompts = [TokensPrompt(prompt_token_ids=prompt(i, config.vocab_size)) for i in range(n)]
@@ -117,11 +123,11 @@ def child(folder: Path, modes: list[str], repeats: int) -> dict:
     engine_s: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
     reference_s = []
     for mode in modes:
-        set_mode(runner, mode, plain_rows)
+        set_mode(runner, states[mode])
         run(1, 0)  # warm-up
     for r in range(repeats):
         for mode in modes:
-            set_mode(runner, mode, plain_rows)
+            set_mode(runner, states[mode])
             engine_s[mode].append(run(1, r))
         reference_s.append(reference(r))
 
@@ -156,7 +162,7 @@ def child(folder: Path, modes: list[str], repeats: int) -> dict:
     for r in range(max(2, repeats // 3)):
         for n in CONCURRENCY:
             for mode in modes:
-                set_mode(runner, mode, plain_rows)
+                set_mode(runner, states[mode])
                 for i in range(n):
                     engine.add_request(f"t{r}-{n}-{mode}-{i}",
                                        TokensPrompt(prompt_token_ids=prompt(i, config.vocab_size)),
@@ -189,7 +195,7 @@ def child(folder: Path, modes: list[str], repeats: int) -> dict:
         "step_ms": best(engine_s[mode], 0) / STEPS * 1000, "reference_step_ms": ref_ms[0],
         "step_cpu_ms": best(engine_s[mode], 1) / STEPS * 1000, "reference_step_cpu_ms": ref_ms[1],
         "engine_torch_threads": torch.get_num_threads(),  # the engine runs in this process
-        "plain_gemm_rows": plain_rows if mode == "invariant" else (0 if mode == "invariant_tiles" else None),
+        "plain_gemm_rows": states[mode][2] if states[mode][1] else None,  # None: no tiles (unconstrained)
         "engine_step_ms": {n: low(t) * 1000 for n, t in step_s[mode].items()},
         "tokens_per_s": {n: n * tokens_per_step / low(t) for n, t in step_s[mode].items()},
         # the GEMMs' FLOPs (projections, MLP, LM head on the sampled rows; attention not counted) per engine step
