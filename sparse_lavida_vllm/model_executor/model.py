@@ -112,15 +112,15 @@ def tiled(layer: nn.Linear, x: Tensor, tile: RowTiles | None) -> Tensor:
 
 
 def plain_rows_verified(model: nn.Module, max_rows: int = 512, tile: int = ROW_TILE,
-                        flop_budget: float = 2e11, seed: int = 0) -> int:
+                        flop_budget: float = 4e11, seed: int = 0) -> int:
     """The largest row count up to which plain GEMMs give every row its `tile`-row tile's bits, for every weight shape
     of `model`'s linear layers at this process's dtype and torch thread count; 0 when they do not.
 
     It runs both on seeded random inputs: every row count from PLAIN_MIN_ROWS to 2 x tile, every 16th above, up to
-    `max_rows` (lowered until the probe fits `flop_budget`: ~1-2 s on one CPU thread, never below 2 x tile), and a
-    chunked pass of 2 x the count + PLAIN_MIN_ROWS rows as `tiled` runs it. A BLAS picks its kernel and thread split
-    from the shape alone, so one input per shape shows whether the two agree. Larger passes run in chunks of at
-    most the returned count (`tiled`), so a few hundred rows is all the speed needs.
+    `max_rows` (lowered a tile at a time until the probe fits `flop_budget`: up to ~4 s on one CPU thread, never
+    below two tiles), and a chunked pass of 2 x the count + PLAIN_MIN_ROWS rows as `tiled` runs it. A BLAS picks its
+    kernel and thread split from the shape alone, so one input per shape shows whether the two agree. Larger passes
+    run in chunks of at most the returned count (`tiled`), so a few hundred rows is all the speed needs.
     """
     shapes = sorted({(m.in_features, m.out_features, m.weight.dtype, m.weight.device)
                      for m in model.modules() if isinstance(m, nn.Linear)}, key=str)
@@ -133,7 +133,7 @@ def plain_rows_verified(model: nn.Module, max_rows: int = 512, tile: int = ROW_T
 
     top = max_rows
     while top > 2 * tile and cost(top) > flop_budget:
-        top //= 2
+        top -= tile
     counts = _probe_counts(top, tile)
     if not counts or top < 2 * PLAIN_MIN_ROWS or cost(top) > flop_budget:
         return 0
