@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from floor import Counter, matmul_rate
@@ -79,15 +80,22 @@ def reference_run(folder: Path, config: MDMConfig):
 MODES = ("invariant", "invariant_tiles", "unconstrained")
 
 
-def mode_state(mode: str, row_tile: int, plain_rows: int) -> tuple[bool, int | None, int]:
-    """(batch_invariant, model.row_tile, model.plain_rows) that `--additional-config` gives `mode` at load, from the
-    tile and checked plain rows the default mode loaded with."""
+class RunnerState(NamedTuple):
+    """The runner attributes `--additional-config` sets at load: runner.batch_invariant, model.row_tile/plain_rows."""
+
+    batch_invariant: bool
+    row_tile: int | None
+    plain_rows: int
+
+
+def mode_state(mode: str, row_tile: int, plain_rows: int) -> RunnerState:
+    """The state `mode` loads with, from the tile and checked plain rows the default mode loaded with."""
     if mode == "unconstrained":
-        return False, None, 0
-    return True, row_tile, plain_rows if mode == "invariant" else 0
+        return RunnerState(False, None, 0)
+    return RunnerState(True, row_tile, plain_rows if mode == "invariant" else 0)
 
 
-def set_mode(runner, state: tuple[bool, int | None, int]) -> None:
+def set_mode(runner, state: RunnerState) -> None:
     """Puts the runner in a mode_state between request groups."""
     runner.batch_invariant, runner.model.row_tile, runner.model.plain_rows = state
 
@@ -195,7 +203,7 @@ def child(folder: Path, modes: list[str], repeats: int) -> dict:
         "step_ms": best(engine_s[mode], 0) / STEPS * 1000, "reference_step_ms": ref_ms[0],
         "step_cpu_ms": best(engine_s[mode], 1) / STEPS * 1000, "reference_step_cpu_ms": ref_ms[1],
         "engine_torch_threads": torch.get_num_threads(),  # the engine runs in this process
-        "plain_gemm_rows": states[mode][2] if states[mode][1] else None,  # None: no tiles (unconstrained)
+        "plain_gemm_rows": states[mode].plain_rows if states[mode].row_tile else None,  # None: no tiles at all
         "engine_step_ms": {n: low(t) * 1000 for n, t in step_s[mode].items()},
         "tokens_per_s": {n: n * tokens_per_step / low(t) for n, t in step_s[mode].items()},
         # the GEMMs' FLOPs (projections, MLP, LM head on the sampled rows; attention not counted) per engine step
