@@ -19,7 +19,8 @@ def dense_stages(dense: Path) -> list[dict]:
     return [json.loads(f.read_text()) for f in [*earlier, dense / "train_summary.json"]]
 
 
-def _command(kind: str, tc: dict, init: str | None, out: str) -> str:
+def _command(kind: str, summary: dict, init: str | None, out: str) -> str:
+    tc = summary["train_config"]
     default_weights = ",".join(str(w) for w in TrainConfig().task_weights)
     weights = ",".join(str(w) for w in tc["task_weights"])
     parts = [f"sparse-lavida train {kind}", f"--init {init}" if init else f"--tokenizer {DEMO}/dense", f"--out {out}",
@@ -29,7 +30,10 @@ def _command(kind: str, tc: dict, init: str | None, out: str) -> str:
     if weights != default_weights:
         parts.append(f"--task-weights {weights}")
     if kind == "sparse":
-        parts += [f"--lr {tc['lr']}", f"--num-registers {tc['num_registers']}"]
+        parts += [f"--lr {tc['lr']}", f"--num-registers {tc['num_registers']}",
+                  f"--max-clean-blocks {tc['max_clean_blocks']}"]
+    if summary.get("torch_threads", 1) != 1:  # the thread count changes float sums, so it is part of the recipe
+        parts.append(f"--threads {summary['torch_threads']}")
     return " ".join(parts)
 
 
@@ -48,9 +52,9 @@ def recipe(demo_root: Path) -> tuple[str, float]:
     lines, init = [], None
     for k, summary in enumerate(stages, 1):
         out = f"{DEMO}/dense" if k == len(stages) else f"runs/dense_stage{k}"
-        lines.append(_command("dense", summary["train_config"], init, out))
+        lines.append(_command("dense", summary, init, out))
         init = out
-    lines.append(_command("sparse", sparse["train_config"], f"{DEMO}/dense", f"{DEMO}/sparse"))
+    lines.append(_command("sparse", sparse, f"{DEMO}/dense", f"{DEMO}/sparse"))
     minutes = sum(s["train_time_s"] for s in [*stages, sparse]) / 60
     return "\n".join(lines) + "\n" + EVALS, minutes
 
@@ -124,6 +128,7 @@ def write_model_card(folder: str | Path, results: dict) -> Path:
                  f"{per_edit}. The classifier agreement is shown for comparison only: most edit targets of an 8x8 "
                  "digit (2 px shifts, thickening, inversion) are not digits the classifier can read."
                  if per_edit else "")
+    threads = f"{summary['torch_threads']} torch thread" + ("s" if summary["torch_threads"] != 1 else "")
     samples = "; ".join(f"`{x['prompt']}` -> `{x['response']}`" for x in results.get("text_samples", [])[:3])
     text = f"""# Sparse-LaViDa demo model: `{folder.name}`
 
@@ -154,15 +159,16 @@ built deterministically by the recipe from the corpus. Fixed special tokens:
 `[PAD]`=0, `[UNK]`=1, `[EOS]`=2, `[M]`=3 (mask_token_id), `[reg]`=4 (register_token_id), `<t2i>`, `<edit>`,
 `<image>`, `<img_0>`..`<img_15>` = 8..23. `AutoTokenizer.from_pretrained(folder)` loads it offline; the chat
 template turns user turns into `Q: ...` and adds the assistant header ` A:`.
-The recipe reuses this tokenizer (`--tokenizer`); with the same tokenizer, seed and one torch thread a fresh run
-reproduces these weights bit for bit (CI checks that the first losses equal `train_log.jsonl`).
+The recipe reuses this tokenizer (`--tokenizer`); with the same tokenizer, seed and torch thread count a fresh run
+reproduces these weights (CI checks that the first losses equal `train_log.jsonl`).
 
 ## Recipe (seed {tc['seed']})
 ```
 {commands}
 ```
 The trainings together took {recipe_minutes:.1f} min of wall time on this 2-core CPU, one after the other, with
-{summary['torch_threads']} torch thread each (`--threads`) while other jobs shared the machine (load average 2 to 5).
+{threads} each (`--threads`; 2 threads train ~1.5x faster per step than 1 on 2 free
+cores), while other jobs shared the machine at times.
 Training: AdamW (betas 0.9/0.98, wd {tc['weight_decay']}), lr {tc['lr']} cosine to {tc['min_lr_ratio']}x, warmup
 {tc['warmup']}, batch {tc['batch_size']} (x{tc['text_batch_multiplier']} for text), {tc['steps']} steps,
 task mix t2i/edit/text = {tc['task_weights']}, prompt dropout {tc['prompt_drop']} for CFG.

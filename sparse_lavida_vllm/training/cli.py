@@ -33,7 +33,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit("train sparse needs --init (the dense checkpoint to fine-tune)")
     mode = "dense" if args.kind == "dense" else ("sparse" if not args.full_attention else "sparse_full")
     cfg = TrainConfig(mode=mode, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      num_registers=args.num_registers, stop_at=args.stop_at,
+                      num_registers=args.num_registers, max_clean_blocks=args.max_clean_blocks, stop_at=args.stop_at,
                       task_weights=tuple(float(w) for w in args.task_weights.split(",")))
     summary = train(cfg, args.out, tokenizer_folder=args.tokenizer, init=args.init)
     print(json.dumps(summary, indent=2))
@@ -101,6 +101,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-registers", type=int, default=defaults.num_registers)
     p.add_argument("--task-weights", default=",".join(str(w) for w in defaults.task_weights),
                    help="t2i,edit,text batch probabilities")
+    p.add_argument("--max-clean-blocks", type=int, default=defaults.max_clean_blocks,
+                   help="sparse SFT: a sample's clean tokens form 1..N cached blocks (the steps decoded before it)")
     p.add_argument("--full-attention", action="store_true",
                    help="sparse SFT without the step-causal mask (Table 8 ablation)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids OpenMP thrashing on a shared CPU)")
