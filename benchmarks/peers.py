@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,11 +21,12 @@ from torch import Tensor
 
 from sparse_lavida_vllm.diffusion.planners import equal_counts, text_plan
 from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_dense, generate_sparse
-from sparse_lavida_vllm.diffusion.sampling import SamplingConfig, step_generator
+from sparse_lavida_vllm.diffusion.sampling import SamplingConfig, cfg_combine, step_generator
 from sparse_lavida_vllm.model_executor.attention import AttentionBackend, sdpa_with_mask
 from sparse_lavida_vllm.model_executor.model import LLaDAMDM
 
 DEMO = Path(__file__).resolve().parent.parent / "sparse_lavida_vllm" / "assets" / "demo" / "sparse"
+DEMO_DENSE = DEMO.parent / "dense"
 
 
 class SlotAttention(AttentionBackend):
@@ -67,20 +69,49 @@ def pick(logits: Tensor, masked: Tensor, count: int | None, threshold: float | N
     return x0, transfer
 
 
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance for a peer loop, as our samplers apply it: an uncond branch (same length as the
+    prompt) run beside the cond one, (1 + scale) * cond - scale * uncond, then only ids in token_range kept."""
+
+    uncond: Tensor
+    scale: float
+    token_range: tuple[int, int] | None = None
+
+
+def _branch_logits(model: LLaDAMDM, x: Tensor, p: int, lo: int, hi: int, positions: Tensor,
+                   attns: list[SlotAttention], guidance: Guidance | None) -> Tensor:
+    """Logits of rows [lo, hi) of the cond sequence x (prompt of length p, then the canvas), guided when asked:
+    the uncond branch is the same canvas behind the uncond prompt, with K/V stores of its own."""
+    logits = model(x[lo:hi], positions[lo:hi], attns[0])
+    if guidance is None:
+        return logits
+    uncond = torch.cat([guidance.uncond, x[p:]])
+    logits = cfg_combine(logits, model(uncond[lo:hi], positions[lo:hi], attns[1]), guidance.scale)
+    if guidance.token_range is not None:
+        lo_id, hi_id = guidance.token_range
+        outside = torch.ones(logits.shape[-1], dtype=torch.bool)
+        outside[lo_id:hi_id] = False
+        logits = logits.masked_fill(outside, -float("inf"))
+    return logits
+
+
 def llada_generate(model: LLaDAMDM, prompt: Tensor, gen_length: int, block_length: int, steps: int,
-                   temperature: float, seed: int) -> tuple[Tensor, int]:
+                   temperature: float, seed: int, guidance: Guidance | None = None) -> tuple[Tensor, int]:
     """LLaDA's reference loop: no cache; every step feeds prompt + response and takes logits for all rows."""
     mask_id, p = model.config.mask_token_id, prompt.numel()
     x = torch.cat([prompt, torch.full((gen_length,), mask_id, dtype=torch.long)])
     positions = torch.arange(x.numel())
+    branches = 1 if guidance is None else 2
     num_blocks = gen_length // block_length
     steps_per_block, step, fed = steps // num_blocks, 0, 0
     for b in range(num_blocks):
         s, e = p + b * block_length, p + (b + 1) * block_length
         counts = equal_counts(int((x[s:e] == mask_id).sum()), steps_per_block)
         for count in counts:
-            logits = model(x, positions, SlotAttention(*_store(model, x.numel()), 0, x.numel()))
-            fed += x.numel()
+            attns = [SlotAttention(*_store(model, x.numel()), 0, x.numel()) for _ in range(branches)]
+            logits = _branch_logits(model, x, p, 0, x.numel(), positions, attns, guidance)
+            fed += x.numel() * branches
             masked = x == mask_id
             masked[e:] = False
             x0, transfer = pick(logits, masked, count, None, temperature, step_generator(seed, step))
@@ -97,13 +128,14 @@ def _store(model: LLaDAMDM, length: int) -> tuple[Tensor, Tensor]:
 
 
 def fastdllm_generate(model: LLaDAMDM, prompt: Tensor, gen_length: int, block_length: int, steps: int,
-                      temperature: float, seed: int, threshold: float | None, dual: bool) -> tuple[Tensor, int]:
+                      temperature: float, seed: int, threshold: float | None, dual: bool,
+                      guidance: Guidance | None = None) -> tuple[Tensor, int]:
     """Fast-dLLM: per block, one full pass that refreshes the cache, then cached steps until the block is full."""
     mask_id, p = model.config.mask_token_id, prompt.numel()
     x = torch.cat([prompt, torch.full((gen_length,), mask_id, dtype=torch.long)])
     n = x.numel()
     positions = torch.arange(n)
-    store_k, store_v = _store(model, n)
+    stores = [_store(model, n) for _ in range(1 if guidance is None else 2)]  # one cache per CFG branch
     num_blocks = gen_length // block_length
     steps_per_block, step, fed = steps // num_blocks, 0, 0
     for b in range(num_blocks):
@@ -112,13 +144,14 @@ def fastdllm_generate(model: LLaDAMDM, prompt: Tensor, gen_length: int, block_le
         i = 0
         while bool((x[s:e] == mask_id).any()):
             if i == 0:  # the full pass (re)computes every K/V, prefix and suffix
-                lo, hi, attn = 0, n, SlotAttention(store_k, store_v, 0, n)
+                lo, hi, start = 0, n, 0
             elif dual:  # only the block is fed; prefix and (stale) suffix K/V come from the cache
-                lo, hi, attn = s, e, SlotAttention(store_k, store_v, s, n)
+                lo, hi, start = s, e, s
             else:  # prefix cache: the block and everything after it are fed
-                lo, hi, attn = s, n, SlotAttention(store_k, store_v, s, n)
-            logits = model(x[lo:hi], positions[lo:hi], attn)
-            fed += hi - lo
+                lo, hi, start = s, n, s
+            attns = [SlotAttention(k, v, start, n) for k, v in stores]
+            logits = _branch_logits(model, x, p, lo, hi, positions, attns, guidance)
+            fed += (hi - lo) * len(stores)
             masked = x[lo:hi] == mask_id
             masked[e - lo:] = False
             count = counts[i] if i < len(counts) else int(masked.sum())
@@ -218,6 +251,80 @@ def demo_quality(folder: Path, num: int, threshold: float, num_seeds: int = 3) -
             "threshold": threshold, "engines": engines}
 
 
+def image_engine_fns(dense: LLaDAMDM, sparse: LLaDAMDM, prompt: Tensor, plan, sampling: SamplingConfig,
+                     guide: Guidance, steps: int, threshold: float) -> dict:
+    """Every text-to-image engine as a zero-argument call returning (image tokens, forward tokens)."""
+    canvas, t, seed = plan.length, sampling.temperature, sampling.seed
+
+    def ours(model: LLaDAMDM, fn, *extra):
+        def call():
+            r = fn(model, prompt, plan, sampling, *extra)
+            return r.tokens, r.forward_tokens
+        return call
+
+    return {
+        "llada_reference": lambda: llada_generate(dense, prompt, canvas, canvas, steps, t, seed, guide),
+        "ours_dense": ours(dense, generate_dense),
+        "ours_sparse": ours(sparse, generate_sparse, SparseOptions(sparse.config.num_registers)),
+        "fastdllm_prefix_fixed": lambda: fastdllm_generate(dense, prompt, canvas, canvas, steps, t, seed, None, False,
+                                                           guide),
+        "fastdllm_prefix_threshold": lambda: fastdllm_generate(dense, prompt, canvas, canvas, steps, t, seed,
+                                                               threshold, False, guide),
+    }
+
+
+def demo_image_quality(dense_dir: Path, sparse_dir: Path, num: int, threshold: float, num_seeds: int = 3) -> dict:
+    """digit-GenEval (mean ± std over eval seeds), seconds and forward tokens per engine on text-to-image: the
+    captions, CFG scale and temperature `sparse-lavida eval` uses. Each engine runs on the checkpoint it is meant
+    for: the peers and our dense sampler on the dense model, our sparse sampler on its step-causal SFT. The peers
+    decode the 64-token canvas as one block by their own rule (equal counts, most confident first, or a confidence
+    threshold); ours follow the eval's stratified, shift-schedule plan. For one block Fast-dLLM's dual cache is its
+    prefix cache (nothing follows the block), so only the prefix cache is run."""
+    import numpy as np
+
+    from sparse_lavida_vllm.diffusion.planners import image_plan
+    from sparse_lavida_vllm.model_executor.weights import load_pretrained
+    from sparse_lavida_vllm.training.data import SIDE, DemoData
+    from sparse_lavida_vllm.training.evaluate import EvalConfig, _classifier, image_sampling, tokens_to_levels
+    from sparse_lavida_vllm.training.tokenizer import load_tokenizer
+
+    dense, sparse = load_pretrained(dense_dir), load_pretrained(sparse_dir)
+    data = DemoData(load_tokenizer(dense_dir))
+    clf = _classifier(id(data), data)
+    stats: dict[str, dict] = {}
+    seeds = list(range(EvalConfig().seed, EvalConfig().seed + num_seeds))
+    for seed in seeds:
+        cfg = EvalConfig(seed=seed, num_images=num)
+        order = np.random.default_rng(seed).permutation(data.test_idx)[:num]  # the captions the eval draws
+        for i, idx in enumerate(order):
+            sampling, gen = image_sampling(cfg, i)
+            plan = image_plan(SIDE, SIDE, cfg.image_steps, generator=gen)
+            prompt = data.t2i_prompt(data.captions[idx])
+            guide = Guidance(torch.full_like(prompt, dense.config.mask_token_id), cfg.cfg_scale, sampling.token_range)
+            fns = image_engine_fns(dense, sparse, prompt, plan, sampling, guide, cfg.image_steps, threshold)
+            for name, fn in fns.items():
+                t0 = now()
+                tokens, fed = fn()
+                secs = now() - t0
+                levels, invalid = tokens_to_levels(tokens)
+                st = stats.setdefault(name, {"seconds": 0.0, "correct": {}, "forward_tokens": 0, "invalid": 0})
+                st["seconds"] += secs
+                st["forward_tokens"] += fed
+                st["invalid"] += invalid
+                hit = int(clf.predict(levels[None])[0] == data.labels[idx])
+                st["correct"][seed] = st["correct"].get(seed, 0) + hit
+    engines = {}
+    for name, v in stats.items():
+        acc = np.array([v["correct"].get(seed, 0) / num for seed in seeds])
+        engines[name] = {"checkpoint": Path(sparse_dir if name.startswith("ours_sparse") else dense_dir).name,
+                         "seconds": round(v["seconds"], 3), "geneval": round(float(acc.mean()), 4),
+                         "geneval_std": round(float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, 4),
+                         "geneval_per_seed": [round(float(a), 4) for a in acc], "forward_tokens": v["forward_tokens"],
+                         "invalid_tokens": v["invalid"]}
+    return {"images": num, "seeds": seeds, "steps_fixed": EvalConfig().image_steps, "cfg_scale": EvalConfig().cfg_scale,
+            "temperature": EvalConfig().image_temperature, "threshold": threshold, "engines": engines}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     add_common_args(parser)
@@ -226,6 +333,8 @@ def main() -> None:
     parser.add_argument("--demo-dir", default=str(DEMO), help="demo checkpoint for the quality column (if present)")
     parser.add_argument("--demo-problems", type=int, default=100, help="held-out sums per eval seed")
     parser.add_argument("--demo-seeds", type=int, default=3, help="eval seeds for the demo quality (mean ± std)")
+    parser.add_argument("--demo-dense-dir", default=str(DEMO_DENSE), help="dense demo checkpoint (image peers)")
+    parser.add_argument("--demo-images", type=int, default=100, help="held-out captions per eval seed (images)")
     parser.add_argument("--demo-only", action="store_true",
                         help="only (re)measure the demo-checkpoint quality and add it to the existing JSON")
     args = parser.parse_args()
@@ -236,10 +345,12 @@ def main() -> None:
         with torch.inference_mode():
             data["demo_quality"] = demo_quality(Path(args.demo_dir), args.demo_problems, args.threshold,
                                                  args.demo_seeds)
+            data["demo_image_quality"] = demo_image_quality(Path(args.demo_dense_dir), Path(args.demo_dir),
+                                                            args.demo_images, args.threshold, args.demo_seeds)
         data["quality"] = ("arithmetic exact match on the demo checkpoint (demo_quality); the token match column "
                            "is the random-model proxy")
         path.write_text(json.dumps(data, indent=2) + "\n")
-        print("demo", data["demo_quality"], flush=True)
+        print("demo", data["demo_quality"], data["demo_image_quality"], flush=True)
         return
     run = Run("peers", args.quick)
     model = bench_model(args.quick)
@@ -284,9 +395,11 @@ def main() -> None:
     if not args.quick and (demo / "config.json").exists() and (demo / "tokenizer.json").exists():
         with torch.inference_mode():
             run.data["demo_quality"] = demo_quality(demo, args.demo_problems, args.threshold, args.demo_seeds)
+            run.data["demo_image_quality"] = demo_image_quality(Path(args.demo_dense_dir), demo, args.demo_images,
+                                                                args.threshold, args.demo_seeds)
         run.data["quality"] = ("arithmetic exact match on the demo checkpoint (demo_quality); the token match "
                                "column is the random-model proxy")
-        print("demo", run.data["demo_quality"], flush=True)
+        print("demo", run.data["demo_quality"], run.data["demo_image_quality"], flush=True)
     run.finish(args.json)
 
 

@@ -149,6 +149,18 @@ def section_peers(data: dict, plt) -> list[str]:
                       [[k, e["seconds"], f"{e['arithmetic_accuracy']:.3f} ± {e.get('arithmetic_accuracy_std', 0):.3f}",
                         f"{e.get('token_match_vs_dense', 0):.1%}", e["forward_tokens"]]
                        for k, e in d["engines"].items()]), ""]
+    if "demo_image_quality" in data:
+        d = data["demo_image_quality"]
+        out += ["### Text-to-image quality at speed on the demo checkpoints", "",
+                f"{d['images']} held-out captions per seed, {len(d['seeds'])} seeds (digit-GenEval: mean ± std over "
+                f"seeds), CFG {d['cfg_scale']}, temperature {d['temperature']}, {d['steps_fixed']} steps for "
+                f"fixed-count engines, threshold {d['threshold']} for the other. The peers and our dense sampler run "
+                "the dense checkpoint, our sparse sampler its step-causal SFT; the peers decode the canvas as one "
+                "block (for one block Fast-dLLM's dual cache is its prefix cache). Seconds and forward tokens are "
+                "totals over all images.", "",
+                table(["engine", "checkpoint", "seconds", "digit-GenEval", "forward tokens"],
+                      [[k, e["checkpoint"], e["seconds"], f"{e['geneval']:.3f} ± {e['geneval_std']:.3f}",
+                        e["forward_tokens"]] for k, e in d["engines"].items()]), ""]
     return out
 
 

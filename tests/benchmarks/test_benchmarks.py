@@ -95,3 +95,22 @@ def test_images(results_dir):
         rates = data["engine"][runner]["images_per_s"]
         assert set(rates) == {"sparse", "sparse_cfg", "dense", "dense_cfg"}
         assert all(v > 0 for r in rates.values() for v in r.values())
+
+
+def test_peers_draw_digits_with_guidance_on_the_demo_checkpoints():
+    # the image rows of the peers benchmark: every engine draws only image tokens (the guided peer loops apply the
+    # codec's token range), caches feed fewer rows than LLaDA's no-cache loop, and the sparse sampler fewer still
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import peers
+    import torch
+
+    with torch.inference_mode():
+        out = peers.demo_image_quality(peers.DEMO_DENSE, peers.DEMO, num=2, threshold=0.9, num_seeds=1)
+    e = out["engines"]
+    assert set(e) == {"llada_reference", "ours_dense", "ours_sparse", "fastdllm_prefix_fixed",
+                      "fastdllm_prefix_threshold"}
+    assert all(r["invalid_tokens"] == 0 and 0 <= r["geneval"] <= 1 for r in e.values())
+    assert e["fastdllm_prefix_fixed"]["forward_tokens"] < e["llada_reference"]["forward_tokens"]
+    assert e["ours_sparse"]["forward_tokens"] < e["ours_dense"]["forward_tokens"]
+    # both no-cache loops feed prompt + canvas for both CFG branches at every step
+    assert e["ours_dense"]["forward_tokens"] == e["llada_reference"]["forward_tokens"]
