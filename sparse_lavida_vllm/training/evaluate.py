@@ -35,7 +35,7 @@ class EvalConfig:
 
     sampler: str = "sparse"
     num_registers: int | None = None  # None: the checkpoint's config.num_registers
-    num_images: int = 120  # 8x8 images are cheap; at 60 the seed spread (~0.035) hid the sparse-dense gap
+    num_images: int = 120  # 8x8 images are cheap; at 60 the seed spread (~0.035) was too wide to rank SFT probes
     num_edits: int = 30  # 6 of each edit instruction
     num_text: int = 200  # sums are cheap (8 steps of ~20 rows): a tight spread for the 0.95 target
     image_steps: int = 16

@@ -168,7 +168,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     num_registers: int = 8  # 1/8 of a 64-token image (paper: 64 of 4096); 64 would cost more than dense on text
-    # up to 16 cached blocks, as a 16-step image plan has (4: digit-GenEval 0.85 after 5000 SFT steps, 16: 0.90)
+    # up to 16 cached blocks: a 16-step image plan caches one block per step (docs/results.md, the shipped SFT)
     max_clean_blocks: int = 16
     max_masked_blocks: int = 16  # small blocks too: an image step decodes a few of its 64 masks
     kept_masked_blocks: int = 2
