@@ -21,7 +21,7 @@ from torch import Tensor
 
 from sparse_lavida_vllm.diffusion.planners import equal_counts, text_plan
 from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_dense, generate_sparse
-from sparse_lavida_vllm.diffusion.sampling import SamplingConfig, cfg_combine, step_generator
+from sparse_lavida_vllm.diffusion.sampling import SamplingConfig, cfg_combine, keep_token_range, step_generator
 from sparse_lavida_vllm.model_executor.attention import AttentionBackend, sdpa_with_mask
 from sparse_lavida_vllm.model_executor.model import LLaDAMDM
 
@@ -88,12 +88,7 @@ def _branch_logits(model: LLaDAMDM, x: Tensor, p: int, lo: int, hi: int, positio
         return logits
     uncond = torch.cat([guidance.uncond, x[p:]])
     logits = cfg_combine(logits, model(uncond[lo:hi], positions[lo:hi], attns[1]), guidance.scale)
-    if guidance.token_range is not None:
-        lo_id, hi_id = guidance.token_range
-        outside = torch.ones(logits.shape[-1], dtype=torch.bool)
-        outside[lo_id:hi_id] = False
-        logits = logits.masked_fill(outside, -float("inf"))
-    return logits
+    return logits if guidance.token_range is None else keep_token_range(logits, guidance.token_range)
 
 
 def llada_generate(model: LLaDAMDM, prompt: Tensor, gen_length: int, block_length: int, steps: int,

@@ -148,6 +148,14 @@ def guide_logits(branch_logits: list[Tensor], sampling: SamplingConfig) -> Tenso
     return cfg_combine(branch_logits[0], branch_logits[1], sampling.cfg_scale, image_only, sampling.image_cfg_scale)
 
 
+def keep_token_range(logits: Tensor, token_range: tuple[int, int]) -> Tensor:
+    """Logits with every id outside [lo, hi) set to -inf, so only those ids can be sampled."""
+    lo, hi = token_range
+    outside = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    outside[lo:hi] = False
+    return logits.masked_fill(outside, float("-inf"))
+
+
 def sample_tokens(logits: Tensor, config: SamplingConfig, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """Sample one token per row; returns (tokens, confidence = probability of the sampled token).
 
@@ -156,10 +164,7 @@ def sample_tokens(logits: Tensor, config: SamplingConfig, generator: torch.Gener
     """
     logits = logits.float()
     if config.token_range is not None:  # e.g. an image canvas: only codebook ids (after guidance, as LaViDa-O)
-        lo, hi = config.token_range
-        outside = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        outside[lo:hi] = False
-        logits = logits.masked_fill(outside, float("-inf"))
+        logits = keep_token_range(logits, config.token_range)
     logits = filter_logits(logits, config.top_k, config.top_p)
     probs = torch.softmax(logits, dim=-1)
     if config.temperature > 0:
