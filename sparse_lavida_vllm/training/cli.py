@@ -32,9 +32,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.kind == "sparse" and not args.init:
         raise SystemExit("train sparse needs --init (the dense checkpoint to fine-tune)")
     mode = "dense" if args.kind == "dense" else ("sparse" if not args.full_attention else "sparse_full")
-    cfg = TrainConfig(mode=mode, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      num_registers=args.num_registers, max_clean_blocks=args.max_clean_blocks, stop_at=args.stop_at,
-                      task_weights=tuple(float(w) for w in args.task_weights.split(",")))
+    try:  # a bad flag gets one line naming it, not a traceback
+        weights = tuple(float(w) for w in args.task_weights.split(","))
+    except ValueError:
+        bad = f"task_weights must be numbers t2i,edit,text, got {args.task_weights!r}"
+        raise SystemExit(f"sparse-lavida train: {bad}") from None
+    try:
+        cfg = TrainConfig(mode=mode, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          num_registers=args.num_registers, max_clean_blocks=args.max_clean_blocks,
+                          stop_at=args.stop_at, task_weights=weights)
+    except ValueError as e:
+        raise SystemExit(f"sparse-lavida train: {e}") from None
     summary = train(cfg, args.out, tokenizer_folder=args.tokenizer, init=args.init)
     print(json.dumps(summary, indent=2))
     return 0
@@ -47,11 +55,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sparse_lavida_vllm.training.tokenizer import load_tokenizer
 
     _threads(args)
+    try:
+        cfg = EvalConfig(sampler=args.sampler, num_registers=args.num_registers, num_images=args.num_images,
+                         num_edits=args.num_edits, num_text=args.num_text, image_steps=args.image_steps,
+                         cfg_scale=args.cfg_scale, image_temperature=args.temperature, seed=args.seed)
+    except ValueError as e:
+        raise SystemExit(f"sparse-lavida eval: {e}") from None
     model = load_pretrained(args.model)
     data = DemoData(load_tokenizer(args.model))
-    cfg = EvalConfig(sampler=args.sampler, num_registers=args.num_registers, num_images=args.num_images,
-                     num_edits=args.num_edits, num_text=args.num_text, image_steps=args.image_steps,
-                     cfg_scale=args.cfg_scale, image_temperature=args.temperature, seed=args.seed)
     out = evaluate_seeds(model, data, cfg, args.seeds, show_progress=not args.json)
     if args.card:
         from sparse_lavida_vllm.training.card import write_model_card

@@ -178,3 +178,18 @@ def test_tokenizer_is_built_deterministically_from_the_corpus() -> None:
     text = "Q: 37+48=? A: a thick handwritten digit seven slanted right make it thicker"
     assert built.encode(text).ids == shipped.encode(text).ids
     assert len(built.encode("a thin handwritten digit seven").ids) == 5  # one piece per word
+
+
+@pytest.mark.parametrize(("argv", "field"), [
+    (["train", "sparse", "--init", "unused", "--out", "unused", "--max-clean-blocks", "0"], "max_clean_blocks"),
+    (["train", "dense", "--out", "unused", "--task-weights", "1,1"], "task_weights"),
+    (["train", "dense", "--out", "unused", "--task-weights", "a,b,c"], "task_weights"),
+    (["eval", "unused", "--num-images", "-1"], "num_images"),
+])
+def test_cli_names_the_bad_flag(argv: list[str], field: str) -> None:
+    # a bad training or eval flag ends the command with one line naming the field, before any model is loaded
+    from sparse_lavida_vllm.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert field in str(exc.value) and str(exc.value).startswith("sparse-lavida ")
