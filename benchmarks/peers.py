@@ -5,6 +5,9 @@ logits for every position, equal per-block token counts, low-confidence remaskin
 noise; Fast-dLLM: a block-start full pass, then a prefix cache (feed the block and everything after
 it) or a dual cache (feed the block only, its K/V replaced in place in the full cache), with
 confidence-threshold parallel decoding that always keeps the most confident token).
+Speed: text on a random LLaDA-shaped model. Quality at speed on the demo checkpoints: held-out sums, and
+text-to-image with classifier-free guidance (the peer loops run an uncond branch with its own cache) scored by
+digit-GenEval.
 """
 
 from __future__ import annotations
