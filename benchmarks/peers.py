@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -200,12 +200,20 @@ def contender_fns(model: LLaDAMDM, prompt: Tensor, gen: int, block: int, steps: 
     return fns
 
 
+def seed_stats(key: str, per_seed: list[float]) -> dict:
+    """A metric over eval seeds as the report reads it: key (mean), key_std (sample std) and key_per_seed."""
+    import numpy as np
+
+    acc = np.array(per_seed)
+    std = float(acc.std(ddof=1)) if len(acc) > 1 else 0.0
+    return {key: round(float(acc.mean()), 4), f"{key}_std": round(std, 4),
+            f"{key}_per_seed": [round(a, 4) for a in per_seed]}
+
+
 def demo_quality(folder: Path, num: int, threshold: float, num_seeds: int = 3) -> dict:
     """Arithmetic exact match (mean ± std over eval seeds), seconds and forward tokens per engine on the demo
     checkpoint: held-out sums, the eval's canvas, block and steps."""
     import random
-
-    import numpy as np
 
     from sparse_lavida_vllm.model_executor.weights import load_pretrained
     from sparse_lavida_vllm.training.data import TEXT_GEN_LENGTH, DemoData, final_number
@@ -239,10 +247,8 @@ def demo_quality(folder: Path, num: int, threshold: float, num_seeds: int = 3) -
     total = num * num_seeds
     engines = {}
     for k, v in stats.items():
-        acc = np.array([c / num for c in v["correct"].values()])
-        engines[k] = {"seconds": round(v["seconds"], 3), "arithmetic_accuracy": round(float(acc.mean()), 4),
-                      "arithmetic_accuracy_std": round(float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, 4),
-                      "arithmetic_accuracy_per_seed": [round(float(a), 4) for a in acc],
+        engines[k] = {"seconds": round(v["seconds"], 3),
+                      **seed_stats("arithmetic_accuracy", [c / num for c in v["correct"].values()]),
                       "token_match_vs_dense": round(v["match"] / total, 4), "forward_tokens": v["forward_tokens"]}
     return {"checkpoint": str(folder), "problems": num, "seeds": list(range(cfg.seed, cfg.seed + num_seeds)),
             "gen_length": TEXT_GEN_LENGTH, "block_length": cfg.text_block_length, "steps_fixed": cfg.text_steps,
@@ -250,9 +256,10 @@ def demo_quality(folder: Path, num: int, threshold: float, num_seeds: int = 3) -
 
 
 def image_engine_fns(dense: LLaDAMDM, sparse: LLaDAMDM, prompt: Tensor, plan, sampling: SamplingConfig,
-                     guide: Guidance, steps: int, threshold: float) -> dict:
-    """Every text-to-image engine as a zero-argument call returning (image tokens, forward tokens)."""
-    canvas, t, seed = plan.length, sampling.temperature, sampling.seed
+                     guide: Guidance, threshold: float) -> dict:
+    """Every text-to-image engine as a zero-argument call returning (image tokens, forward tokens); the peers get
+    the plan's step count and decode its canvas as one block."""
+    canvas, steps, t, seed = plan.length, plan.num_steps, sampling.temperature, sampling.seed
 
     def ours(model: LLaDAMDM, fn, *extra):
         def call():
@@ -283,44 +290,49 @@ def demo_image_quality(dense_dir: Path, sparse_dir: Path, num: int, threshold: f
     from sparse_lavida_vllm.diffusion.planners import image_plan
     from sparse_lavida_vllm.model_executor.weights import load_pretrained
     from sparse_lavida_vllm.training.data import SIDE, DemoData
-    from sparse_lavida_vllm.training.evaluate import EvalConfig, _classifier, image_sampling, tokens_to_levels
+    from sparse_lavida_vllm.training.evaluate import (
+        EvalConfig,
+        _classifier,
+        image_sampling,
+        t2i_order,
+        tokens_to_levels,
+    )
     from sparse_lavida_vllm.training.tokenizer import load_tokenizer
 
     dense, sparse = load_pretrained(dense_dir), load_pretrained(sparse_dir)
     data = DemoData(load_tokenizer(dense_dir))
     clf = _classifier(id(data), data)
+    base = EvalConfig(num_images=num)
+    seeds = list(range(base.seed, base.seed + num_seeds))
     stats: dict[str, dict] = {}
-    seeds = list(range(EvalConfig().seed, EvalConfig().seed + num_seeds))
     for seed in seeds:
-        cfg = EvalConfig(seed=seed, num_images=num)
-        order = np.random.default_rng(seed).permutation(data.test_idx)[:num]  # the captions the eval draws
+        cfg = replace(base, seed=seed)
+        order = t2i_order(data, cfg)
+        images: dict[str, list] = {}
         for i, idx in enumerate(order):
             sampling, gen = image_sampling(cfg, i)
             plan = image_plan(SIDE, SIDE, cfg.image_steps, generator=gen)
             prompt = data.t2i_prompt(data.captions[idx])
             guide = Guidance(torch.full_like(prompt, dense.config.mask_token_id), cfg.cfg_scale, sampling.token_range)
-            fns = image_engine_fns(dense, sparse, prompt, plan, sampling, guide, cfg.image_steps, threshold)
-            for name, fn in fns.items():
+            for name, fn in image_engine_fns(dense, sparse, prompt, plan, sampling, guide, threshold).items():
                 t0 = now()
                 tokens, fed = fn()
                 secs = now() - t0
                 levels, invalid = tokens_to_levels(tokens)
-                st = stats.setdefault(name, {"seconds": 0.0, "correct": {}, "forward_tokens": 0, "invalid": 0})
+                images.setdefault(name, []).append(levels)
+                st = stats.setdefault(name, {"seconds": 0.0, "geneval": [], "forward_tokens": 0, "invalid": 0})
                 st["seconds"] += secs
                 st["forward_tokens"] += fed
                 st["invalid"] += invalid
-                hit = int(clf.predict(levels[None])[0] == data.labels[idx])
-                st["correct"][seed] = st["correct"].get(seed, 0) + hit
-    engines = {}
-    for name, v in stats.items():
-        acc = np.array([v["correct"].get(seed, 0) / num for seed in seeds])
-        engines[name] = {"checkpoint": Path(sparse_dir if name.startswith("ours_sparse") else dense_dir).name,
-                         "seconds": round(v["seconds"], 3), "geneval": round(float(acc.mean()), 4),
-                         "geneval_std": round(float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, 4),
-                         "geneval_per_seed": [round(float(a), 4) for a in acc], "forward_tokens": v["forward_tokens"],
-                         "invalid_tokens": v["invalid"]}
-    return {"images": num, "seeds": seeds, "steps_fixed": EvalConfig().image_steps, "cfg_scale": EvalConfig().cfg_scale,
-            "temperature": EvalConfig().image_temperature, "threshold": threshold, "engines": engines}
+        for name, levels in images.items():
+            st = stats[name]
+            st["geneval"].append(float((clf.predict(np.stack(levels)) == data.labels[order]).mean()))
+    engines = {name: {"checkpoint": Path(sparse_dir if name.startswith("ours_sparse") else dense_dir).name,
+                      "seconds": round(v["seconds"], 3), **seed_stats("geneval", v["geneval"]),
+                      "forward_tokens": v["forward_tokens"], "invalid_tokens": v["invalid"]}
+               for name, v in stats.items()}
+    return {"images": num, "seeds": seeds, "steps_fixed": base.image_steps, "cfg_scale": base.cfg_scale,
+            "temperature": base.image_temperature, "threshold": threshold, "engines": engines}
 
 
 def main() -> None:

@@ -120,10 +120,15 @@ def image_sampling(cfg: EvalConfig, i: int) -> tuple[SamplingConfig, torch.Gener
             torch.Generator().manual_seed(seed))
 
 
+def t2i_order(data: DemoData, cfg: EvalConfig) -> np.ndarray:
+    """The held-out digits whose captions the text-to-image eval draws at cfg.seed, in order."""
+    return np.random.default_rng(cfg.seed).permutation(data.test_idx)[:cfg.num_images]
+
+
 def eval_t2i(model: LLaDAMDM, data: DemoData, cfg: EvalConfig, progress=None) -> dict:
     """digit-GenEval: fraction of images the classifier reads as the prompted digit; digit-FID on its features."""
     clf = _classifier(id(data), data)
-    order = np.random.default_rng(cfg.seed).permutation(data.test_idx)[:cfg.num_images]
+    order = t2i_order(data, cfg)
     images, correct, invalid, forward = [], 0, 0, 0
     for i, idx in enumerate(order):
         sampling, gen = image_sampling(cfg, i)
