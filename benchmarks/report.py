@@ -10,7 +10,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-OUT = HERE  # RESULTS.md and the PNGs
+OUT = HERE  # RESULTS.md; the PNGs go to OUT / PLOTS
+PLOTS = "plots"
 BENCHMARKS = ("sparse_vs_dense", "peers", "floor", "images")
 # The paper's numbers (A100, LaViDa-O 10.4B) and Fast-dLLM's, quoted for side-by-side reading.
 PAPER = {"image_1024": 1.95, "image_1024_cfg": 1.95, "text": 2.80}
@@ -39,46 +40,206 @@ def machine_line(data: dict) -> str:
             f"{data.get('wall_s', '?')} s; torch {data['versions']['torch']}, commit {data['versions']['git_commit']}")
 
 
-def plot_sparse_vs_dense(data: dict, plt) -> str:
-    names = [k for k, v in data.items() if isinstance(v, dict) and "token_bound" in v]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    x = range(len(names))
-    ax.bar([i - 0.2 for i in x], [data[n]["speedup"] for n in names], 0.4, label="measured speedup")
-    ax.bar([i + 0.2 for i in x], [data[n]["token_bound"] for n in names], 0.4, label="token bound")
-    ax.set_xticks(list(x), names)
-    ax.set_ylabel("dense / sparse")
-    ax.set_title("Sparse vs dense on CPU: speedup and its token-count bound")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(OUT / "sparse_vs_dense.png", dpi=110)
+def save(fig, name: str, rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> str:
+    """Write `fig` to OUT/plots/<name>.png and close it; the Markdown link to it, relative to RESULTS.md."""
+    import matplotlib.pyplot as plt
+
+    folder = OUT / PLOTS
+    folder.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout(rect=rect)
+    fig.savefig(folder / f"{name}.png", dpi=110)
     plt.close(fig)
-    return "sparse_vs_dense.png"
+    return f"{PLOTS}/{name}.png"
+
+
+def plain_log_axis(axis) -> None:
+    """Ticks at 1, 2, 5 x 10^n written as 20 and 0.5 (not 2x10^1, 5x10^-1) on a log axis."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def workloads(data: dict) -> dict[str, dict]:
+    """The sparse_vs_dense workloads (text_256, image_1024_cfg, ...): the entries with a token bound."""
+    return {k: v for k, v in data.items() if isinstance(v, dict) and "token_bound" in v}
+
+
+def plot_sparse_vs_dense(data: dict, plt) -> str:
+    """Seconds per generation and speedup (with its token-count bound) against generation length."""
+    clock = data.get("clock", "wall")
+    series = {}  # (kind, cfg) -> [(length, workload)]
+    for w in workloads(data).values():
+        cfg = (w.get("sampling") or {}).get("cfg_scale", 0) or w.get("guidance_scale", 0)
+        series.setdefault((w["kind"], bool(cfg)), []).append((w["gen_length"], w))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, ((kind, cfg), points) in enumerate(sorted(series.items())):
+        points.sort(key=lambda p: p[0])
+        lengths = [n for n, _ in points]
+        label = kind + (" + CFG" if cfg else "")
+        color = f"C{i}"
+        left.plot(lengths, [w["dense_s"] for _, w in points], "s--", color=color, label=f"{label}, dense")
+        left.plot(lengths, [w["sparse_s"] for _, w in points], "o-", color=color, label=f"{label}, sparse")
+        right.plot(lengths, [w["speedup"] for _, w in points], "o-", color=color, label=f"{label}, measured")
+        right.plot(lengths, [w["token_bound"] for _, w in points], "x:", color=color, label=f"{label}, token bound")
+    lengths = sorted({n for points in series.values() for n, _ in points})
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.set_xlim(min(lengths) / 1.4, max(lengths) * 1.4)
+        ax.set_xlabel("generation length (text tokens / image positions)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    left.set_yscale("log")
+    plain_log_axis(left.yaxis)
+    left.set_ylabel(f"{clock} s per generation (median)")
+    left.set_title("Time per generation")
+    right.set_ylabel("speedup, dense s / sparse s")
+    right.set_ylim(bottom=0)
+    right.set_title("Sparse speedup and its token-count bound")
+    fig.suptitle(f"Sparse vs dense, {data['model']['parameters'] / 1e6:.1f} M-parameter random model, CPU, "
+                 "one thread")
+    return save(fig, "sparse_vs_dense")
 
 
 def plot_ablation(combos: list[dict], plt) -> str:
-    labels = ["".join(c for c, on in zip("PRT", (r["cache_prompt"], r["cache_response"], r["truncate"]),
-                                         strict=True) if on) or "none" for r in combos]
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.bar(labels, [r["speedup_vs_all_off"] for r in combos])
-    ax.set_ylabel("speed vs all off")
-    ax.set_title("Table 6 ablation (P = cache prompt, R = cache response, T = truncate)")
-    fig.tight_layout()
-    fig.savefig(OUT / "ablation.png", dpi=110)
-    plt.close(fig)
-    return "ablation.png"
+    """The Table 6 ablation: speed against all-off for each combination, the paper's values beside."""
+    keys = [(r["cache_prompt"], r["cache_response"], r["truncate"]) for r in combos]
+    labels = ["".join(c for c, on in zip("PRT", key, strict=True) if on) or "none" for key in keys]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(labels, [r["speedup_vs_all_off"] for r in combos], label="measured (CPU)")
+    paper = [(label, PAPER_TABLE6[key]) for label, key in zip(labels, keys, strict=True) if key in PAPER_TABLE6]
+    ax.plot([p[0] for p in paper], [p[1] for p in paper], "D", color="C3", label="paper (A100, 10.4 B)")
+    ax.set_xlabel("switched on (P = cache prompt, R = cache response, T = truncate)")
+    ax.set_ylabel("speedup vs all off (x)")
+    ax.set_title("Table 6 ablation, image workload (1024 positions, no CFG)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    return save(fig, "ablation")
 
 
-def plot_peers(rows: dict, plt) -> str:
+def plot_peers(rows: dict, gen_length: int, plt) -> str:
+    """Text generation seconds per engine (random model), forward tokens written on the bars."""
     names = list(rows)
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    ax.barh(names, [rows[n]["seconds"] for n in names])
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    bars = ax.barh(names, [rows[n]["seconds"] for n in names])
+    ax.bar_label(bars, [f"{rows[n]['forward_tokens']} tokens" for n in names], padding=3, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("seconds per generation (lower is better)")
-    ax.set_title("Text generation: ours vs LLaDA reference and Fast-dLLM-style caching")
-    fig.tight_layout()
-    fig.savefig(OUT / "peers.png", dpi=110)
-    plt.close(fig)
-    return "peers.png"
+    ax.set_xlim(right=max(rows[n]["seconds"] for n in names) * 1.3)
+    ax.set_xlabel("CPU seconds per generation (lower is better)")
+    ax.set_title(f"Text, {gen_length} tokens, random model: each engine's time and forward tokens")
+    return save(fig, "peers")
+
+
+def plot_quality_vs_speed(peers: dict, plt) -> str | None:
+    """Quality against seconds and against forward tokens for every engine, on the demo checkpoints."""
+    panels = [(key, label, quality, spread) for key, label, quality, spread in (
+        ("demo_image_quality", "text-to-image: digit-GenEval", "geneval", "geneval_std"),
+        ("demo_quality", "sums: arithmetic exact match", "arithmetic_accuracy", "arithmetic_accuracy_std"))
+        if key in peers]
+    if not panels:
+        return None
+    engines = list(dict.fromkeys(e for key, *_ in panels for e in peers[key]["engines"]))
+    markers = "osD^v<>PXh*"
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 3.6 * len(panels)), squeeze=False)
+    for (key, label, quality, spread), row in zip(panels, axes, strict=True):
+        for i, name in enumerate(engines):
+            e = peers[key]["engines"].get(name)
+            if e is None:
+                continue
+            for ax, x in zip(row, (e["seconds"], e["forward_tokens"]), strict=True):
+                ax.errorbar(x, e[quality], yerr=e.get(spread, 0), fmt=markers[i % len(markers)], color=f"C{i}",
+                            capsize=3, markersize=7, label=name)
+        row[0].set_xlabel("CPU seconds, total over all prompts (lower is faster)")
+        row[1].set_xlabel("forward tokens, total over all prompts (log)")
+        row[1].set_xscale("log")
+        plain_log_axis(row[1].xaxis)
+        for ax in row:
+            ax.set_ylabel(label.split(": ")[1])
+            ax.set_title(f"{label} (bars: ± std over seeds)")
+            ax.grid(alpha=0.3)
+    handles, names = [], []
+    for ax in axes.flat:  # one legend for the figure, each engine once
+        for h, n in zip(*ax.get_legend_handles_labels(), strict=True):
+            if n not in names:
+                handles.append(h)
+                names.append(n)
+    fig.legend(handles, names, loc="lower center", ncol=min(5, len(names)), fontsize=8)
+    fig.suptitle("Quality against speed on the demo checkpoints (0.88 M parameters, CPU, one thread)")
+    return save(fig, "quality_vs_speed", rect=(0, 0.025 * (1 + len(names) // 5), 1, 1))
+
+
+def plot_floor(data: dict, plt) -> str:
+    """A roofline: each configuration's achieved GFLOP/s at its FLOP/byte, under the machine's measured rates."""
+    rates, configs = data["machine_rates"], data["configs"]
+    peak, copy = rates["peak_mm_gflops"], rates["copy_gbps"]
+    intensities = [c["arithmetic_intensity_flop_per_byte"] for c in configs.values()]
+    xs = [min(intensities) / 4, peak / copy, max(intensities) * 4]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(xs, [min(peak, copy * x) for x in xs], "k-", label=f"floor: {peak} GFLOP/s matmul, {copy} GB/s copy")
+    for i, (name, c) in enumerate(configs.items()):
+        ax.plot(c["arithmetic_intensity_flop_per_byte"], c["achieved_gflops"], "os"[i % 2], color=f"C{i // 2}",
+                markersize=8, label=f"{name} ({c['fraction_of_peak_mm']:.0%} of peak)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_ylim(min(c["achieved_gflops"] for c in configs.values()) / 1.5, peak * 1.5)
+    plain_log_axis(ax.xaxis)
+    plain_log_axis(ax.yaxis)
+    ax.set_xlabel("arithmetic intensity (FLOP per byte moved)")
+    ax.set_ylabel("achieved GFLOP/s")
+    ax.set_title("Floor: achieved rate against the measured matmul and copy rates")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return save(fig, "floor")
+
+
+def plot_throughput(serves: dict[str, dict], plt) -> str | None:
+    """Serving tokens/s against concurrency for each runner mode, one panel per measured model."""
+    serves = {title: d for title, d in serves.items() if d and d.get("modes")}
+    if not serves:
+        return None
+    styles = {"invariant": "o-", "invariant_tiles": "s--", "unconstrained": "^:"}
+    fig, axes = plt.subplots(1, len(serves), figsize=(5.5 * len(serves), 4), squeeze=False)
+    for ax, (title, data) in zip(axes[0], serves.items(), strict=True):
+        for i, (mode, r) in enumerate(data["modes"].items()):
+            levels = sorted(r["tokens_per_s"], key=int)
+            ax.plot([int(n) for n in levels], [r["tokens_per_s"][n] for n in levels], styles.get(mode, "D-."),
+                    color=f"C{i}", label=mode)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([int(n) for n in levels], levels)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel("generated tokens/s (engine steps)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Serving throughput: batch-invariant runner vs unconstrained, CPU, one torch thread")
+    return save(fig, "throughput_vs_concurrency")
+
+
+def plot_images_engine(engine: dict, plt) -> str | None:
+    """Images/s against concurrency through vLLM's engine: each configuration, invariant vs unconstrained."""
+    runners = [r for r in ("invariant", "unconstrained") if r in engine]
+    if not runners:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    configs = list(engine[runners[0]]["images_per_s"])
+    for runner, style in zip(runners, ("o-", "^:"), strict=False):
+        for i, config in enumerate(configs):
+            values = engine[runner]["images_per_s"].get(config, {})
+            levels = sorted(values, key=int)
+            ax.plot([int(n) for n in levels], [values[n] for n in levels], style, color=f"C{i}",
+                    label=f"{config}, {runner}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([int(n) for n in levels], levels)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("concurrent image requests")
+    ax.set_ylabel("images/s")
+    ax.set_title("Images through vLLM's engine (demo model; noisy: shared, loaded cores)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return save(fig, "images_vs_concurrency")
 
 
 def section_sparse_vs_dense(data: dict, plt) -> list[str]:
@@ -99,7 +260,8 @@ def section_sparse_vs_dense(data: dict, plt) -> list[str]:
     out += [f"Seconds are {clock} seconds (median); the wall-clock speedup sits beside it.", "",
             table(["workload", "steps", f"dense {clock} s", f"sparse {clock} s", "speedup", "speedup (wall)",
                    "forward tokens dense / sparse", "token bound", "fraction of bound", "paper"], rows), ""]
-    out += [f"![speedup vs bound]({plot_sparse_vs_dense(data, plt)})", ""]
+    out += [f"![sparse vs dense seconds and speedup against generation length]({plot_sparse_vs_dense(data, plt)})",
+            ""]
     if "table6_ablation" in data:
         combos = data["table6_ablation"]["combinations"]
         out += ["### Table 6 ablation (image workload, no CFG; registers kept in every row)", ""]
@@ -136,7 +298,7 @@ def section_peers(data: dict, plt) -> list[str]:
                   "token match vs dense"],
                  [[k, r["seconds"], r["tokens_per_s"], r["forward_tokens"], f"{r['speedup_vs_llada_reference']}x",
                    f"{r['speedup_vs_ours_dense']}x", f"{r['token_match_vs_dense']:.1%}"] for k, r in rows.items()]),
-           "", f"![peers]({plot_peers(rows, plt)})", ""]
+           "", f"![peers]({plot_peers(rows, w['gen_length'], plt)})", ""]
     if "demo_quality" in data:
         d = data["demo_quality"]
         seeds = d.get("seeds", [None])
@@ -168,10 +330,14 @@ def section_peers(data: dict, plt) -> list[str]:
                 "pixels per pass on high-entropy image tokens than its fixed count, runs more passes and takes longer. "
                 "Forward tokens are what carries to a real model (the random-model rows above turn them into time).",
                 ""]
+    quality = plot_quality_vs_speed(data, plt)
+    if quality:
+        out += ["Every engine's quality (mean ± std over seeds) against its total seconds and forward tokens; up and "
+                "to the left is better:", "", f"![quality vs speed]({quality})", ""]
     return out
 
 
-def section_floor(data: dict) -> list[str]:
+def section_floor(data: dict, plt) -> list[str]:
     r = data["machine_rates"]
     out = ["## Floor (`benchmarks/floor.py`)", "",
            "Measured rates: " + ", ".join(f"{k} {v}" for k, v in r.items()) + ".", "", data.get("notes", ""), "",
@@ -180,7 +346,7 @@ def section_floor(data: dict) -> list[str]:
                  [[k, c["seconds"], c["gflop_per_step"], c["mbytes_per_step"],
                    c["arithmetic_intensity_flop_per_byte"], c["achieved_gflops"], f"{c['fraction_of_peak_mm']:.0%}",
                    c["floor_s"], c["bound_by"], f"{c['fraction_of_floor']:.0%}"] for k, c in data["configs"].items()]),
-           ""]
+           "", f"![roofline]({plot_floor(data, plt)})", ""]
     return out
 
 
@@ -242,7 +408,7 @@ def section_serve(data: dict, title: str = "Serving throughput (`benchmarks/serv
     return out
 
 
-def section_images(data: dict) -> list[str]:
+def section_images(data: dict, plt) -> list[str]:
     out = ["## Images (`benchmarks/images.py`)", "",
            "Seconds per image, sparse vs dense, both with classifier-free guidance (the uncond branch is a "
            "companion sequence with its own cache in the sparse sampler), pure-PyTorch samplers, one thread, CPU "
@@ -266,6 +432,9 @@ def section_images(data: dict) -> list[str]:
                     "Guided cost per image (guided s / unguided s; 2.0 = a second model run per image): "
                     + "; ".join(f"{mode} " + ", ".join(f"{c} at {n}" for n, c in v.items())
                                 for mode, v in e["guided_cost_per_image"].items()) + ".", ""]
+        figure = plot_images_engine(engine, plt)
+        if figure:
+            out += [f"![images per second vs concurrency]({figure})", ""]
     return out
 
 
@@ -346,14 +515,20 @@ def render() -> str:
     if found["peers"]:
         parts += section_peers(found["peers"], plt)
     if found["floor"]:
-        parts += section_floor(found["floor"])
+        parts += section_floor(found["floor"], plt)
     if found["serve_throughput"]:
         parts += section_serve(found["serve_throughput"])
     if found.get("serve_throughput_wide"):
         parts += section_serve(found["serve_throughput_wide"], "Serving throughput on a wider model "
                                "(`benchmarks/serve_throughput.py --model wide`)")
+    serves = {f"d_model {d['model']['d_model']}, {d['model']['n_layers']} layers": d
+              for d in (found["serve_throughput"], found.get("serve_throughput_wide")) if d and "model" in d}
+    throughput = plot_throughput(serves, plt)
+    if throughput:
+        parts += ["Tokens/s against concurrency for both models (the tables above):", "",
+                  f"![throughput vs concurrency]({throughput})", ""]
     if found.get("images"):
-        parts += section_images(found["images"])
+        parts += section_images(found["images"], plt)
     if found.get("soak"):
         parts += section_soak(found["soak"])
     notes = RESULTS / "NOTES.md"

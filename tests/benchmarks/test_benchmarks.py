@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,8 +79,31 @@ def test_report_renders_tables_and_plots(results_dir, tmp_path):
     text = (tmp_path / "RESULTS.md").read_text()
     for heading in ("## Sparse vs dense", "### Table 6 ablation", "## Peers", "## Floor", "## Machine and versions"):
         assert heading in text
-    for png in ("sparse_vs_dense.png", "ablation.png", "peers.png"):
-        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    check_plots(tmp_path, {"sparse_vs_dense", "ablation", "peers", "floor"})
+
+
+def check_plots(out: Path, expected: set[str]) -> None:
+    """`expected` plots are in out/plots, each a whole PNG of a readable size, and RESULTS.md links every one."""
+    from PIL import Image
+
+    linked = set(re.findall(r"\]\(plots/([a-z_]+)\.png\)", (out / "RESULTS.md").read_text()))
+    assert expected <= linked
+    assert {p.stem for p in (out / "plots").glob("*.png")} == linked  # each plot linked, each link drawn
+    for name in linked:
+        with Image.open(out / "plots" / f"{name}.png") as image:
+            assert image.format == "PNG" and image.width >= 600 and image.height >= 300, (name, image.size)
+            image.load()  # the whole image decodes (verify() checks less)
+            assert len(image.getcolors(1 << 16) or range(256)) > 8  # not blank: axes, text, data in colour
+
+
+def test_report_draws_every_plot_from_the_committed_results(tmp_path):
+    """The committed JSON (benchmarks/results) gives every figure RESULTS.md embeds, in the same command."""
+    pytest.importorskip("matplotlib")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    check_plots(tmp_path, {"sparse_vs_dense", "ablation", "peers", "quality_vs_speed", "floor",
+                           "throughput_vs_concurrency", "images_vs_concurrency"})
 
 
 def test_images(results_dir):
