@@ -55,7 +55,8 @@ def run(base_url: str, out_dir: Path, prompt: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--base-url", default=None, help="a running server's /v1 URL (default: start one)")
-    parser.add_argument("--model", default=None, help="checkpoint to serve when starting one (default: the demo)")
+    parser.add_argument("--model", default=None,
+                        help="checkpoint folder or Hugging Face id to serve when starting one (default: the demo)")
     parser.add_argument("--prompt", default="a thick handwritten digit seven")
     parser.add_argument("--out-dir", default="images")
     args = parser.parse_args()

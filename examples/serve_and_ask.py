@@ -1,6 +1,6 @@
 """Serve the bundled demo model with `sparse-lavida serve` (vLLM), ask it one question through the openai client, stop.
 
-Run: .venv/bin/python examples/serve_and_ask.py [--model PATH] [--prompt TEXT]
+Run: .venv/bin/python examples/serve_and_ask.py [--model PATH|org/name] [--prompt TEXT]
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def running_server(model: str | None = None) -> Iterator[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=None, help="checkpoint folder (default: the bundled demo model)")
+    parser.add_argument("--model", default=None,
+                        help="checkpoint folder or Hugging Face id org/name (default: the bundled demo model)")
     parser.add_argument("--prompt", default="Q: 37+48=? A:")
     parser.add_argument("--max-tokens", type=int, default=8, help="the response canvas (gen_length)")
     parser.add_argument("--steps", type=int, default=8)

@@ -10,6 +10,7 @@ from PIL import Image
 from sparse_lavida_vllm.diffusion.planners import image_plan
 from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_dense, generate_sparse
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
+from sparse_lavida_vllm.entrypoints.hub import add_hub_arguments, resolve_model_arg
 from sparse_lavida_vllm.model_executor.weights import load_pretrained
 from sparse_lavida_vllm.training.data import DEMO_ROOT, DIGIT_WORDS, DemoData
 from sparse_lavida_vllm.training.tokenizer import load_tokenizer
@@ -17,7 +18,8 @@ from sparse_lavida_vllm.training.tokenizer import load_tokenizer
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=str(DEMO_ROOT / "sparse"))
+    parser.add_argument("--model", default=str(DEMO_ROOT / "sparse"), help="checkpoint folder or Hugging Face id")
+    add_hub_arguments(parser)
     parser.add_argument("--prompt", default=None, help="default: 'a handwritten digit <word>' for 0..9")
     parser.add_argument("--sampler", choices=["sparse", "dense"], default="sparse")
     parser.add_argument("--steps", type=int, default=16)
@@ -28,8 +30,9 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(2)
-    model = load_pretrained(args.model)
-    data = DemoData(load_tokenizer(args.model))
+    folder = resolve_model_arg(args.model, args)
+    model = load_pretrained(folder)
+    data = DemoData(load_tokenizer(folder))
     prompts = [args.prompt] if args.prompt else [f"a handwritten digit {w}" for w in DIGIT_WORDS]
     tiles = []
     for i, text in enumerate(prompts):

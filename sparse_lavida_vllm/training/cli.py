@@ -49,6 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from sparse_lavida_vllm.entrypoints.hub import is_hub_id, resolve_model_arg
     from sparse_lavida_vllm.model_executor.weights import load_pretrained
     from sparse_lavida_vllm.training.data import DemoData
     from sparse_lavida_vllm.training.evaluate import EvalConfig, evaluate, evaluate_seeds
@@ -61,8 +62,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          cfg_scale=args.cfg_scale, image_temperature=args.temperature, seed=args.seed)
     except ValueError as e:
         raise SystemExit(f"sparse-lavida eval: {e}") from None
-    model = load_pretrained(args.model)
-    data = DemoData(load_tokenizer(args.model))
+    if args.card and is_hub_id(args.model):  # a snapshot's files are links into the shared HF cache
+        raise SystemExit(f"--card writes the model card into the checkpoint folder: give a local folder, not the "
+                         f"Hugging Face id {args.model}")
+    folder = resolve_model_arg(args.model, args, field="MODEL")
+    model = load_pretrained(folder)
+    data = DemoData(load_tokenizer(folder))
     out = evaluate_seeds(model, data, cfg, args.seeds, show_progress=not args.json)
     if args.card:
         from sparse_lavida_vllm.training.card import write_model_card
@@ -94,6 +99,7 @@ def cmd_tables(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from sparse_lavida_vllm.entrypoints.hub import add_hub_arguments
     from sparse_lavida_vllm.training.evaluate import EVAL_SEEDS, EvalConfig
 
     defaults = TrainConfig()
@@ -121,7 +127,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     e = EvalConfig()
     p = subparsers.add_parser("eval", help="digit-GenEval/FID, edit score and arithmetic accuracy of a checkpoint")
-    p.add_argument("model", help="checkpoint folder")
+    p.add_argument("model", help="checkpoint folder or Hugging Face id org/name")
+    add_hub_arguments(p)
     p.add_argument("--sampler", choices=["dense", "sparse"], default=e.sampler)
     p.add_argument("--num-registers", type=int, default=None, help="default: the checkpoint's num_registers")
     p.add_argument("--num-images", type=int, default=e.num_images)
