@@ -5,20 +5,23 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import math
 import secrets
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image, UnidentifiedImageError
 
 from sparse_lavida_vllm.model_executor.lavida_o import ARCHITECTURE as LAVIDA_O
+from sparse_lavida_vllm.model_executor.lavida_o import patches_to_codes
 from sparse_lavida_vllm.multimodal.layout import ImageLayout
 from sparse_lavida_vllm.scheduler.image_params import GENERATE
 from sparse_lavida_vllm.scheduler.params import DiffusionParamError, parse_params
@@ -31,6 +34,11 @@ MAX_UPLOAD = 20 * 1024 * 1024
 API_FIELD = {"steps": "num_inference_steps", "height": "size", "width": "size", "size": "size",
              "init_canvas": "mask", "uncond_prompt_ids": "negative_prompt", "cfg_interval": "guidance_interval"}
 IGNORED = ("model", "quality", "style", "user", "background", "moderation", "output_compression")
+MAX_PARTIAL_IMAGES = 3  # OpenAI's limit on partial_images
+PREVIEW_GREY = 128  # what a position not decoded yet shows in a partial image
+# the values the OpenAI stream events allow for the request fields they echo (anything else is echoed as "auto")
+EVENT_QUALITY = ("low", "medium", "high", "xhigh", "max", "auto")
+EVENT_BACKGROUND = ("transparent", "opaque", "auto")
 
 router = APIRouter()
 
@@ -115,6 +123,12 @@ def _get_interval(body: dict) -> list[float] | None:
     return [float(v) for v in value]
 
 
+def _echoed(body: dict, name: str, allowed: tuple[str, ...]) -> str:
+    """A field the images are not drawn by (quality, background) as the stream events echo it."""
+    value = body.get(name)
+    return value if value in allowed else "auto"
+
+
 def parse_size(value: Any, native: tuple[int, int]) -> tuple[int, int]:
     """'WxH' (or 'auto' = the codec's size): the codec's size or an integer multiple of it (nearest upscaling)."""
     w0, h0 = native
@@ -167,6 +181,83 @@ def png_b64(image: Image.Image, size: tuple[int, int]) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+# ---- streamed images: partial images from the committed canvas, OpenAI's stream events -----------------------
+
+def preview_steps(steps: int, partial_images: int) -> list[int]:
+    """The steps after which a streamed image's partial images are taken: evenly spaced, all before the last step
+    (its canvas is the image). An image of few steps gets fewer (OpenAI's stream may send fewer than asked too)."""
+    taken = {i * steps // (partial_images + 1) - 1 for i in range(1, partial_images + 1)}
+    return sorted(s for s in taken if 0 <= s < steps - 1)
+
+
+def render_preview(layout: Any, canvas: list[int], size: tuple[int, int]) -> Image.Image:
+    """A partial image from a canvas partly decoded. A code not decoded yet is one outside the codebook (the mask;
+    image sampling draws codebook ids only): the codec decodes the canvas with the codebook's first code there (a
+    decoder needs some code), then those codes' cells are painted grey. `layout`: an `ImageLayout` (codec token ids)
+    or a `LaViDaOLayout` (packed 2x2 positions, each code on its own: a position may be partly decoded)."""
+    tokens = torch.tensor(canvas, dtype=torch.long)
+    if isinstance(layout, ImageLayout):
+        lo, hi = layout.token_range
+        undecoded = (tokens < lo) | (tokens >= hi)
+        image = layout.codec.decode(torch.where(undecoded, lo, tokens))
+        cells = undecoded.view(layout.codec.grid)
+    else:
+        ids, grid = layout.patch_ids, layout.codec_at(size).grid
+        patches = ids.unpack(tokens)
+        undecoded = patches >= ids.codebook
+        image = layout.decode(ids.pack(torch.where(undecoded, 0, patches)), size)
+        cells = (patches_to_codes(undecoded, *grid) if layout.config.downsample else undecoded).reshape(grid)
+    pixels = np.array(image)
+    (rows, cols), (height, width) = cells.shape, pixels.shape[:2]
+    pixels[cells.numpy().repeat(height // rows, 0).repeat(width // cols, 1)] = PREVIEW_GREY
+    return Image.fromarray(pixels)
+
+
+def sse(event: dict[str, Any]) -> str:
+    """One Server-Sent Event as OpenAI's streams write it: the event's type, then its JSON."""
+    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """A streamed request's events: their type prefix (image_generation / image_edit) and the fields they echo."""
+
+    kind: str
+    size: tuple[int, int]
+    quality: str
+    background: str
+
+    def event(self, suffix: str, image: Image.Image, **fields: Any) -> dict[str, Any]:
+        return {"type": f"{self.kind}.{suffix}", "b64_json": png_b64(image, self.size),
+                "size": f"{self.size[0]}x{self.size[1]}", "quality": self.quality, "background": self.background,
+                "output_format": "png", "created_at": int(time.time()), **fields}
+
+    def partial(self, image: Image.Image, index: int) -> dict[str, Any]:
+        return self.event("partial_image", image, partial_image_index=index)
+
+    def completed(self, image: Image.Image, input_tokens: int, image_tokens: int, output_tokens: int,
+                  token_ids: list[int] | None = None) -> dict[str, Any]:
+        usage = {"input_tokens": input_tokens, "output_tokens": output_tokens,
+                 "total_tokens": input_tokens + output_tokens,
+                 "input_tokens_details": {"image_tokens": image_tokens, "text_tokens": input_tokens - image_tokens}}
+        extra = {} if token_ids is None else {"token_ids": token_ids}  # return_token_ids, as the JSON response has
+        return self.event("completed", image, usage=usage, **extra)
+
+
+def error_event(message: str) -> dict[str, Any]:
+    """A failure after the stream started (the status is already 200): the `openai` client raises it as APIError."""
+    return {"type": "error", "error": {"message": message, "type": "InternalServerError", "param": None,
+                                       "code": 500}}
+
+
+def event_stream(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        async for event in events:
+            yield sse(event)
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
 # ---- the service: prompt building, validation, engine calls ----------------------------------
 
 @dataclass
@@ -183,6 +274,8 @@ class ImageJob:
     # `<image>` into the image's rows) and the prompt's length once expanded (None: len(prompt_ids))
     image: Image.Image | None = None
     num_prompt_tokens: int | None = None
+    stream: StreamSpec | None = None  # stream=true: SSE events (partial images from extra["preview_steps"])
+    image_tokens: int = 0  # the prompt's image tokens (an edit's source rows): the streamed events' usage
 
     def engine_prompt(self) -> dict[str, Any]:
         prompt: dict[str, Any] = {"prompt_token_ids": self.prompt_ids}
@@ -257,8 +350,9 @@ class ImageService:
     def encode_text(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def common(self, body: dict) -> dict[str, Any]:
-        """The fields both routes share, validated (BadField names the first bad one)."""
+    def common(self, body: dict, kind: str) -> dict[str, Any]:
+        """The fields both routes share, validated (BadField names the first bad one); `kind` names a streamed
+        response's events (image_generation or image_edit)."""
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise BadField("prompt", "prompt must be a non-empty string")
@@ -267,12 +361,17 @@ class ImageService:
             raise BadField("response_format", f"response_format must be b64_json (this server keeps no files), "
                                               f"got {fmt!r}")
         _get_str(body, "output_format", "png", ("png",))
-        if _get_bool(body, "stream", False):
-            raise BadField("stream", "streaming partial images is not supported; send stream=false")
+        stream = _get_bool(body, "stream", False)
+        partial_images = _get_int(body, "partial_images", 0, 0, MAX_PARTIAL_IMAGES)
+        if body.get("partial_images") is not None and not stream:
+            raise BadField("partial_images", "partial_images applies to streamed responses: send stream=true")
+        size = self.parse_size(body.get("size"))
         defaults = self.layout.defaults
         return {
-            "prompt": prompt, "n": _get_int(body, "n", 1, 1, MAX_N),
-            "size": self.parse_size(body.get("size")),
+            "prompt": prompt, "n": _get_int(body, "n", 1, 1, MAX_N), "size": size,
+            "stream": StreamSpec(kind, size, _echoed(body, "quality", EVENT_QUALITY),
+                                 _echoed(body, "background", EVENT_BACKGROUND)) if stream else None,
+            "partial_images": partial_images,
             "steps": _get_int(body, "num_inference_steps", None, 1, 4096),
             "guidance_scale": _get_float(body, "guidance_scale", None, 0.0, 100.0),
             "image_guidance_scale": _get_float(body, "image_guidance_scale", None, 0.0, 100.0),
@@ -291,7 +390,8 @@ class ImageService:
 
     def job(self, fields: dict[str, Any], prompt_ids: list[int], source_span: tuple[int, int] | None = None,
             init_canvas: list[int] | None = None, source_codes: list[int] | None = None,
-            image: Image.Image | None = None, num_prompt_tokens: int | None = None) -> ImageJob:
+            image: Image.Image | None = None, num_prompt_tokens: int | None = None,
+            image_tokens: int = 0) -> ImageJob:
         uncond = None
         length = len(prompt_ids) if num_prompt_tokens is None else num_prompt_tokens  # the engine's prompt length
         if fields["negative_prompt"]:  # the uncond branch reads the negative prompt, padded with masks
@@ -306,10 +406,12 @@ class ImageService:
             extra = self.layout.request_args(**args)
         if fields["negative_prompt"] and not extra.get("guidance_scale"):
             raise BadField("negative_prompt", "negative_prompt needs guidance_scale > 0 (it is the uncond branch)")
+        if fields["partial_images"]:  # the scheduler's canvas snapshots; validated below with the rest
+            extra["preview_steps"] = preview_steps(extra["steps"], fields["partial_images"])
         base = fields["seed"] if fields["seed"] is not None else secrets.randbits(62)
         job = ImageJob(prompt_ids, extra, fields["temperature"], fields["top_k"], fields["top_p"],
                        [base + i for i in range(fields["n"])], fields["size"], bool(fields["return_token_ids"]),
-                       image, num_prompt_tokens)
+                       image, num_prompt_tokens, fields["stream"], image_tokens)
         self.validate(job)
         return job
 
@@ -327,25 +429,68 @@ class ImageService:
         except DiffusionParamError as e:
             raise BadField(API_FIELD.get(e.field, e.field), str(e)) from None
 
+    async def one_image(self, job: ImageJob, seed: int, on_preview: Callable[[int, list[int]], Awaitable[None]]
+                        | None = None) -> tuple[Image.Image, dict]:
+        """One image of the job and its metrics; `on_preview(index, canvas)` gets each preview canvas on its way.
+
+        vLLM's output processor hands out the request's token ids cumulatively: the scheduler's canvas snapshots
+        (extra["preview_steps"], each a whole canvas) and then the image's canvas, so canvas i is ids[i*L:(i+1)*L].
+        """
+        length, previews = self.num_outputs(job.size), len(job.extra.get("preview_steps", ()))
+        final, sent = None, 0
+        async for output in self.engine.generate(job.engine_prompt(), self.sampling_params(job, seed),
+                                                 f"img-{uuid.uuid4().hex}"):
+            final = output
+            ids = output.outputs[0].token_ids if output.outputs else []
+            while sent < min(len(ids) // length, previews):
+                await on_preview(sent, list(ids[sent * length:(sent + 1) * length]))
+                sent += 1
+        completion = final.outputs[0] if final is not None and final.outputs else None
+        if completion is None or len(completion.token_ids) != (previews + 1) * length:
+            reason = completion.finish_reason if completion is not None else "no output"
+            raise RuntimeError(f"the engine did not finish the image ({reason})")
+        token_ids = list(completion.token_ids[previews * length:])
+        metrics = dict((final.kv_transfer_params or {}).get("sparse_lavida_metrics", {}))
+        image = self.decode(token_ids, job.size)
+        if job.return_token_ids:
+            metrics["token_ids"] = token_ids
+        return image, metrics
+
     async def run(self, job: ImageJob) -> list[tuple[Image.Image, dict]]:
         """The job's n images, submitted together so the engine batches them (and their guidance branches)."""
+        return list(await asyncio.gather(*(self.one_image(job, seed) for seed in job.seeds)))
 
-        async def one(seed: int) -> tuple[Image.Image, dict]:
-            final = None
-            async for output in self.engine.generate(job.engine_prompt(),
-                                                     self.sampling_params(job, seed), f"img-{uuid.uuid4().hex}"):
-                final = output
-            completion = final.outputs[0] if final is not None and final.outputs else None
-            if completion is None or len(completion.token_ids) != self.num_outputs(job.size):
-                reason = completion.finish_reason if completion is not None else "no output"
-                raise RuntimeError(f"the engine did not finish the image ({reason})")
-            metrics = dict((final.kv_transfer_params or {}).get("sparse_lavida_metrics", {}))
-            image = self.decode(list(completion.token_ids), job.size)
-            if job.return_token_ids:
-                metrics["token_ids"] = list(completion.token_ids)
-            return image, metrics
+    async def stream(self, job: ImageJob) -> AsyncIterator[dict[str, Any]]:
+        """A streamed job's events: image after image, each one's partial images then its completed event (the
+        events carry no image index, so one image's events are never interleaved with another's). The n images
+        still run together in the engine; a later image's events wait in its queue. Leaving early (the client
+        hung up) cancels every image, and vLLM aborts their requests."""
+        spec, length = job.stream, self.num_outputs(job.size)
+        queues: list[asyncio.Queue] = [asyncio.Queue() for _ in job.seeds]
 
-        return list(await asyncio.gather(*(one(seed) for seed in job.seeds)))
+        async def one(seed: int, queue: asyncio.Queue) -> None:
+            async def preview(index: int, canvas: list[int]) -> None:
+                await queue.put(spec.partial(render_preview(self.layout, canvas, job.size), index))
+
+            try:
+                image, metrics = await self.one_image(job, seed, preview)
+            except Exception as e:  # the response has started: the failure travels as an error event
+                await queue.put(error_event(str(e)))
+                return
+            await queue.put(spec.completed(image, job.prompt_length, job.image_tokens, length,
+                                           metrics.get("token_ids")))
+
+        tasks = [asyncio.create_task(one(seed, queue)) for seed, queue in zip(job.seeds, queues)]
+        try:
+            for queue in queues:
+                while (event := await queue.get())["type"].endswith(".partial_image"):
+                    yield event
+                yield event
+                if event["type"] == "error":
+                    return
+        finally:
+            for task in tasks:
+                task.cancel()
 
     @staticmethod
     def response(results: list[tuple[Image.Image, dict]], size: tuple[int, int]) -> dict[str, Any]:
@@ -367,7 +512,14 @@ def _service(request: Request) -> ImageService | JSONResponse:
     return service
 
 
-async def _answer(service: ImageService, job: ImageJob) -> JSONResponse:
+async def _events(events: list[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    for event in events:
+        yield event
+
+
+async def _answer(service: ImageService, job: ImageJob) -> Response:
+    if job.stream is not None:
+        return event_stream(service.stream(job))
     try:
         results = await service.run(job)
     except RuntimeError as e:
@@ -376,7 +528,7 @@ async def _answer(service: ImageService, job: ImageJob) -> JSONResponse:
 
 
 @router.post("/v1/images/generations")
-async def create_image(request: Request) -> JSONResponse:
+async def create_image(request: Request) -> Response:
     service = _service(request)
     if isinstance(service, JSONResponse):
         return service
@@ -390,7 +542,7 @@ async def create_image(request: Request) -> JSONResponse:
         unknown = sorted(set(body) - _GENERATION_FIELDS)
         if unknown:
             raise BadField(unknown[0], f"unknown field {unknown[0]!r}")
-        fields = service.common(body)
+        fields = service.common(body, "image_generation")
         if fields["image_guidance_scale"]:
             raise BadField("image_guidance_scale", "image_guidance_scale applies to edits only")
         job = service.job(fields, service.t2i_prompt(fields["prompt"], fields["size"]))
@@ -400,7 +552,7 @@ async def create_image(request: Request) -> JSONResponse:
 
 
 @router.post("/v1/images/edits")
-async def edit_image(request: Request) -> JSONResponse:
+async def edit_image(request: Request) -> Response:
     service = _service(request)
     if isinstance(service, JSONResponse):
         return service
@@ -417,7 +569,7 @@ async def edit_image(request: Request) -> JSONResponse:
         if upload is None or not hasattr(upload, "read"):
             raise BadField("image", "image is required (a PNG, JPEG or WebP file)")
         source = read_image(await upload.read(), "image")
-        fields = service.common(body)
+        fields = service.common(body, "image_edit")
         layout = service.layout
         if service.lavida and service.layout.config.gen_enc_add_pos_emb:
             raise BadField("image", "gen_enc_add_pos_emb=true (Sparse-LaViDa) changes how an edit's source image is "
@@ -437,15 +589,18 @@ async def edit_image(request: Request) -> JSONResponse:
             init_canvas = mask_to_canvas(read_image(await mask_upload.read(), "mask"), source, source_ids, grid)
             if GENERATE not in init_canvas:  # nothing to repaint: the source, untouched
                 image = service.decode(source_ids, fields["size"])
+                if fields["stream"] is not None:  # nothing was generated: no partial images, no tokens
+                    return event_stream(_events([fields["stream"].completed(image, 0, 0, 0)] * fields["n"]))
                 return JSONResponse(service.response([(image, {"steps": 0})] * fields["n"], fields["size"]))
         if service.lavida:  # with a vision tower the source also goes in as its SigLIP copy (the `<image>` rows)
             edit = layout.edit_prompt(fields["prompt"], patches, source)
             job = service.job(fields, edit.prompt_ids, source_span=edit.source_span, init_canvas=init_canvas,
                               source_codes=edit.source_codes, image=edit.image,
-                              num_prompt_tokens=edit.num_prompt_tokens)
+                              num_prompt_tokens=edit.num_prompt_tokens,
+                              image_tokens=edit.source_span[1] - edit.source_span[0] + edit.image_rows)
         else:
             prompt, span = layout.edit_prompt(source_ids, service.encode_text(fields["prompt"]))
-            job = service.job(fields, prompt, source_span=span, init_canvas=init_canvas)
+            job = service.job(fields, prompt, source_span=span, init_canvas=init_canvas, image_tokens=len(source_ids))
     except BadField as e:
         return _error(400, str(e), e.field)
     return await _answer(service, job)
@@ -453,8 +608,8 @@ async def edit_image(request: Request) -> JSONResponse:
 
 _COMMON_FIELDS = {"prompt", "n", "size", "response_format", "output_format", "stream", "num_inference_steps",
                   "guidance_scale", "image_guidance_scale", "negative_prompt", "seed", "temperature", "top_k", "top_p",
-                  "sparse", "num_registers", "order", "schedule", "guidance_interval", "temperature_schedule",
-                  "min_temperature", "return_token_ids", *IGNORED}
+                  "sparse", "num_registers", "order", "schedule", "guidance_interval",
+                  "temperature_schedule", "min_temperature", "return_token_ids", "partial_images", *IGNORED}
 _GENERATION_FIELDS = set(_COMMON_FIELDS)
 _EDIT_FIELDS = set(_COMMON_FIELDS) | {"input_fidelity"}
 

@@ -17,7 +17,7 @@ from sparse_lavida_vllm.scheduler.params import DiffusionParamError, _bool, _int
 IMAGE_KNOBS = ("kind", "height", "width", "steps", "schedule", "order", "shift", "sparse", "num_registers",
                "guidance_scale", "image_guidance_scale", "guidance_interval", "temperature_schedule",
                "min_temperature", "token_range", "init_canvas", "uncond_prompt_ids", "source_span", "suffix_ids",
-               "source_codes")
+               "source_codes", "preview_steps")
 GENERATE = -1  # an init_canvas entry that marks a position to generate (everything else is given)
 
 
@@ -47,6 +47,9 @@ class ImageParams:
     # LaViDa-O edits: the source image's VQ codes (codes_per_position per position of source_span, raster inside
     # each 2x2 patch); the prompt holds placeholders there, the scheduler feeds the packed patches (lavida_o.PatchIds)
     source_codes: tuple[int, ...] | None = None
+    # after each of these steps (0-based) the scheduler also emits a snapshot of the whole canvas, undecoded
+    # positions as the mask id (the images routes' partial images); sampling is unchanged
+    preview_steps: tuple[int, ...] = ()
     # the text request's fields, neutral for images, so the scheduler treats both kinds alike
     min_tokens: int = 0
     stop_at_eos: bool = False
@@ -148,6 +151,10 @@ def parse_image_params(sampling_params: Any, extra: dict, prompt_len: int, max_m
     if steps < 1 or steps > to_generate:
         raise DiffusionParamError("steps", f"steps must be in [1, {to_generate}] (the tokens to generate), "
                                   f"got {steps}", steps)
+    preview_steps = _ints(extra, "preview_steps") or ()
+    if list(preview_steps) != sorted(set(preview_steps)) or any(not 0 <= s < steps - 1 for s in preview_steps):
+        raise DiffusionParamError("preview_steps", f"preview_steps must be increasing step indices in [0, {steps - 1})"
+                                  f" (after the last step the image itself is emitted), got {list(preview_steps)}")
     order = _choice(extra, "order", "stratified", ORDERS)
     if order == "stratified" and (height != width or height & (height - 1)):
         raise DiffusionParamError("order", f"the stratified order needs a square power-of-two grid, got "
@@ -199,4 +206,5 @@ def parse_image_params(sampling_params: Any, extra: dict, prompt_len: int, max_m
                        schedule=_choice(extra, "schedule", "shift", SCHEDULES), order=order,
                        shift=_number(extra, "shift", 5.0, 1e-3, 1e3), sparse=_bool(extra, "sparse", default_sparse),
                        num_registers=num_registers, init_canvas=init_canvas, uncond_prompt_ids=uncond,
-                       source_span=span, sampling=sampling, suffix_ids=tuple(suffix), source_codes=source_codes)
+                       source_span=span, sampling=sampling, suffix_ids=tuple(suffix), source_codes=source_codes,
+                       preview_steps=preview_steps)

@@ -391,6 +391,14 @@ class DiffusionScheduler(Scheduler):
             request.append_output_token_ids(token)
         return new, status
 
+    @staticmethod
+    def _preview(state: DiffusionState) -> list[int]:
+        """After a step an image request asked to preview (ImageParams.preview_steps): its whole canvas, the mask id
+        where not decoded yet. Sent as new tokens but not appended to the request's output tokens (nothing the
+        scheduler decides reads them): the route splits the cumulative token ids into canvases of gen_length."""
+        previews = getattr(state.params, "preview_steps", ())
+        return state.canvas.tolist() if state.step - 1 in previews else []
+
     def _stop_ids(self, params: DiffusionParams) -> set[int]:
         return set(params.stop_token_ids) | ({self.mdm_config.eos_token_id} if params.stop_at_eos else set())
 
@@ -432,6 +440,8 @@ class DiffusionScheduler(Scheduler):
             state.step += 1
             state.current = next(state.decode_sets, None)
             new, status = self._emit(request, state)
+            if status is None and not new:
+                new = self._preview(state)
             if status is None and not new:
                 continue
             metrics = None
