@@ -22,6 +22,19 @@ DEFAULTS: dict[str, Any] = {"steps": 16, "temperature": 0.8, "guidance_scale": 0
                             "schedule": "shift", "order": "stratified"}
 
 
+def plan_args(defaults: Mapping[str, Any], grid: tuple[int, int], *, steps: int | None, guidance_scale: float | None,
+              to_generate: int | None = None, order: str | None = None) -> dict[str, Any]:
+    """The plan part of an image request's extra_args, shared by every layout: the canvas (`grid`: rows, columns),
+    the step count (None: the default, at most `to_generate`, the positions to generate, when given), the schedule,
+    the order (None: the default) and the guidance (None: the default)."""
+    default_steps = int(defaults["steps"])
+    if to_generate is not None:  # fewer positions to generate than the default step count
+        default_steps = max(1, min(default_steps, to_generate))
+    return {"kind": "image", "height": grid[0], "width": grid[1], "steps": default_steps if steps is None else steps,
+            "schedule": defaults["schedule"], "order": defaults["order"] if order is None else order,
+            "guidance_scale": defaults["guidance_scale"] if guidance_scale is None else guidance_scale}
+
+
 def add_request_inputs(args: dict[str, Any], defaults: Mapping[str, Any], *, init_canvas: list[int] | None,
                        source_span: tuple[int, int] | None, image_guidance_scale: float | None,
                        uncond_prompt_ids: list[int] | None, **knobs: Any) -> dict[str, Any]:
@@ -102,15 +115,10 @@ class ImageLayout:
                      init_canvas: list[int] | None = None, uncond_prompt_ids: list[int] | None = None,
                      **knobs: Any) -> dict[str, Any]:
         """`SamplingParams.extra_args` of an image request; None means the checkpoint's default."""
-        h, w = self.codec.grid
-        default_steps = int(self.defaults["steps"])
-        if init_canvas is not None:  # a small repaint region has fewer tokens than the default step count
-            default_steps = max(1, min(default_steps, sum(t < 0 for t in init_canvas)))
-        args: dict[str, Any] = {"kind": "image", "height": h, "width": w, "token_range": list(self.token_range),
-                                "steps": default_steps if steps is None else steps,
-                                "schedule": self.defaults["schedule"], "order": self.defaults["order"],
-                                "guidance_scale": self.defaults["guidance_scale"] if guidance_scale is None
-                                else guidance_scale}
+        to_generate = None if init_canvas is None else sum(t < 0 for t in init_canvas)  # a repaint region's tokens
+        args = plan_args(self.defaults, self.codec.grid, steps=steps, guidance_scale=guidance_scale,
+                         to_generate=to_generate)
+        args["token_range"] = list(self.token_range)
         for key in ("temperature_schedule", "min_temperature", "guidance_interval", "shift"):
             if key in self.defaults:
                 args[key] = self.defaults[key]
