@@ -6,8 +6,11 @@ tiny model here, so the script is known to work before device time is spent on i
    fp32 and bf16, on a flat batch of mixed requests (cache + commit rows, a new prompt, a dense request).
 2. Sparse vs dense seconds on a LLaDA-8B-shaped random bf16 model: text (gen 1024, block 32) and an image plan
    (1024 positions, 64 steps, CFG 4), next to the paper's A100 figures.
-3. The batched runner core: one forward for B concurrent requests' steps (per-request SDPA, batch-invariant
-   tiles; and the flex kernel with plain GEMMs), rows per second at B = 1 / 8 / 32.
+3. The batched runner core: one forward for B concurrent requests' steps (the invariant one-call attention,
+   batch-invariant tiles; and the flex kernel with plain GEMMs), rows per second at B = 1 / 8 / 32.
+4. Batch invariance on the device: each request of a mixed step alone vs in the step (PagedSpanAttention's one
+   SDPA call per layer), attention output and logits bit for bit, fp32 and bf16; and whether key padding within
+   a key block is exact there (attention._tail_padding_exact; else whole 512-key blocks are used).
 Usage: python benchmarks/gpu_check.py [--device cuda] [--quick] [--json PATH]
 """
 
@@ -20,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from sparse_lavida_vllm.diffusion.masks import inference_step_spans
 from sparse_lavida_vllm.diffusion.planners import image_plan, text_plan
@@ -110,6 +114,68 @@ def kernel_equality(config: MDMConfig, device: torch.device) -> dict:
     return out
 
 
+def mixed_requests(config: MDMConfig, device: torch.device) -> tuple[list, list[Tensor]]:
+    """Requests of mixed shapes (a cache past one 512-key block, short ones, a dense one, one without commit rows):
+    per request (cache slots, commit slots, spans, rows) and its pool."""
+    gen = torch.Generator().manual_seed(5)
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    shapes = [(600, 4, 40, 16), (30, 2, 8, 4), None, (100, 0, 33, 8), (7, 3, 5, 0)]  # (cached, commit, decode, regs)
+    pool = [torch.randn(2, 64 * BLOCK * len(shapes), config.n_kv_heads, config.head_dim, generator=gen).to(device)
+            for _ in range(config.n_layers)]
+    requests = []
+    for r, shape in enumerate(shapes):
+        table = list(range(64 * r, 64 * (r + 1)))
+        if shape is None:  # dense: full attention over its 50 rows, nothing cached
+            requests.append((empty, empty, None, 50))
+            continue
+        cached, commit, decode, regs = shape
+        n = commit + decode + regs
+        requests.append((request_slots(table, 0, cached, BLOCK).to(device),
+                         request_slots(table, cached, cached + commit, BLOCK).to(device),
+                         inference_step_spans(cached, n, commit, commit), n))
+    return requests, pool
+
+
+def invariant_step(model: LLaDAMDM, requests: list, pool: list[Tensor], inputs: list[tuple], members: list[int]):
+    """Layer 0's attention output and the logits of `members` in one step (PagedSpanAttention over a pool copy)."""
+    start, segments = 0, []
+    for r in members:
+        cached_slots, commit_slots, spans, n = requests[r]
+        segments.append(Segment(start, start + n, cached_slots, commit_slots, spans))
+        start += n
+    q, k, v, ids, positions = (torch.cat([inputs[r][i] for r in members]) for i in range(5))
+    attention = PagedSpanAttention([p.clone() for p in pool], segments).attend(0, q, k, v)
+    logits = model(ids, positions, PagedSpanAttention([p.clone() for p in pool], segments))
+    sizes = [requests[r][3] for r in members]
+    return torch.split(attention, sizes), torch.split(logits, sizes)
+
+
+def invariance(config: MDMConfig, device: torch.device) -> dict:
+    """Each request of a mixed step alone vs in the step: attention and logits bit for bit, fp32 and bf16."""
+    from sparse_lavida_vllm.model_executor.attention import _tail_padding_exact
+
+    out: dict = {"tail_padding_exact": _tail_padding_exact(device.type, torch.get_num_threads())}
+    requests, pool32 = mixed_requests(config, device)
+    gen = torch.Generator().manual_seed(7)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = random_model_on(config, device, dtype, seed=6)
+        pool = [p.to(dtype) for p in pool32]
+        inputs = [tuple(torch.randn(n, heads, config.head_dim, generator=gen).to(device, dtype)
+                        for heads in (config.n_heads, config.n_kv_heads, config.n_kv_heads))
+                  + (torch.randint(5, 500, (n,), generator=gen).to(device), torch.arange(n, device=device))
+                  for *_, n in requests]
+        everyone = list(range(len(requests)))
+        with torch.inference_mode():
+            together = invariant_step(model, requests, pool, inputs, everyone)
+            alone = [invariant_step(model, requests, pool, inputs, [r]) for r in everyone]
+        out[str(dtype).split(".")[-1]] = {
+            "attention_bitwise": all(torch.equal(together[0][r], alone[r][0][0]) for r in everyone),
+            "logits_bitwise": all(torch.equal(together[1][r], alone[r][1][0]) for r in everyone),
+            "logits_max_abs_diff": max(float((together[1][r].float() - alone[r][1][0].float()).abs().max())
+                                       for r in everyone)}
+    return out
+
+
 def sparse_vs_dense(config: MDMConfig, device: torch.device, quick: bool) -> dict:
     model = random_model_on(config, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     gen_length, steps, side, img_steps = (64, 16, 8, 8) if quick else (1024, 256, 32, 64)
@@ -154,7 +220,7 @@ def runner_core(config: MDMConfig, device: torch.device, quick: bool) -> dict:
             finally:
                 model.row_tile = ROW_TILE
 
-        runs = {"invariant_sdpa": invariant, "unconstrained_flex": unconstrained}
+        runs = {"invariant_one_call": invariant, "unconstrained_flex": unconstrained}
         with torch.inference_mode():
             for name, fn in runs.items():
                 fn()
@@ -169,7 +235,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="a tiny model (checks that the script runs)")
     parser.add_argument("--json", default="benchmarks/results/gpu.json")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: kernel, sparse, runner")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated parts to skip: kernel, invariance, sparse, runner")
     args = parser.parse_args()
     device = torch.device(args.device)
     config = TINY if args.quick else LLADA_8B
@@ -184,6 +251,9 @@ def main() -> None:
         result["kernel_equality"] = kernel_equality(TINY if args.quick else TINY.__class__(
             **{**TINY.__dict__, "d_model": 1024, "n_heads": 8, "n_kv_heads": 8, "mlp_hidden_size": 2048}), device)
         print("kernel", result["kernel_equality"], flush=True)
+    if "invariance" not in skip:
+        result["invariance"] = invariance(TINY, device)
+        print("invariance", result["invariance"], flush=True)
     if "sparse" not in skip:
         result["sparse_vs_dense"] = sparse_vs_dense(config, device, args.quick)
     if "runner" not in skip:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 
 import torch
@@ -45,45 +46,130 @@ class KVCache:
         self.length += n
 
 
+# The canonical attention call. A batch-invariant step attends for every request in ONE SDPA call, and a request's
+# bits must not depend on what shares that call. The CPU flash kernel
+# (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp) runs one task per (batch entry, head, block of query rows); a
+# task walks the keys in blocks of min(512, keys) with an online softmax (two GEMMs per block, a vectorised exp-sum
+# whose scalar tail is rounded differently).
+# Two rules make a request's tasks the same computation alone and in any batch:
+#  * query rows: every batch entry holds rows of one request (cut from its row 0, zero-padded) and a multiple of 32 of
+#    them, at most 160: below 192 rows the kernel's query block is 32, so each task is one 32-row block of one request,
+#    the same rows whatever the batch (an entry of 64 rows is two tasks, exactly those of two 32-row entries);
+#  * keys: a request's keys are zero-padded to key_bucket(keys) (masked); the batch pads every request further, to
+#    the largest bucket. A padded key whose mask is -inf contributes exp(-inf) = 0 to the sum and 0 * 0 to P @ V, so
+#    appending masked keys changes no value provided the kernel's arithmetic on the real ones stays the same:
+#    whole masked key blocks past a request's own are exact no-ops (max unchanged, rescale by exp(0) = 1), and a
+#    block's length is kept a multiple of 16 (no scalar exp tail) and out of (192, 384), where MKL's sgemm splits its
+#    reduction at a point that moves with the length (measured; tests/worker/test_paged_attention.py checks every
+#    bucket pair). _tail_padding_exact re-checks that on the machine at hand and falls back to whole 512-key blocks.
+ROW_BLOCK = 32  # the kernel's query block for entries of fewer than 192 rows
+MAX_ENTRY_ROWS = 160  # the most rows of one entry that keep that block
+KEY_BLOCK = 512  # the flash kernel's key block for any call with at least this many keys
+KEY_ALIGN = 16  # the widest float vector (AVX-512): a multiple of it leaves no scalar tail in the exp-sum
+SPLIT_WINDOW = (192, 384)  # block lengths strictly inside: MKL splits the P @ V reduction where the length says
+
+
+def _bucket(num_keys: int, whole_blocks: bool) -> int:
+    full, tail = divmod(num_keys, KEY_BLOCK)
+    if tail == 0:
+        return num_keys
+    if whole_blocks:
+        return (full + 1) * KEY_BLOCK
+    tail = -(-tail // KEY_ALIGN) * KEY_ALIGN
+    if SPLIT_WINDOW[0] < tail < SPLIT_WINDOW[1]:
+        tail = SPLIT_WINDOW[1]
+    return full * KEY_BLOCK + tail
+
+
+@functools.cache
+def _tail_padding_exact(device_type: str, threads: int) -> bool:
+    """Whether padding a key block with masked keys, from one bucket to a larger one, gives the same bits here.
+
+    The rule is measured on MKL (AVX-512 and AVX2); another BLAS or kernel may split its sums elsewhere. A few
+    dozen tiny SDPA calls decide it once per process (per device type and thread count); the answer is the same in
+    every process on one machine, so the reference sampler and the server agree on it.
+    """
+    gen = torch.Generator().manual_seed(0)
+    for num_keys in (5, 100, 190, 200, 383, 500, 530, 700, 1000):
+        q = torch.randn(1, ROW_BLOCK, 2, 32, generator=gen).to(device_type)
+        k, v = (torch.randn(1, num_keys, 2, 32, generator=gen).to(device_type) for _ in range(2))
+        allowed = torch.rand(ROW_BLOCK, num_keys, generator=gen).to(device_type) < 0.7
+        allowed[:, 0] = True
+        own = _bucket(num_keys, False)
+        outputs = [attend_blocks(*_padded(q, k, v, allowed, width)) for width in
+                   (own, _bucket(own + 1, False), _bucket(own + KEY_BLOCK // 2, False), own + 2 * KEY_BLOCK)]
+        if not all(torch.equal(outputs[0], out) for out in outputs[1:]):
+            return False
+    return True
+
+
+def key_bucket(num_keys: int, device: torch.device | str = "cpu") -> int:
+    """The key count a request's attention call is padded to (masked zeros); see the notes above."""
+    device_type = torch.device(device).type
+    return _bucket(num_keys, not _tail_padding_exact(device_type, torch.get_num_threads()))
+
+
+def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """The mask SDPA adds to the scores: 0 where allowed, -inf elsewhere (built once, passed to every layer), in the
+    queries' dtype as SDPA makes one from a bool mask (the CPU kernel mishandles a float mask with float64 queries)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+def entry_rows(max_rows: int) -> int:
+    """Rows per batch entry for a call whose longest request has `max_rows` rows (a multiple of ROW_BLOCK)."""
+    return min(MAX_ENTRY_ROWS, -(-max_rows // ROW_BLOCK) * ROW_BLOCK)
+
+
+def _padded(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, width: int,
+            per_entry: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One request's entries: q (1, rows, heads, dim), k/v (1, keys, kv_heads, dim), allowed (rows, keys)
+    -> q (entries, per_entry, heads, dim), k/v (entries, width, kv_heads, dim), mask (entries, per_entry, width)."""
+    rows, num_keys = q.shape[1], k.shape[1]
+    per_entry = per_entry or entry_rows(rows)
+    entries = -(-rows // per_entry)
+    qp = q.new_zeros(entries * per_entry, *q.shape[2:])
+    qp[:rows] = q[0]
+    kp, vp = k.new_zeros(width, *k.shape[2:]), v.new_zeros(width, *v.shape[2:])
+    kp[:num_keys], vp[:num_keys] = k[0], v[0]
+    mask = torch.zeros(entries * per_entry, width, dtype=torch.bool, device=q.device)
+    mask[:rows, :num_keys] = allowed
+    return (qp.view(entries, per_entry, *q.shape[2:]), kp.expand(entries, *kp.shape),
+            vp.expand(entries, *vp.shape), additive_mask(mask.view(entries, per_entry, width), q.dtype))
+
+
+def attend_blocks(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """The canonical call: q (entries, rows, heads, dim); k, v (entries, keys, kv_heads, dim); mask (entries, rows,
+    keys) additive; rows a multiple of ROW_BLOCK up to MAX_ENTRY_ROWS. Returns (entries, rows, heads, dim). K/V are
+    laid out key-major and contiguous per entry here, whoever built them, so every caller hands the kernel the same
+    strides."""
+    groups = q.shape[2] // k.shape[2]
+    k = k.repeat_interleave(groups, dim=2) if groups > 1 else k.contiguous()
+    v = v.repeat_interleave(groups, dim=2) if groups > 1 else v.contiguous()
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask.unsqueeze(1))
+    return out.transpose(1, 2)
+
+
 def sdpa_with_mask(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """q: ([batch,] heads, rows, dim); k, v: ([batch,] kv_heads, keys, dim); mask: bool (rows, keys) or None (full).
 
-    A batch of same-shape requests gives each the bits it gets alone (the CPU kernel works per (batch, head, row
-    block); tests/worker/test_paged_attention.py checks it), which lets the paged backend batch them.
+    Every request's attention in the reference samplers: the canonical call (attend_blocks over the request's rows in
+    entries of entry_rows(rows), keys padded to key_bucket), whose bits worker/paged_attention.py reproduces with
+    all requests of an engine step in one call.
     """
-    groups = q.shape[-3] // k.shape[-3]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=-3)
-        v = v.repeat_interleave(groups, dim=-3)
-    if q.dim() == 4:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0),
-                                          attn_mask=mask).squeeze(0)
-
-
-def prefix_runs(spans: Tensor | None, num_rows: int, num_keys: int,
-                max_runs: int = 4) -> list[tuple[int, int, int]] | None:
-    """Describe a mask as runs of rows that each see one key prefix: [(row_start, row_end, key_end)].
-
-    The sparse inference step is of this form (commit rows see the clean prefix, all other rows
-    see every key), so it needs no materialised mask: one maskless SDPA call per run. Returns None
-    when the spans are not prefix-only (e.g. Algorithm 1's masked blocks) or need too many runs.
-    """
-    if spans is None:
-        return [(0, num_rows, num_keys)]
-    if spans.shape[0] != num_rows:
-        raise ValueError(f"spans has {spans.shape[0]} rows, the pass has {num_rows}")
-    spans = spans.cpu()
-    if num_rows == 0 or bool((spans[:, 0, 0] != 0).any()) or bool((spans[:, 1, 1] > spans[:, 1, 0]).any()):
-        return None
-    ends = spans[:, 0, 1].clamp(max=num_keys)
-    if bool((ends <= 0).any()):  # a row that sees no key: leave it to the masked path
-        return None
-    change = (ends[1:] != ends[:-1]).nonzero().flatten().add(1).tolist()
-    if len(change) + 1 > max_runs:
-        return None
-    bounds = [0, *change, num_rows]
-    return [(a, b, int(ends[a])) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    batched = q.dim() == 4
+    if not batched:
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    rows, num_keys = q.shape[2], k.shape[2]
+    allowed = torch.ones(rows, num_keys, dtype=torch.bool, device=q.device) if mask is None else mask
+    width = key_bucket(num_keys, q.device)
+    outs = []
+    for b in range(q.shape[0]):
+        qb, kb, vb, mb = _padded(q[b:b + 1].transpose(1, 2), k[b:b + 1].transpose(1, 2), v[b:b + 1].transpose(1, 2),
+                                 allowed, width)
+        outs.append(attend_blocks(qb, kb, vb, mb).flatten(0, 1)[:rows].transpose(0, 1))
+    out = torch.stack(outs)
+    return out if batched else out.squeeze(0)
 
 
 class SpanAttention(AttentionBackend):
@@ -102,8 +188,6 @@ class SpanAttention(AttentionBackend):
         self.cache = cache
         self.num_commit = num_commit
         self._mask: Tensor | None = None
-        self._runs: list[tuple[int, int, int]] | None = None
-        self._planned = False
 
     def _mask_for(self, num_keys: int, device: torch.device) -> Tensor | None:
         if self.spans is None:
@@ -112,18 +196,12 @@ class SpanAttention(AttentionBackend):
             self._mask = spans_to_mask(self.spans.to(device), num_keys)
         return self._mask
 
-    def _runs_for(self, num_rows: int, num_keys: int) -> list[tuple[int, int, int]] | None:
-        if not self._planned:  # same for every layer: one host-side look at the spans per pass
-            self._runs = prefix_runs(self.spans, num_rows, num_keys)
-            self._planned = True
-        return self._runs
-
     def keys_values(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """(kv_heads, keys, dim) K and V over [cache | this pass]; writes the commit rows to the cache.
 
-        (The paged vLLM backend, worker/paged_attention.py, gathers its keys itself and repeats the dispatch of
-        attend() below with the same prefix_runs / sdpa_with_mask calls, which keeps its logits bit-identical to
-        the reference: keep the two in step; the I4 tests compare them.)
+        (The paged vLLM backend, worker/paged_attention.py, gathers its keys itself and makes sdpa_with_mask's
+        canonical call for every request of a step at once, which keeps its logits bit-identical to the reference:
+        keep the two in step; the I4 tests compare them.)
         """
         cache, rows = self.cache, k.shape[0]
         if cache is None:
@@ -144,13 +222,5 @@ class SpanAttention(AttentionBackend):
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         keys, values = self.keys_values(layer, k, v)
-        qt = q.transpose(0, 1)
-        runs = self._runs_for(q.shape[0], keys.shape[1])
-        if runs is None:
-            out = sdpa_with_mask(qt, keys, values, self._mask_for(keys.shape[1], q.device))
-        elif len(runs) == 1:
-            out = sdpa_with_mask(qt, keys[:, :runs[0][2]], values[:, :runs[0][2]], None)
-        else:
-            out = torch.cat([sdpa_with_mask(qt[:, a:b], keys[:, :end], values[:, :end], None)
-                             for a, b, end in runs], dim=1)
-        return out.transpose(0, 1)
+        mask = self._mask_for(keys.shape[1], q.device)
+        return sdpa_with_mask(q.transpose(0, 1), keys, values, mask).transpose(0, 1)

@@ -30,8 +30,9 @@ def flex_kernel(device: torch.device) -> Any:
 def choose_backend(requested: str, device: torch.device, batch_invariant: bool) -> str:
     """The attention backend of the unconstrained runner: FlexAttention on CUDA by default, SDPA elsewhere.
 
-    The batch-invariant runner keeps per-request SDPA (its reduction order must not depend on the batch), so
-    "flex" there is a configuration error rather than a silent switch.
+    The batch-invariant runner keeps its canonical SDPA call (paged_attention.PagedSpanAttention: one call per layer
+    whose per-request reductions do not depend on the batch, bit-identical to the reference samplers); FlexAttention
+    packs requests without that guarantee, so "flex" there is a configuration error rather than a silent switch.
     """
     if requested not in BACKENDS:
         raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, got {requested!r}")

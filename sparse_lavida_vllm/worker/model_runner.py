@@ -142,10 +142,10 @@ class DiffusionRunnerMixin:
         Sparse rows per request: [prompt on its first step | C_{k-1} | decode masks | registers]; the prompt
         and C_{k-1} are the commit rows (written to the pool, seeing only the cache and each other), so a new
         request's prefill rides in the same pass. Dense: prompt + canvas, full attention, nothing cached.
-        Batch invariance: attention has per-request arithmetic (PagedSpanAttention: same-shape neighbours share
-        an SDPA call, which gives each its solo bits), and the model's GEMMs run in fixed row tiles
-        (model.row_tile; or plain GEMMs where plain_rows_verified found they give the tiles' bits), so no row's
-        arithmetic depends on which rows share the pass.
+        Batch invariance: attention is one SDPA call per layer with per-request arithmetic (PagedSpanAttention:
+        each request's 32-row blocks and bucket-padded keys give it its solo bits), and the model's GEMMs run in
+        fixed row tiles (model.row_tile; or plain GEMMs where plain_rows_verified found they give the tiles' bits),
+        so no row's arithmetic depends on which rows share the pass.
         """
         cfg = self.model.config
         ids: list[int] = []
@@ -303,7 +303,7 @@ class DiffusionRunnerMixin:
             raise RuntimeError(f"injected fault ({FAULT_ENV}={fault})")
         if self.batch_invariant or hasattr(self.model, "step_logits"):
             # the default: one forward, batch-invariant, bit-identical to the reference (LaViDa-O always: its
-            # per-modality layers run on PagedSpanAttention's per-request arithmetic)
+            # per-modality layers run on PagedSpanAttention's one call with a per-modality mask)
             return self._step(steps)
         # plain GEMMs and one batched attention call per layer: fastest, not invariant
         return list(torch.split(self._flat_step(steps), [len(rs.decode_positions) for rs in steps]))

@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparse_lavida_vllm.diffusion.masks import spans_to_mask
-from sparse_lavida_vllm.model_executor.attention import AttentionBackend, prefix_runs, sdpa_with_mask
+from sparse_lavida_vllm.model_executor.attention import (
+    AttentionBackend,
+    additive_mask,
+    attend_blocks,
+    entry_rows,
+    key_bucket,
+)
 
 
 @dataclass
@@ -34,38 +40,20 @@ def request_slots(block_ids: list[int], start: int, end: int, block_size: int) -
     return torch.tensor(block_ids, dtype=torch.long)[idx // block_size] * block_size + idx % block_size
 
 
-@dataclass
-class _Group:
-    """Consecutive requests of one shape: `size` blocks of `rows` pass rows from `start` and of `keys` keys
-    ([cache | rows]) from `key_start` in the layer's key buffer; `runs` as prefix_runs, else the spans' `mask`."""
-
-    start: int
-    key_start: int
-    size: int
-    rows: int
-    keys: int
-    runs: list[tuple[int, int, int]] | None
-    mask: Tensor | None
-
-
-def _blocks(x: Tensor, start: int, size: int, n: int) -> Tensor:
-    """(size, heads, n, dim) view of `size` consecutive blocks of n rows of x (rows, heads, dim) from row `start`."""
-    return x[start:start + size * n].view(size, n, *x.shape[1:]).transpose(1, 2)
-
-
 class PagedSpanAttention(AttentionBackend):
-    """A flat batch of requests; each attends to [its cached K/V gathered from the pool | its rows].
+    """A flat batch of requests in ONE attention call per layer, each request with the reference's bits.
 
     pool[layer] is (2, num_slots, kv_heads, head_dim): the K and V planes of vLLM's block pool seen as flat
     slots. Per layer, one index_select gathers every request's cached K/V (in write order, so a request's keys
-    come in the reference KVCache's order) and one cat lays out [request 0's cache | its rows | request 1's
-    cache | ...] in a key-major buffer; one index_copy writes every request's commit rows to the pool. Requests
-    own disjoint slots, so gathering before any commit row is written reads what request-by-request would.
-
-    Attention has the reference's arithmetic (SpanAttention: one maskless SDPA call per prefix run of the spans,
-    or one masked call): moving data in fewer calls changes no value, and consecutive requests of one shape (same
-    cache length, rows and spans, e.g. requests started together) share each SDPA call as a batch, which gives
-    each the bits it gets alone. Each request's result is therefore independent of the batch (batch invariance).
+    come in the reference KVCache's order), one index_copy writes every request's commit rows to the pool, and one
+    SDPA call attends for every request: sdpa_with_mask's canonical call (model_executor/attention.py), made for all
+    of them at once. Each request's rows are cut into entries of entry_rows(the longest request's rows) rows from its
+    row 0 (zero-padded; the kernel works on them in 32-row blocks, the reference's blocks), and each entry's keys
+    are its request's [cache | rows], zero-padded to the widest key_bucket of the step under a mask built once per
+    pass from the spans. The kernel computes each (entry, head) alone, and the
+    padding past a request's own bucket is provably inert (the notes in attention.py), so every request gets the
+    bits the reference sampler gets for it alone: batch invariance with no loop over requests in the forward.
+    Requests own disjoint slots, so gathering before any commit row is written reads what request-by-request would.
     """
 
     def __init__(self, pool: list[Tensor], segments: list[Segment], slot_is_image: Tensor | None = None) -> None:
@@ -73,61 +61,66 @@ class PagedSpanAttention(AttentionBackend):
         self.segments = segments
         self.slot_is_image = slot_is_image  # the runner's per-slot modality flags (LaViDa-O), beside the pool
         device = pool[0].device
-        self.groups: list[_Group] = []
-        self.parts: list[tuple[int, int, int, int]] = []  # per request: cached [a, b) of the gather, rows [c, d)
-        self.key_starts: list[int] = []  # per request: where its keys start in the layer's key buffer
-        gathered = offset = 0
-        for seg in segments:
-            cached, rows = seg.cached_slots.numel(), seg.end - seg.start
-            keys = cached + rows
-            runs = prefix_runs(seg.spans, rows, keys)
-            last = self.groups[-1] if self.groups else None
-            if last is not None and runs is not None and (last.rows, last.keys, last.runs) == (rows, keys, runs):
-                last.size += 1
-            else:
-                mask = None if runs is not None or seg.spans is None else spans_to_mask(seg.spans.to(device), keys)
-                self.groups.append(_Group(seg.start, offset, 1, rows, keys, runs, mask))
-            self.parts.append((gathered, gathered + cached, seg.start, seg.end))
-            self.key_starts.append(offset)
-            gathered += cached
-            offset += keys
+        rows = torch.tensor([seg.end - seg.start for seg in segments])
+        cached = torch.tensor([seg.cached_slots.numel() for seg in segments])
+        keys = cached + rows
+        row_start = torch.tensor([seg.start for seg in segments])
+        cached_start = torch.cumsum(cached, 0) - cached
+        total_cached, total_rows = int(cached.sum()), int(rows.sum())
+        width = max(key_bucket(int(n), device) for n in keys)
+        per_entry = entry_rows(int(rows.max()))
+        blocks = -(-rows // per_entry)
+        entry_req = torch.repeat_interleave(torch.arange(len(segments)), blocks)  # (entries,) -> its request
+        entry_start = torch.cumsum(blocks, 0) - blocks
+        entry_block = torch.arange(entry_req.numel()) - entry_start[entry_req]  # which of its request's entries
+        # each entry's keys as rows of [all cached K/V (gathered) | this pass's K/V | one zero row]
+        j = torch.arange(width)
+        c, n = cached[:, None], keys[:, None]
+        key_src = torch.where(j < c, cached_start[:, None] + j,
+                              torch.where(j < n, total_cached + row_start[:, None] + j - c, total_cached + total_rows))
+        self.key_index = key_src[entry_req].flatten()
+        # each entry's query rows as rows of [this pass's q | one zero row]
+        local = entry_block[:, None] * per_entry + torch.arange(per_entry)  # (entries, per_entry) row in request
+        real = local < rows[entry_req, None]
+        self.query_index = torch.where(real, row_start[entry_req, None] + local, total_rows).flatten()
+        self.out_index = real.flatten().nonzero().flatten()  # entry rows that are real, in flat row order
+        self.entries, self.per_entry, self.width = entry_req.numel(), per_entry, width
+        # which keys each entry row sees: its spans (full attention without them) within its request's keys
+        spans = torch.cat([seg.spans.cpu() if seg.spans is not None else
+                           torch.tensor([[0, int(n)], [0, 0]]).expand(seg.end - seg.start, 2, 2)
+                           for seg, n in zip(segments, keys, strict=True)])
+        row_keys = torch.repeat_interleave(keys, rows)
+        allowed = spans_to_mask(spans, width) & (j < row_keys[:, None])
+        self.allowed = torch.zeros(self.entries * per_entry, width, dtype=torch.bool)
+        self.allowed[self.out_index] = allowed
+        self.mask = additive_mask(self.allowed.to(device), pool[0].dtype).view(self.entries, per_entry, width)
         self.cached_slots = torch.cat([seg.cached_slots for seg in segments]).to(device)
         self.commit_rows = torch.cat([torch.arange(seg.start, seg.start + seg.commit_slots.numel())
                                       for seg in segments]).to(device)
         self.commit_slots = torch.cat([seg.commit_slots for seg in segments]).to(device)
-
-    def _gather(self, plane: Tensor, rows: Tensor) -> Tensor:
-        """(keys, kv_heads, head_dim): the key-major buffer (SDPA computes the same bits on its per-head strided
-        views as on per-head contiguous keys: tests/worker/test_paged_attention.py checks it)."""
-        cached = plane.index_select(0, self.cached_slots)
-        pieces = []
-        for a, b, c, d in self.parts:
-            pieces += [cached[a:b], rows[c:d]]
-        return torch.cat(pieces)
+        for name in ("key_index", "query_index", "out_index"):
+            setattr(self, name, getattr(self, name).to(device))
 
     def keys_values(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """The key-major K and V buffers [request 0's cache | its rows | ...]; writes the commit rows to the pool."""
+        """(entries, width, kv_heads, head_dim) K and V of every entry; writes the commit rows to the pool."""
         cache = self.pool[layer]
-        keys, values = self._gather(cache[0], k), self._gather(cache[1], v)
+        out = []
+        for plane, rows in ((cache[0], k), (cache[1], v)):
+            source = torch.cat([plane.index_select(0, self.cached_slots), rows, rows.new_zeros(1, *rows.shape[1:])])
+            out.append(source.index_select(0, self.key_index).view(self.entries, self.width, *rows.shape[1:]))
         if self.commit_rows.numel():  # only C_{k-1} (or the prompt) reaches the pool; masks and registers never do (I1)
             cache[0].index_copy_(0, self.commit_slots, k.index_select(0, self.commit_rows))
             cache[1].index_copy_(0, self.commit_slots, v.index_select(0, self.commit_rows))
-        return keys, values
+        return out[0], out[1]
 
-    def attend_groups(self, q: Tensor, keys: Tensor, values: Tensor, groups: list[_Group]) -> Tensor:
-        out = q.new_empty(q.shape)
-        for g in groups:
-            qg, og = _blocks(q, g.start, g.size, g.rows), _blocks(out, g.start, g.size, g.rows)
-            kg, vg = _blocks(keys, g.key_start, g.size, g.keys), _blocks(values, g.key_start, g.size, g.keys)
-            if g.runs is None:
-                og.copy_(sdpa_with_mask(qg, kg, vg, g.mask))
-            for a, b, end in g.runs or []:
-                og[:, :, a:b] = sdpa_with_mask(qg[:, :, a:b], kg[:, :, :end], vg[:, :, :end], None)
-        return out
+    def attend_masked(self, layer: int, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        keys, values = self.keys_values(layer, k, v)
+        queries = torch.cat([q, q.new_zeros(1, *q.shape[1:])]).index_select(0, self.query_index)
+        out = attend_blocks(queries.view(self.entries, self.per_entry, *q.shape[1:]), keys, values, mask)
+        return out.flatten(0, 1).index_select(0, self.out_index)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        keys, values = self.keys_values(layer, k, v)
-        return self.attend_groups(q, keys, values, self.groups)
+        return self.attend_masked(layer, q, k, v, self.mask)
 
     def with_modality(self, row_is_image: Tensor, first_split_layer: int) -> PagedModalityAttention:
         """This pass under LaViDa-O's per-modality layers (lavida_o.LaViDaOMDM.wrap_attention calls it)."""
@@ -140,9 +133,9 @@ class PagedModalityAttention(AttentionBackend):
     """LaViDa-O's split layers over the paged pool: ModalityAttention's rule (the spans AND same-modality keys).
 
     Each cached key's modality is a per-slot flag beside the K/V pool (`slot_is_image`), written with the commit
-    rows' K/V (the same slots), so a request's cached keys carry their modality like a ModalKVCache's rows. Joint
-    layers, and split layers of a request whose rows and keys all have one modality (a text request), keep the
-    wrapped backend's arithmetic; the others run one masked SDPA per request, as ModalityAttention does.
+    rows' K/V (the same slots), so a request's cached keys carry their modality like a ModalKVCache's rows. Split
+    layers make the wrapped backend's one call with a second mask; for a request whose rows and keys all have one
+    modality (a text request) that mask equals the joint one, which is ModalityAttention's joint arithmetic.
     """
 
     def __init__(self, inner: PagedSpanAttention, row_is_image: Tensor, first_split_layer: int) -> None:
@@ -150,29 +143,21 @@ class PagedModalityAttention(AttentionBackend):
         self.first_split_layer = first_split_layer
         flags = inner.slot_is_image
         rows = row_is_image.to(flags.device)
-        cached = flags.index_select(0, inner.cached_slots)
-        self.groups: list[_Group] = []  # one group per request, with the modality mask where it matters
-        self.mixed = False
-        for seg, (a, b, c, d), key_start in zip(inner.segments, inner.parts, inner.key_starts, strict=True):
-            row_mod = rows[c:d]
-            keys = torch.cat([cached[a:b], row_mod])
-            n_rows, n_keys = d - c, keys.numel()
-            spans = None if seg.spans is None else spans_to_mask(seg.spans.to(flags.device), n_keys)
-            if n_keys == 0 or bool((keys == keys[0]).all()):  # one modality: the joint arithmetic
-                runs = prefix_runs(seg.spans, n_rows, n_keys)
-                self.groups.append(_Group(c, key_start, 1, n_rows, n_keys, runs, None if runs else spans))
-                continue
-            self.mixed = True
-            mask = row_mod.view(-1, 1) == keys.view(1, -1)
-            self.groups.append(_Group(c, key_start, 1, n_rows, n_keys, None, mask if spans is None else mask & spans))
+        # the modality of every entry row and every entry key, as the joint call lays them out
+        key_is_image = torch.cat([flags.index_select(0, inner.cached_slots), rows, rows.new_zeros(1)])
+        key_is_image = key_is_image.index_select(0, inner.key_index).view(inner.entries, inner.width)
+        row_of_entry = torch.cat([rows, rows.new_zeros(1)]).index_select(0, inner.query_index)
+        shape = (inner.entries, inner.per_entry, inner.width)
+        same = row_of_entry.view(*shape[:2], 1) == key_is_image.view(shape[0], 1, shape[2])
+        allowed = inner.allowed.to(flags.device).view(shape) & same
+        self.mask = additive_mask(allowed, inner.mask.dtype)
         if inner.commit_rows.numel():  # the commit rows' modality goes where their K/V go
             flags.index_copy_(0, inner.commit_slots, rows.index_select(0, inner.commit_rows))
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        if layer < self.first_split_layer or not self.mixed:
+        if layer < self.first_split_layer:
             return self.inner.attend(layer, q, k, v)
-        keys, values = self.inner.keys_values(layer, k, v)
-        return self.inner.attend_groups(q, keys, values, self.groups)
+        return self.inner.attend_masked(layer, q, k, v, self.mask)
 
 
 @dataclass

@@ -1,21 +1,11 @@
-"""The performance paths equal the plain ones: maskless prefix-run attention == the materialised span mask."""
+"""The performance paths equal the plain ones: SpanAttention's in-cache keys == the materialised span mask."""
 
 from __future__ import annotations
 
 import torch
 
-from sparse_lavida_vllm.diffusion.masks import inference_step_spans, spans_to_mask, step_causal_spans
-from sparse_lavida_vllm.model_executor.attention import KVCache, SpanAttention, prefix_runs, sdpa_with_mask
-
-
-def test_prefix_runs_describe_the_inference_step_and_reject_algorithm1():
-    spans = inference_step_spans(cache_len=10, num_rows=7, num_commit=2, num_clean=3)
-    assert prefix_runs(spans, 7, 17) == [(0, 2, 13), (2, 7, 17)]
-    assert prefix_runs(inference_step_spans(5, 4, 0), 4, 9) == [(0, 4, 9)]
-    assert prefix_runs(None, 4, 9) == [(0, 4, 9)]
-    # Algorithm 1 with masked blocks has rows with two intervals: the masked path must handle it
-    blocks = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    assert prefix_runs(step_causal_spans(blocks, num_clean_blocks=1), 8, 8) is None
+from sparse_lavida_vllm.diffusion.masks import inference_step_spans, spans_to_mask
+from sparse_lavida_vllm.model_executor.attention import KVCache, SpanAttention, sdpa_with_mask
 
 
 def test_span_attention_fast_path_equals_the_masked_path():

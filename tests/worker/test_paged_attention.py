@@ -4,7 +4,17 @@ import pytest
 import torch
 
 from sparse_lavida_vllm.diffusion.masks import inference_step_spans
-from sparse_lavida_vllm.model_executor.attention import KVCache, SpanAttention, sdpa_with_mask
+from sparse_lavida_vllm.model_executor.attention import (
+    KEY_BLOCK,
+    MAX_ENTRY_ROWS,
+    ROW_BLOCK,
+    KVCache,
+    SpanAttention,
+    _padded,
+    _tail_padding_exact,
+    attend_blocks,
+    key_bucket,
+)
 from sparse_lavida_vllm.model_executor.weights import random_model
 from sparse_lavida_vllm.worker.paged_attention import (
     BatchedPagedAttention,
@@ -57,6 +67,7 @@ def test_paged_equals_reference_bit_for_bit():
     assert written == sorted(slots.tolist())
 
 
+@torch.no_grad()  # the served path runs without autograd (plain GEMMs under autograd vary with the row count)
 def test_two_requests_in_one_flat_batch_attend_only_to_their_own_cache():
     model = random_model(TINY, seed=2, std=0.3)
     cfg = model.config
@@ -77,7 +88,7 @@ def test_two_requests_in_one_flat_batch_attend_only_to_their_own_cache():
         cache.advance(len(prompt))
         alone = model(masks, torch.arange(len(prompt), len(prompt) + 2),
                       SpanAttention(inference_step_spans(len(prompt), 2, 0, 0), cache, 0), torch.arange(2))
-        assert torch.allclose(out, alone, atol=1e-5)
+        assert torch.equal(out, alone)
 
 
 def test_batched_backend_equals_each_request_alone_and_writes_only_commit_rows():
@@ -148,46 +159,67 @@ def test_batched_backend_one_request_equals_the_reference():
     assert torch.allclose(flat, ref, atol=1e-5)
 
 
+def _bucket_widths() -> list[int]:
+    """Every key bucket up to three key blocks (the buckets a step can pad a request to)."""
+    return sorted({key_bucket(n) for n in range(1, 3 * KEY_BLOCK + 1)})
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-def test_sdpa_on_key_major_strided_keys_equals_contiguous_keys(threads):
-    """PagedSpanAttention hands each request a (kv_heads, keys, dim) view of a key-major buffer, the reference cache
-    a per-head contiguous one: SDPA must give the same bits for both, on whole and prefix key ranges."""
+def test_padding_a_request_s_keys_to_any_larger_bucket_changes_no_bit(threads):
+    """The fact PagedSpanAttention's one call rests on: a request's canonical call (its keys padded to its own
+    key_bucket) gives the same bits with its keys padded to any larger bucket (what a step pads to when another
+    request has more keys), for every real key count, mask density, head count and head size tried, GQA included."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        assert _tail_padding_exact("cpu", threads)  # the measured rule holds here: no fallback to whole blocks
+        widths = _bucket_widths()
         gen = torch.Generator().manual_seed(0)
-        for rows, keys, heads, dim in ((36, 100, 4, 64), (66, 180, 4, 64), (5, 7, 6, 16), (200, 700, 4, 64),
-                                       (50, 130, 32, 128), (1, 3, 2, 64)):
-            q = torch.randn(rows, heads, dim, generator=gen).transpose(0, 1)
-            k, v = (torch.randn(keys, heads, dim, generator=gen).transpose(0, 1) for _ in range(2))
-            for end in (keys, max(keys - 3, 1)):
-                strided = sdpa_with_mask(q, k[:, :end], v[:, :end], None)
-                contiguous = sdpa_with_mask(q, k[:, :end].contiguous(), v[:, :end].contiguous(), None)
-                assert torch.equal(strided, contiguous), (rows, keys, heads, dim, end)
+        for num_keys in [*range(1, 3 * KEY_BLOCK, 89), 192, 193, 383, 384, 512, 513, 1024]:
+            heads, kv_heads, dim = ((4, 4, 32), (6, 3, 64), (2, 2, 128))[num_keys % 3]
+            q = torch.randn(1, ROW_BLOCK, heads, dim, generator=gen)
+            k, v = (torch.randn(1, num_keys, kv_heads, dim, generator=gen) for _ in range(2))
+            allowed = torch.rand(ROW_BLOCK, num_keys, generator=gen) < (0.3, 0.9)[num_keys % 2]
+            allowed[:, 0] = True
+            own = attend_blocks(*_padded(q, k, v, allowed, key_bucket(num_keys)))
+            larger = [w for w in widths if w > key_bucket(num_keys)]
+            for width in larger[:4] + larger[4::5]:  # the next few buckets, then a sample up to three blocks
+                assert torch.equal(attend_blocks(*_padded(q, k, v, allowed, width)), own), (num_keys, width)
     finally:
         torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_sdpa_gives_each_request_of_a_same_shape_batch_the_bits_it_gets_alone(threads):
-    """PagedSpanAttention batches consecutive same-shape requests into one SDPA call: each must get its solo bits
-    (views of a key-major buffer, as the backend passes them; GQA included)."""
+def test_a_request_s_rows_give_the_same_bits_in_entries_of_any_allowed_size(threads):
+    """The other half: a step cuts every request into entries of the longest request's row count (a multiple of 32
+    up to 160), the reference by its own; the kernel works on 32-row blocks of each, so any such size gives the
+    same bits, with rows past the request zero-padded."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        gen = torch.Generator().manual_seed(0)
-        for rows, keys, heads, kv_heads, dim in ((51, 147, 4, 4, 64), (2, 98, 4, 2, 64), (200, 300, 4, 4, 64),
-                                                 (49, 147, 32, 8, 128), (1, 5, 2, 2, 16), (700, 900, 4, 4, 64)):
-            for size in (2, 3, 8):
-                q = torch.randn(size, rows, heads, dim, generator=gen).transpose(1, 2)
-                k, v = (torch.randn(size, keys, kv_heads, dim, generator=gen).transpose(1, 2) for _ in range(2))
-                together = sdpa_with_mask(q, k, v, None)
-                for b in range(size):
-                    assert torch.equal(together[b], sdpa_with_mask(q[b], k[b], v[b], None)), (rows, keys, size, b)
+        gen = torch.Generator().manual_seed(2)
+        for rows, num_keys in ((150, 300), (33, 40), (7, 700), (161, 200)):
+            q = torch.randn(1, rows, 4, 32, generator=gen)
+            k, v = (torch.randn(1, num_keys, 2, 32, generator=gen) for _ in range(2))
+            allowed = torch.rand(rows, num_keys, generator=gen) < 0.6
+            allowed[:, 0] = True
+            outs = [attend_blocks(*_padded(q, k, v, allowed, key_bucket(num_keys), per_entry)).flatten(0, 1)[:rows]
+                    for per_entry in range(ROW_BLOCK, MAX_ENTRY_ROWS + 1, ROW_BLOCK)]
+            assert all(torch.equal(out, outs[0]) for out in outs[1:]), (rows, num_keys)
     finally:
         torch.set_num_threads(old)
 
 
+def test_key_buckets_are_closed_under_max_and_avoid_the_split_window():
+    widths = _bucket_widths()
+    for width in widths:
+        assert key_bucket(width) == width  # a step pads to the largest bucket: itself a bucket
+        tail = (width - 1) % KEY_BLOCK + 1
+        assert tail % 16 == 0 and not 192 < tail < 384
+    assert key_bucket(1) == 16 and key_bucket(200) == 384 and key_bucket(600) == KEY_BLOCK + 96
+
+
+@torch.no_grad()  # the served path runs without autograd
 def test_per_slot_modality_equals_modality_attention_alone_and_batched():
     """LaViDa-O's split layers over the paged pool (PagedModalityAttention: a modality flag per slot, written with
     the commit rows' K/V) == ModalityAttention over a ModalKVCache, bit for bit; a text request batched with an image
