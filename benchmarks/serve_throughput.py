@@ -56,6 +56,11 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "sparse_lavida_vllm" / "assets" / "demo" / "sparse"
 # the server mode's requests: the issue's measurement (64 tokens, 32 steps, temperature 0.8, seeded)
 SERVER_REQUESTS, SERVER_KNOBS, SERVER_TEMPERATURE = 8, {"gen_length": 64, "steps": 32}, 0.8
+
+
+def SERVER_PROMPT(i: int) -> str:  # noqa: N802 - a constant of the workload, like the ones above
+    """Request i's prompt: eight lengths, so no two requests share a shape (as real traffic)."""
+    return f"request {i}: " + "count to ten, " * (1 + i)
 PROMPT_LEN, GEN_LENGTH, BLOCK_LENGTH, STEPS = 64, 64, 32, 32
 CONCURRENCY = (1, 4, 8, 16, 32)
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -311,7 +316,7 @@ def server_mode(mode: str, rounds: int, env: dict, cwd: str, log_dir: Path) -> d
         name = client.get("/v1/models").json()["data"][0]["id"]
 
         def ask(i: int) -> list[int]:
-            body = {"model": name, "prompt": f"request {i}: count to ten", "max_tokens": SERVER_KNOBS["gen_length"],
+            body = {"model": name, "prompt": SERVER_PROMPT(i), "max_tokens": SERVER_KNOBS["gen_length"],
                     "temperature": SERVER_TEMPERATURE, "seed": 100 + i, "ignore_eos": True, "return_token_ids": True,
                     "vllm_xargs": SERVER_KNOBS}
             response = client.post("/v1/completions", json=body)
@@ -420,7 +425,8 @@ def main() -> None:
                "torch_threads": args.threads or torch.get_num_threads()}
     if args.server:
         result = {"machine": machine, "model": "bundled demo (d_model 128, 4 layers)",
-                  "workload": {"requests": SERVER_REQUESTS, "temperature": SERVER_TEMPERATURE, **SERVER_KNOBS},
+                  "workload": {"requests": SERVER_REQUESTS, "temperature": SERVER_TEMPERATURE, **SERVER_KNOBS,
+                               "prompts": [SERVER_PROMPT(i) for i in range(SERVER_REQUESTS)]},
                   "rounds": args.rounds, "servers": server_main(args, versions), "load_average": os.getloadavg()}
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -29,11 +29,10 @@ from sparse_lavida_vllm.worker.paged_attention import (
     PagedSpanAttention,
     Segment,
     StepLayout,
-    request_slots,
+    slot_ranges,
 )
 
 logger = init_logger("vllm.sparse_lavida." + __name__)  # under "vllm": shown in vLLM's log format
-_EMPTY = torch.empty(0, dtype=torch.long)
 # Test-only: a request whose prompt holds this token id raises inside the runner (tests/entrypoints/test_faults.py)
 FAULT_ENV = "SPARSE_LAVIDA_FAULT_TOKEN"
 
@@ -131,9 +130,6 @@ class DiffusionRunnerMixin:
     def capture_model(self) -> int:
         return 0
 
-    def _slots(self, block_ids: list[int], start: int, end: int) -> Tensor:
-        return request_slots(block_ids, start, end, self.block_size).to(self.device)
-
     # ---- one engine step --------------------------------------------------------------------
 
     def _step(self, group: list[RequestStep]) -> list[Tensor]:
@@ -150,7 +146,9 @@ class DiffusionRunnerMixin:
         cfg = self.model.config
         ids: list[int] = []
         positions: list[int] = []
-        segments, logits_rows, start = [], [], 0
+        # per request: rows [start, end), cached and commit token counts, spans; slots are mapped for all at once
+        parts: list[tuple[int, int, int, int, Tensor | None]] = []
+        logits_rows, start = [], 0
         embed_rows: list[Tensor] = []
         embeds: list[Tensor] = []
         for rs in group:
@@ -168,20 +166,23 @@ class DiffusionRunnerMixin:
                 positions += rs.prefill_positions + rs.commit_positions + rs.decode_positions
                 positions += range(rs.register_start, rs.register_start + rs.num_registers)
                 n = n_commit + n_decode + rs.num_registers
-                segments.append(Segment(
-                    start, start + n, self._slots(rs.block_ids, 0, cached),
-                    self._slots(rs.block_ids, cached, cached + n_commit),
-                    inference_step_spans(cached, n, n_commit, n_commit)))
+                parts.append((start, start + n, cached, n_commit, inference_step_spans(cached, n, n_commit, n_commit)))
                 logits_rows.append(torch.arange(start + n_commit, start + n_commit + n_decode))
             else:
                 n = len(rs.dense_ids)
                 ids += rs.dense_ids
                 positions += range(n)
-                empty = _EMPTY.to(self.device)
-                segments.append(Segment(start, start + n, empty, empty, None))
+                parts.append((start, start + n, 0, 0, None))
                 logits_rows.append(start + torch.tensor(rs.decode_positions, dtype=torch.long))
             start += n
         device = self.device
+        tables = [rs.block_ids for rs in group]
+        cached_t = torch.tensor([p[2] for p in parts], dtype=torch.long)
+        commit_t = torch.tensor([p[3] for p in parts], dtype=torch.long)
+        cached_slots = slot_ranges(tables, torch.zeros_like(cached_t), cached_t, self.block_size)
+        commit_slots = slot_ranges(tables, cached_t, cached_t + commit_t, self.block_size)
+        segments = [Segment(a, b, cached.to(device), commit.to(device), spans)
+                    for (a, b, _, _, spans), cached, commit in zip(parts, cached_slots, commit_slots, strict=True)]
         ids_t = torch.tensor(ids, dtype=torch.long, device=device)
         positions_t = torch.tensor(positions, dtype=torch.long, device=device)
         attention = PagedSpanAttention(self.paged_kv, segments, self.slot_is_image)

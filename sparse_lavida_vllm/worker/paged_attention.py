@@ -40,6 +40,16 @@ def request_slots(block_ids: list[int], start: int, end: int, block_size: int) -
     return torch.tensor(block_ids, dtype=torch.long)[idx // block_size] * block_size + idx % block_size
 
 
+def slot_ranges(tables: list[list[int]], start: Tensor, end: Tensor, block_size: int) -> list[Tensor]:
+    """request_slots of many requests in a few tensor ops: request b's slots of its token indices [start[b], end[b])."""
+    lengths = end - start
+    width = max(max((len(t) for t in tables), default=0), 1)
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long).view(len(tables), width)
+    req = torch.repeat_interleave(torch.arange(len(tables)), lengths)
+    idx = torch.arange(int(lengths.sum())) - (torch.cumsum(lengths, 0) - lengths)[req] + start[req]
+    return list(torch.split(table[req, idx // block_size] * block_size + idx % block_size, lengths.tolist()))
+
+
 class PagedSpanAttention(AttentionBackend):
     """A flat batch of requests in ONE attention call per layer, each request with the reference's bits.
 

@@ -22,6 +22,7 @@ from sparse_lavida_vllm.worker.paged_attention import (
     Segment,
     StepLayout,
     request_slots,
+    slot_ranges,
 )
 from tests.serving_helpers import TINY
 
@@ -31,6 +32,15 @@ EMPTY = torch.empty(0, dtype=torch.long)
 
 def test_request_slots_follow_the_block_table():
     assert request_slots([7, 2, 5], 2, 9, BLOCK).tolist() == [30, 31, 8, 9, 10, 11, 20]
+
+
+def test_slot_ranges_equal_request_slots_of_each_request():
+    """The runner maps every request's cache and commit slots in one call (slot_ranges), empty ranges included."""
+    tables = [[7, 2, 5], [], [1], [4, 0, 3, 6]]
+    start, end = torch.tensor([2, 0, 1, 5]), torch.tensor([9, 0, 1, 15])
+    got = slot_ranges(tables, start, end, BLOCK)
+    assert [g.tolist() for g in got] == [request_slots(t, int(a), int(b), BLOCK).tolist()
+                                        for t, a, b in zip(tables, start, end, strict=True)]
 
 
 def test_paged_equals_reference_bit_for_bit():
