@@ -417,7 +417,8 @@ def _die_with_parent(poll_s: float = 0.25) -> None:
     A SIGKILLed API server gets no chance to stop its engine core, which would keep its memory, and its children,
     for minutes. A daemon thread polls the parent pid (PR_SET_PDEATHSIG would fire when the *thread* that started
     us ends, not the process) and SIGKILLs this process once we are re-parented; our own children then see us go
-    the same way, and the resource tracker, once every process holding it is gone, unlinks the shared memory.
+    the same way. The shared memory needs no step here: its names are unlinked once all users have mapped them
+    (`_unlink_once_ready`, `_unlink_once_joined`), so it is freed with the last process that maps it.
     """
     parent = multiprocessing.parent_process()
     if parent is None or parent.pid is None:  # the main process (API server, offline LLM) watches nobody
@@ -429,6 +430,71 @@ def _die_with_parent(poll_s: float = 0.25) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="sparse-lavida-parent-watchdog", daemon=True).start()
+
+
+def _unlink_shm(name: str) -> None:
+    """Remove a POSIX shared-memory name (a file under /dev/shm on Linux); mappings of it stay valid."""
+    import _posixshmem
+
+    try:
+        _posixshmem.shm_unlink("/" + name)
+    except FileNotFoundError:
+        pass
+
+
+def _unlink_once_joined(init_cpu_shm):
+    """Wrap vLLM's _CPUSHMDistributed._init_cpu_shm (the tensor-parallel collectives on CPU): once every rank has
+    joined, unlink the segment this rank created.
+
+    vLLM's C++ SHM manager creates one /dev/shm segment per rank (`<group>-cpushm_<rank>`, 4 MiB) and unlinks them
+    only from its destructor, i.e. at a clean interpreter exit: a worker that is killed (the executor's shutdown,
+    our orphan watchdog, the OOM killer) leaves them behind for good. _init_cpu_shm returns after a barrier that
+    follows every rank's join, so by then every rank has mapped every segment and nothing opens one by name again:
+    the name can go right away. The memory lives until the last mapping ends, so the collectives are unaffected and
+    nothing stays in /dev/shm however the workers end (the destructor's later unlink finds no name, harmlessly).
+    """
+
+    @functools.wraps(init_cpu_shm)
+    def wrapper(self):
+        handle = init_cpu_shm(self)
+        _unlink_shm(f"{self.group_name}_{self.communicator.rank}")
+        return handle
+
+    wrapper.__sparse_lavida__ = True
+    return wrapper
+
+
+def _release_name(owner) -> None:
+    """A vLLM ring buffer or tensor arena this process created: remove its /dev/shm name now, keep the mapping."""
+    from multiprocessing import resource_tracker
+
+    memory = getattr(owner, "shared_memory", None)
+    if memory is None or not getattr(owner, "is_creator", False):
+        return
+    _unlink_shm(memory.name)
+    resource_tracker.unregister(memory._name, "shared_memory")  # nothing left for the tracker to clean up
+    owner.is_creator = False  # so that its __del__ does not unlink the name a second time
+
+
+def _unlink_once_ready(wait_until_ready):
+    """Wrap vLLM's MessageQueue.wait_until_ready (engine core <-> workers, the TP group's broadcaster): once every
+    reader is connected, the writer unlinks the segments it created (`psm_*`, up to 240 MiB each).
+
+    Python's resource tracker unlinks a segment whose creator died only if the tracker outlives it (a process-group
+    kill takes both), and Ray workers each run their own. A reader maps the ring buffer (and tensor arena) before it
+    subscribes, and the writer returns from here only after every local reader's subscription: from then on nothing
+    opens the segments by name, so the names can go while the mappings serve the queue until its processes end.
+    """
+
+    @functools.wraps(wait_until_ready)
+    def wrapper(self):
+        wait_until_ready(self)
+        if self._is_writer:
+            _release_name(getattr(self, "buffer", None))
+            _release_name(getattr(self, "tensor_arena", None))
+
+    wrapper.__sparse_lavida__ = True
+    return wrapper
 
 
 def _patch(owner, name: str, wrap) -> None:
@@ -461,6 +527,8 @@ def register() -> None:
         return
     _registered = True
     from vllm import ModelRegistry
+    from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
+    from vllm.distributed.device_communicators.shm_broadcast import MessageQueue
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.sampling_params import SamplingParams
     from vllm.transformers_utils.config import _CONFIG_REGISTRY
@@ -478,4 +546,6 @@ def register() -> None:
     _patch(InputProcessor, "process_inputs", _validate_diffusion_request)
     _patch(OutputProcessor, "process_outputs", count_diffusion_metrics)
     _patch(SamplingParams, "_verify_extra_args", _name_the_extra_arg)
+    _patch(_CPUSHMDistributed, "_init_cpu_shm", _unlink_once_joined)
+    _patch(MessageQueue, "wait_until_ready", _unlink_once_ready)
     _die_with_parent()

@@ -420,6 +420,7 @@ def _png() -> bytes:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("leaves_nothing")
 def test_tp2_serves_the_text_tower_as_the_reference_without_a_vq(checkpoints, tmp_path):
     """Without vqvae/ the plugin's class is the text path (LlavaLladaTextForVLLM: the LLaDA tower, sharded by name)."""
     import shutil
@@ -844,6 +845,7 @@ def tp2_main(folder: str, payload: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("leaves_nothing")
 def test_tp2_serves_images_text_and_chat_images_as_the_pytorch_drivers(checkpoints, layout):
     """I4 under tensor parallelism for the whole LaViDa-O model: `LLM(tensor_parallel_size=2)` shards both streams
     (text q/k/v/MLP and their `*_vision` twins; attn_out row-parallel for every row) and replicates the generation

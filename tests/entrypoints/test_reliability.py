@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from tests.serving_helpers import Server, make_checkpoint
 
-pytestmark = pytest.mark.slow
+# module_leaves_nothing: the module's servers too leave no process and no /dev/shm segment once stopped
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("module_leaves_nothing")]
 
 # Small caps, so that requests over them are cheap to send.
 CAPS = {"max_steps": 64, "max_num_registers": 16, "max_step_rows": 160, "max_request_rows": 6000}
@@ -29,8 +30,8 @@ def folder(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("reliability"))
 
 
-def start(folder: Path, args: list[str], log_dir: Path | None = None) -> Server:
-    srv = Server(folder, args, log_dir=log_dir)
+def start(folder: Path, args: list[str], log_dir: Path | None = None, timeout: float = 180.0) -> Server:
+    srv = Server(folder, args, log_dir=log_dir, timeout=timeout)
     srv.model = str(folder)
     return srv
 
@@ -318,12 +319,21 @@ def test_sigterm_drains_in_flight_requests_and_the_process_group_exits_within_th
         srv.stop()
 
 
-def test_kill_9_of_the_api_server_leaves_no_engine_process_and_no_shared_memory(folder, tmp_path):
-    srv = start(folder, [], tmp_path)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_kill_9_of_the_api_server_leaves_no_engine_process_and_no_shared_memory(folder, tmp_path, tp, monkeypatch,
+                                                                                leaves_nothing):
+    """TP=2: two workers, each also owning a segment of vLLM's CPU collectives (`...-cpushm_<rank>`)."""
+    if tp == 2:
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank (DESIGN.md, "Facts about vLLM")
+    srv = start(folder, ["--tensor-parallel-size", str(tp)], tmp_path, timeout=180.0 * tp)  # TP=2 starts slower
     engine = _descendants(srv.proc.pid)
     try:
         segments = _shm_segments([srv.proc.pid, *engine])
-        assert len(engine) >= 2 and segments  # engine core + worker (+ resource tracker); their message queues
+        assert len(engine) >= 1 + tp and segments  # engine core + workers (+ resource tracker); message queues
+        cpushm = [s for s in segments if s.endswith(tuple(f"-cpushm_{rank}" for rank in range(tp)))]
+        assert len(cpushm) == (tp if tp > 1 else 0)
+        # while serving, every segment is mapped and already unlinked (once all its users mapped it): nothing to leak
+        assert not [s for s in segments if not s.startswith("sem.") and os.path.exists(f"/dev/shm/{s}")]
         srv.proc.kill()
         srv.proc.wait()
         took = _wait_gone(engine, segments, timeout=20)

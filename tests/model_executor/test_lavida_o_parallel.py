@@ -37,6 +37,9 @@ from tests.model_executor.test_lavida_o import EDIT, IMG  # noqa: E402
 from tests.model_executor.test_lavida_o_understanding import config, picture  # noqa: E402
 from tests.parallel_helpers import run_ranks  # noqa: E402
 
+# two spawned gloo ranks per module (the `ranks` fixture): both gone, nothing left in /dev/shm
+pytestmark = pytest.mark.usefixtures("module_leaves_nothing")
+
 WORLD = 2
 PROMPT = torch.tensor([5, 9, 17, 3, IMG, 22])
 EDIT_PROMPT = torch.tensor([5, 9] + [EDIT] * 4 + [17, 3])

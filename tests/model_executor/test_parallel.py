@@ -14,6 +14,9 @@ from sparse_lavida_vllm.model_executor.parallel import SingleRank, TorchDistribu
 from sparse_lavida_vllm.model_executor.weights import load_pretrained, random_model, save_pretrained
 from tests.parallel_helpers import run_ranks
 
+# two spawned gloo ranks per module (the `ranks` fixture): both gone, nothing left in /dev/shm
+pytestmark = pytest.mark.usefixtures("module_leaves_nothing")
+
 # GQA (4 query heads read 2 K/V heads) so each of the 2 ranks holds 2 query heads and 1 K/V head
 CONFIG = MDMConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden_size=128,
                    mask_token_id=62, register_token_id=63, eos_token_id=1)

@@ -145,7 +145,7 @@ EXECUTORS = {"1": "RayExecutorV2", "0": "RayDistributedExecutor"}
 
 @pytest.mark.slow
 @pytest.mark.parametrize("v2", list(EXECUTORS))
-def test_ray_tp2_llm_matches_the_reference(tmp_path, v2):
+def test_ray_tp2_llm_matches_the_reference(tmp_path, v2, leaves_nothing):
     pytest.importorskip("ray")
     folder = make_checkpoint(tmp_path / "ck")
     _write_entry_point(tmp_path / "ep")

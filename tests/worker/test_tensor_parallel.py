@@ -79,7 +79,7 @@ def check_tp2_result(result: dict, reference_model) -> None:
 
 
 @pytest.mark.slow
-def test_tp2_llm_shards_the_model_and_matches_the_reference(tmp_path):
+def test_tp2_llm_shards_the_model_and_matches_the_reference(tmp_path, leaves_nothing):
     folder = make_checkpoint(tmp_path / "ck")
     check_tp2_result(run_tp2(folder), folder)
 
