@@ -9,6 +9,7 @@ pool (the partition C_k is fixed in advance); a text block is a stage of several
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,12 @@ class UnmaskPlan:
         return sum(len(s.counts) for s in self.stages)
 
 
+def seeded(generator: torch.Generator | None) -> torch.Generator:
+    """`generator`, or one seeded 0: a plan never draws from torch's global RNG, so an unseeded call is reproducible
+    and independent of whatever else ran in the process."""
+    return torch.Generator().manual_seed(0) if generator is None else generator
+
+
 def _check_positive(name: str, value: int) -> None:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
@@ -56,6 +63,7 @@ def stratified_order(height: int, width: int, generator: torch.Generator | None 
     levels = int(round(math.log2(height)))
     if 2 ** levels != height:
         raise ValueError(f"height must be a power of two for the stratified order, got {height}")
+    generator = seeded(generator)
     side = height
     first = torch.randint(0, side * side, (1,), generator=generator)
     chosen = [first]
@@ -85,7 +93,7 @@ def grid_order(height: int, width: int, order: str = "stratified",
     _check_positive("height", height)
     _check_positive("width", width)
     if order == "random":
-        return torch.randperm(height * width, generator=generator)
+        return torch.randperm(height * width, generator=seeded(generator))
     if order == "raster":
         return torch.arange(height * width)
     raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
@@ -186,6 +194,85 @@ def text_plan(gen_length: int, block_length: int, steps: int, block_order: list[
     return UnmaskPlan(gen_length, tuple(stages))
 
 
+# ---- LaViDa-O's own per-code plan (the publishers' sampler) ---------------------------------
+
+def pmj_code_order(side: int, seed: int = 42) -> list[int]:
+    """LaViDa-O's stratified order over a side x side grid of VQ codes (row-major indices y * side + x), as their
+    llava/eval/pmj.py `stratified_random(side, seed, shuffle_blocks=True)` draws it; predict_t2i_edit uses seed 42
+    for every image. Level by level every cell splits into its four quarters (NW, NE, SW, SE); a level's quarters
+    are visited in a shuffled order, and each quarter holding no code yet gets one at a random cell (x, then y).
+    Python's `random.Random(seed)` with the same draws in the same order gives their list exactly."""
+    if side < 1 or side & (side - 1):
+        raise ValueError(f"the publishers' stratified order needs a power-of-two side, got {side}")
+    rng = random.Random(seed)
+    order: list[int] = []
+    points: list[tuple[int, int]] = []
+    cells = [(0, 0)]
+    size = side
+    while size > 1:
+        half = size // 2
+        quarters = [(x + dx, y + dy) for x, y in cells for dx, dy in ((0, 0), (half, 0), (0, half), (half, half))]
+        rng.shuffle(quarters)
+        held = {(x // half, y // half) for x, y in points}
+        for x0, y0 in quarters:
+            if (x0 // half, y0 // half) in held:
+                continue
+            x, y = rng.randrange(x0, x0 + half), rng.randrange(y0, y0 + half)
+            points.append((x, y))
+            held.add((x0 // half, y0 // half))
+            order.append(y * side + x)
+        cells, size = quarters, half
+    rest = sorted(set(range(side * side)) - set(order))  # only a 1x1 grid has any left; shuffled as theirs
+    rng.shuffle(rest)
+    return order + rest
+
+
+def publishers_counts(total: int, steps: int, shift: float) -> list[int]:
+    """Codes to unmask per step as LaViDa-O's `get_num_transfer_tokens_sch(..., schedule="shift")` computes them
+    (llava/model/language_model/llada/generate.py): the time-shifted fraction s t / (1 + (s - 1) t) at steps + 1
+    even times in float32, truncated to counts, differenced, every step at least one (the excess taken back one at a
+    time from the first steps over one), then reversed, so few codes come early and many late. `steps` is capped at
+    `total`."""
+    _check_positive("total", total)
+    _check_positive("steps", steps)
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    steps = min(steps, total)
+    t = torch.linspace(0, 1, steps + 1)  # float32, as theirs
+    marks = (shift * t / (1 + (shift - 1) * t) * total).to(torch.int64)
+    counts = (marks[1:] - marks[:-1]).clamp(min=1).tolist()
+    excess, j = sum(counts) - total, 0
+    while excess > 0:
+        j %= len(counts)
+        if counts[j] > 1:
+            counts[j] -= 1
+            excess -= 1
+        j += 1
+    return counts[::-1]
+
+
+def publishers_code_plan(side: int, steps: int, shift: float = 5.0, seed: int = 42,
+                         masked: Tensor | None = None) -> UnmaskPlan:
+    """The publishers' text_to_image plan (`confidence_policy: stratified`, `schedule: shift`) over a side x side
+    code grid: step k unmasks the next publishers_counts(...)[k] codes of pmj_code_order. Positions of this plan
+    are code indices, not 2x2 positions (code_slots maps them). `masked` (bool over the (side/2)^2 positions)
+    keeps only the codes of positions to generate (inpainting), in the same order."""
+    order = torch.tensor(pmj_code_order(side, seed))
+    if masked is not None:
+        order = order[masked.to(torch.bool)[code_slots(order, side)[0]]]
+        if order.numel() == 0:
+            raise ValueError("masked must mark at least one position to generate")
+    counts = publishers_counts(order.numel(), steps, shift)
+    return UnmaskPlan(side * side, tuple(Stage(part, (len(part),)) for part in torch.split(order, counts)))
+
+
+def code_slots(codes: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Code indices (row-major on a code grid `width` codes wide) -> (2x2 position index, slot inside the patch),
+    the layout of model_executor.lavida_o.codes_to_patches (row-major inside each patch)."""
+    y, x = codes // width, codes % width
+    return (y // 2) * (width // 2) + x // 2, (y % 2) * 2 + x % 2
+
+
 # ---- confidence policies -------------------------------------------------------------------
 
 def choose_tokens(policy: str, confidence: Tensor, count: int, threshold: float = 0.9,
@@ -204,6 +291,6 @@ def choose_tokens(policy: str, confidence: Tensor, count: int, threshold: float 
         keep = (confidence > threshold).nonzero().flatten()
         return keep if len(keep) else confidence.argmax().view(1)
     if policy == "random":
-        device = generator.device if generator is not None else confidence.device
-        return torch.randperm(n, generator=generator, device=device).to(confidence.device)[:count]
+        generator = seeded(generator)
+        return torch.randperm(n, generator=generator, device=generator.device).to(confidence.device)[:count]
     raise ValueError(f"remasking must be one of {POLICIES}, got {policy!r}")

@@ -53,9 +53,14 @@ def _layout_request(ns: argparse.Namespace, model: str, tokenizer: Any, model_co
         sys.exit(f"{e.field}: {e}")
     extra = layout.request_args(steps=ns.steps, guidance_scale=ns.guidance_scale,
                                 image_guidance_scale=ns.image_guidance_scale, source_span=span,
-                                init_canvas=init_canvas, sparse=not ns.dense, num_registers=ns.num_registers,
+                                init_canvas=init_canvas, sparse=_sparse(ns), num_registers=ns.num_registers,
                                 order=ns.order, schedule=ns.schedule)
     return prompt, extra, layout
+
+
+def _sparse(ns: argparse.Namespace) -> bool | None:
+    """--sparse / --dense, or None: the checkpoint's own mode (sparse only when trained step-causal)."""
+    return True if ns.sparse else (False if ns.dense else None)
 
 
 def _lavida_o_request(ns: argparse.Namespace, llm: Any, model: str, tokenizer: Any) -> tuple:
@@ -99,8 +104,8 @@ def _lavida_o_request(ns: argparse.Namespace, llm: Any, model: str, tokenizer: A
         sys.exit(f"{e.field}: {e}")
     extra = layout.request_args(size, steps=ns.steps, guidance_scale=ns.guidance_scale,
                                 image_guidance_scale=ns.image_guidance_scale, source_span=span, source_codes=codes,
-                                init_canvas=init_canvas, sparse=not ns.dense, num_registers=ns.num_registers,
-                                order=ns.order, schedule=ns.schedule)
+                                init_canvas=init_canvas, sparse=_sparse(ns), num_registers=ns.num_registers,
+                                order=ns.order, schedule=ns.schedule, uncond_prompt_ids=layout.uncond_ids(prompt))
 
     def decode(tokens: list[int]) -> Any:
         return layout.decode(torch.tensor(tokens, dtype=torch.long), size)
@@ -198,7 +203,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--order", default=None, choices=["stratified", "random", "raster"])
     p.add_argument("--schedule", default=None, choices=["linear", "cosine", "shift"])
     p.add_argument("--num-registers", type=int, default=None)
-    p.add_argument("--dense", action="store_true", help="vanilla MDM sampling (no cache, no truncation)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dense", action="store_true", help="vanilla MDM sampling (no cache, no truncation); on "
+                      "LaViDa-O the publishers' per-code sampler (default: the checkpoint's mode)")
+    mode.add_argument("--sparse", action="store_true", help="Sparse-LaViDa sampling (default: the checkpoint's mode, "
+                      "sparse when it was trained step-causal)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", default=None, help="LaViDa-O: WIDTHxHEIGHT (sides multiples of 32 px; default 1024x1024)")
     p.add_argument("--scale", type=int, default=None,

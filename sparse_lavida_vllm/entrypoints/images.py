@@ -6,7 +6,6 @@ import asyncio
 import base64
 import io
 import json
-import math
 import secrets
 import time
 import uuid
@@ -20,6 +19,13 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image, UnidentifiedImageError
 
+from sparse_lavida_vllm.entrypoints.image_protocol import (
+    BadField,
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImageRequest,
+    parse,
+)
 from sparse_lavida_vllm.model_executor.lavida_o import ARCHITECTURE as LAVIDA_O
 from sparse_lavida_vllm.model_executor.lavida_o import patches_to_codes
 from sparse_lavida_vllm.multimodal.layout import ImageLayout
@@ -27,14 +33,11 @@ from sparse_lavida_vllm.scheduler.image_params import GENERATE
 from sparse_lavida_vllm.scheduler.params import DiffusionParamError, parse_params
 
 PLUGIN_NAME = "sparse_lavida_images"
-MAX_N = 16  # images per request (they run as one batch)
 MAX_SIDE = 2048  # pixels per side of a returned (upscaled) image
 MAX_UPLOAD = 20 * 1024 * 1024
 # Our internal knob names -> the request field a client set (a 400 names the field the client knows).
 API_FIELD = {"steps": "num_inference_steps", "height": "size", "width": "size", "size": "size",
              "init_canvas": "mask", "uncond_prompt_ids": "negative_prompt", "cfg_interval": "guidance_interval"}
-IGNORED = ("model", "quality", "style", "user", "background", "moderation", "output_compression")
-MAX_PARTIAL_IMAGES = 3  # OpenAI's limit on partial_images
 PREVIEW_GREY = 128  # what a position not decoded yet shows in a partial image
 # the values the OpenAI stream events allow for the request fields they echo (anything else is echoed as "auto")
 EVENT_QUALITY = ("low", "medium", "high", "xhigh", "max", "auto")
@@ -43,89 +46,13 @@ EVENT_BACKGROUND = ("transparent", "opaque", "auto")
 router = APIRouter()
 
 
-class BadField(ValueError):
-    """A bad request field: HTTP 400 with an OpenAI error body naming it."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
 def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
     kind = "BadRequestError" if status == 400 else "InternalServerError"
     return JSONResponse({"error": {"message": message, "type": kind, "param": field, "code": status}}, status)
 
 
-# ---- request fields (JSON bodies, or multipart forms whose values are strings) ------------------
-
-def _get_int(body: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
-    value = body.get(name, default)
-    if value is None:
-        return None
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadField(name, f"{name} must be an integer, got {value!r}")
-    if not lo <= value <= hi:
-        raise BadField(name, f"{name} must be in [{lo}, {hi}], got {value}")
-    return value
-
-
-def _get_float(body: dict, name: str, default: float | None, lo: float, hi: float) -> float | None:
-    value = body.get(name, default)
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise BadField(name, f"{name} must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise BadField(name, f"{name} must be a finite number, got {value!r}")
-    if not lo <= value <= hi:
-        raise BadField(name, f"{name} must be in [{lo}, {hi}], got {value}")
-    return float(value)
-
-
-def _get_bool(body: dict, name: str, default: bool | None) -> bool | None:
-    value = body.get(name, default)
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    raise BadField(name, f"{name} must be true or false, got {value!r}")
-
-
-def _get_str(body: dict, name: str, default: str | None, choices: tuple[str, ...] | None = None) -> str | None:
-    value = body.get(name, default)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise BadField(name, f"{name} must be a string, got {value!r}")
-    if choices is not None and value not in choices:
-        raise BadField(name, f"{name} must be one of {', '.join(choices)}, got {value!r}")
-    return value
-
-
-def _get_interval(body: dict) -> list[float] | None:
-    value = body.get("guidance_interval")
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = value.replace("[", "").replace("]", "").split(",")
-        try:
-            value = [float(v) for v in value]
-        except ValueError:
-            raise BadField("guidance_interval", "guidance_interval must be [start, end]") from None
-    if (not isinstance(value, list) or len(value) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) for v in value)):
-        raise BadField("guidance_interval", f"guidance_interval must be [start, end], got {value!r}")
-    return [float(v) for v in value]
-
-
-def _echoed(body: dict, name: str, allowed: tuple[str, ...]) -> str:
+def _echoed(value: str | None, allowed: tuple[str, ...]) -> str:
     """A field the images are not drawn by (quality, background) as the stream events echo it."""
-    value = body.get(name)
     return value if value in allowed else "auto"
 
 
@@ -350,49 +277,28 @@ class ImageService:
     def encode_text(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def common(self, body: dict, kind: str) -> dict[str, Any]:
-        """The fields both routes share, validated (BadField names the first bad one); `kind` names a streamed
-        response's events (image_generation or image_edit)."""
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise BadField("prompt", "prompt must be a non-empty string")
-        fmt = _get_str(body, "response_format", "b64_json")
-        if fmt != "b64_json":
-            raise BadField("response_format", f"response_format must be b64_json (this server keeps no files), "
-                                              f"got {fmt!r}")
-        _get_str(body, "output_format", "png", ("png",))
-        stream = _get_bool(body, "stream", False)
-        partial_images = _get_int(body, "partial_images", 0, 0, MAX_PARTIAL_IMAGES)
-        if body.get("partial_images") is not None and not stream:
-            raise BadField("partial_images", "partial_images applies to streamed responses: send stream=true")
-        size = self.parse_size(body.get("size"))
-        defaults = self.layout.defaults
+    def common(self, request: ImageRequest, kind: str) -> dict[str, Any]:
+        """The fields both routes share, with the checkpoint's size and defaults filled in (BadField names a bad
+        size); `kind` names a streamed response's events (image_generation or image_edit)."""
+        size = self.parse_size(request.size)
+        temperature = request.temperature
         return {
-            "prompt": prompt, "n": _get_int(body, "n", 1, 1, MAX_N), "size": size,
-            "stream": StreamSpec(kind, size, _echoed(body, "quality", EVENT_QUALITY),
-                                 _echoed(body, "background", EVENT_BACKGROUND)) if stream else None,
-            "partial_images": partial_images,
-            "steps": _get_int(body, "num_inference_steps", None, 1, 4096),
-            "guidance_scale": _get_float(body, "guidance_scale", None, 0.0, 100.0),
-            "image_guidance_scale": _get_float(body, "image_guidance_scale", None, 0.0, 100.0),
-            "negative_prompt": _get_str(body, "negative_prompt", None),
-            "seed": _get_int(body, "seed", None, 0, 2**62),
-            "temperature": _get_float(body, "temperature", float(defaults["temperature"]), 0.0, 100.0),
-            "top_k": _get_int(body, "top_k", 0, 0, 1 << 30), "top_p": _get_float(body, "top_p", 1.0, 1e-6, 1.0),
-            "return_token_ids": _get_bool(body, "return_token_ids", False),
-            "knobs": {"sparse": _get_bool(body, "sparse", None),
-                      "num_registers": _get_int(body, "num_registers", None, 0, self.max_model_len),
-                      "order": _get_str(body, "order", None), "schedule": _get_str(body, "schedule", None),
-                      "guidance_interval": _get_interval(body),
-                      "temperature_schedule": _get_str(body, "temperature_schedule", None),
-                      "min_temperature": _get_float(body, "min_temperature", None, 0.0, 100.0)},
+            "prompt": request.prompt, "n": request.n, "size": size,
+            "stream": StreamSpec(kind, size, _echoed(request.quality, EVENT_QUALITY),
+                                 _echoed(request.background, EVENT_BACKGROUND)) if request.stream else None,
+            "partial_images": request.partial_images, "steps": request.num_inference_steps,
+            "guidance_scale": request.guidance_scale, "image_guidance_scale": request.image_guidance_scale,
+            "negative_prompt": request.negative_prompt, "seed": request.seed,
+            "temperature": float(self.layout.defaults["temperature"]) if temperature is None else temperature,
+            "top_k": request.top_k, "top_p": request.top_p, "return_token_ids": request.return_token_ids,
+            "knobs": request.knobs(),
         }
 
     def job(self, fields: dict[str, Any], prompt_ids: list[int], source_span: tuple[int, int] | None = None,
             init_canvas: list[int] | None = None, source_codes: list[int] | None = None,
             image: Image.Image | None = None, num_prompt_tokens: int | None = None,
-            image_tokens: int = 0) -> ImageJob:
-        uncond = None
+            uncond_prompt_ids: list[int] | None = None, image_tokens: int = 0) -> ImageJob:
+        uncond = uncond_prompt_ids  # LaViDa-O: the publishers' uncond branch (LaViDaOLayout.uncond_ids)
         length = len(prompt_ids) if num_prompt_tokens is None else num_prompt_tokens  # the engine's prompt length
         if fields["negative_prompt"]:  # the uncond branch reads the negative prompt, padded with masks
             neg = self.t2i_prompt(fields["negative_prompt"], fields["size"])[:length]
@@ -423,6 +329,8 @@ class ImageService:
 
     def validate(self, job: ImageJob) -> None:
         """The scheduler's own checks, run here so a bad request is a 400 before anything is queued."""
+        if job.extra.get("per_code") and not self.lavida:
+            raise BadField("per_code", "per_code (LaViDa-O's own per-code sampler) applies to LaViDa-O checkpoints")
         try:
             parse_params(self.sampling_params(job, job.seeds[0]), job.prompt_length, self.max_model_len,
                          self.num_registers, **self.model_defaults)
@@ -539,13 +447,10 @@ async def create_image(request: Request) -> Response:
     if not isinstance(body, dict):
         return _error(400, "the body must be a JSON object", "body")
     try:
-        unknown = sorted(set(body) - _GENERATION_FIELDS)
-        if unknown:
-            raise BadField(unknown[0], f"unknown field {unknown[0]!r}")
-        fields = service.common(body, "image_generation")
-        if fields["image_guidance_scale"]:
-            raise BadField("image_guidance_scale", "image_guidance_scale applies to edits only")
-        job = service.job(fields, service.t2i_prompt(fields["prompt"], fields["size"]))
+        fields = service.common(parse(ImageGenerationRequest, body, service.max_model_len), "image_generation")
+        prompt = service.t2i_prompt(fields["prompt"], fields["size"])
+        uncond = service.layout.uncond_ids(prompt) if service.lavida else None
+        job = service.job(fields, prompt, uncond_prompt_ids=uncond)
     except BadField as e:
         return _error(400, str(e), e.field)
     return await _answer(service, job)
@@ -561,15 +466,13 @@ async def edit_image(request: Request) -> Response:
     except Exception:  # starlette raises several types for a malformed multipart body
         return _error(400, "the body must be multipart/form-data with an image file", "image")
     try:
-        body = {k: v for k, v in form.items() if not hasattr(v, "read")}
-        unknown = sorted(set(body) - _EDIT_FIELDS)
-        if unknown:
-            raise BadField(unknown[0], f"unknown field {unknown[0]!r}")
+        body = {k: v for k, v in form.items() if not hasattr(v, "read")}  # the text fields; files are read below
+        edit_request = parse(ImageEditRequest, body, service.max_model_len)
         upload = form.get("image") or form.get("image[]")
         if upload is None or not hasattr(upload, "read"):
             raise BadField("image", "image is required (a PNG, JPEG or WebP file)")
         source = read_image(await upload.read(), "image")
-        fields = service.common(body, "image_edit")
+        fields = service.common(edit_request, "image_edit")
         layout = service.layout
         if service.lavida and service.layout.config.gen_enc_add_pos_emb:
             raise BadField("image", "gen_enc_add_pos_emb=true (Sparse-LaViDa) changes how an edit's source image is "
@@ -596,7 +499,7 @@ async def edit_image(request: Request) -> Response:
             edit = layout.edit_prompt(fields["prompt"], patches, source)
             job = service.job(fields, edit.prompt_ids, source_span=edit.source_span, init_canvas=init_canvas,
                               source_codes=edit.source_codes, image=edit.image,
-                              num_prompt_tokens=edit.num_prompt_tokens,
+                              num_prompt_tokens=edit.num_prompt_tokens, uncond_prompt_ids=layout.uncond_ids(edit),
                               image_tokens=edit.source_span[1] - edit.source_span[0] + edit.image_rows)
         else:
             prompt, span = layout.edit_prompt(source_ids, service.encode_text(fields["prompt"]))
@@ -604,14 +507,6 @@ async def edit_image(request: Request) -> Response:
     except BadField as e:
         return _error(400, str(e), e.field)
     return await _answer(service, job)
-
-
-_COMMON_FIELDS = {"prompt", "n", "size", "response_format", "output_format", "stream", "num_inference_steps",
-                  "guidance_scale", "image_guidance_scale", "negative_prompt", "seed", "temperature", "top_k", "top_p",
-                  "sparse", "num_registers", "order", "schedule", "guidance_interval",
-                  "temperature_schedule", "min_temperature", "return_token_ids", "partial_images", *IGNORED}
-_GENERATION_FIELDS = set(_COMMON_FIELDS)
-_EDIT_FIELDS = set(_COMMON_FIELDS) | {"input_fidelity"}
 
 
 class ImagesPlugin:

@@ -84,6 +84,9 @@ def _check_request(vllm_config, prompt_len: int, params) -> None:
                      has_register_token=has_register_token, limits=Limits.from_config(vllm_config.additional_config))
     except DiffusionParamError as e:
         raise VLLMValidationError(str(e), parameter=e.field, value=e.value) from None
+    if (params.extra_args or {}).get("per_code") and model_config.architecture != _LAVIDA_O:
+        raise VLLMValidationError("per_code (LaViDa-O's own per-code sampler) applies to LaViDa-O checkpoints only",
+                                  parameter="per_code", value=True)
 
 
 _defaults: dict[int | tuple[str, int], tuple[int, bool, bool]] = {}
@@ -295,17 +298,31 @@ def _chat_media_error(serving, messages) -> tuple[str, str] | None:
     return "messages", f"messages: {kind} parts are not supported: {media_refusal(architecture)}"
 
 
+def publishers_system_turn(serving, request):
+    """A LaViDa-O chat as the publishers run it (llava/conversation.py `conv_templates["llada"]`): their system turn
+    first when the client sends none, unless a chat template was given (`--chat-template`, or the request's own)."""
+    if (serving.model_config.architecture != _LAVIDA_O or getattr(serving, "chat_template", None) is not None
+            or getattr(request, "chat_template", None) is not None):
+        return request
+    messages = list(request.messages)
+    if any((m.get("role") if isinstance(m, dict) else getattr(m, "role", None)) == "system" for m in messages):
+        return request
+    from sparse_lavida_vllm.multimodal.lavida_o_layout import SYSTEM_PROMPT
+
+    return request.model_copy(update={"messages": [{"role": "system", "content": SYSTEM_PROMPT}, *messages]})
+
+
 def _refuse_chat_media(render_chat_request):
     """Wrap OpenAIServingChat.render_chat_request: chat media a model cannot take (any media on LLaDA and the demo;
     LaViDa-O without its tower; a bad image) is a clear HTTP 400 naming the field, before vLLM fetches media or
-    looks for a multimodal processor."""
+    looks for a multimodal processor. A LaViDa-O chat gets the publishers' system turn (publishers_system_turn)."""
 
     @functools.wraps(render_chat_request)
     async def wrapper(self, request, *args, **kwargs):
         error = _chat_media_error(self, request.messages)
         if error is not None:
             return self.create_error_response(error[1], param=error[0])
-        return await render_chat_request(self, request, *args, **kwargs)
+        return await render_chat_request(self, publishers_system_turn(self, request), *args, **kwargs)
 
     wrapper.__sparse_lavida__ = True
     return wrapper

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparse_lavida_vllm.diffusion.masks import build_step_causal_sequence, inference_step_spans, spans_to_mask
-from sparse_lavida_vllm.diffusion.planners import UnmaskPlan
+from sparse_lavida_vllm.diffusion.planners import UnmaskPlan, code_slots
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig, guide_logits, sample_tokens, step_generator
 from sparse_lavida_vllm.model_executor.attention import AttentionBackend, KVCache, SpanAttention, sdpa_with_mask
 from sparse_lavida_vllm.model_executor.lavida_o_vision import (
@@ -838,14 +838,20 @@ def image_context(config: LaViDaOConfig, prompt_ids: Tensor, suffix_ids: Tensor 
                         features)
 
 
-def edit_branches(config: LaViDaOConfig, cond: ImageContext) -> tuple[ImageContext, ImageContext]:
-    """LaViDa-O's guidance companions (predict_t2i_edit, edit_mode 0): uncond = the prompt all mask tokens (the
-    source image too, as text rows), text after the image kept; image-only = every text row masked, the source
-    image's VQ positions kept. Neither keeps the SigLIP rows: edit_mode 0 replaces every row but the VQ source
-    (`~is_gen_enc`) by the mask embedding in the image-only branch, and the whole prompt (`is_prompt`) in uncond."""
+def edit_branches(config: LaViDaOConfig, cond: ImageContext,
+                  uncond_prompt_ids: Tensor | None = None) -> tuple[ImageContext, ImageContext]:
+    """LaViDa-O's guidance companions (predict_t2i_edit, edit_mode 0): uncond = `uncond_prompt_ids` (the publishers'
+    `is_prompt`: rows through the user turn's closing `<|eot_id|>` masked, the assistant header kept; the
+    request layout builds it, multimodal/lavida_o_layout.LaViDaOLayout.uncond_ids), by default the whole prompt
+    masked; the source image's rows are mask tokens there, text after the image kept. Image-only = every text row
+    masked, the text after the image too (`~is_gen_enc`), the source image's VQ positions kept. Neither keeps the
+    SigLIP rows (they lie inside the masked user turn)."""
     mask = config.mask_token_id
     none = cond.source_rows[:0]
-    uncond = ImageContext(torch.full_like(cond.prompt_ids, mask), cond.suffix_ids, none, cond.source_codes[:0])
+    if uncond_prompt_ids is not None and uncond_prompt_ids.shape != cond.prompt_ids.shape:
+        raise ValueError("uncond_prompt_ids must have the prompt's length (positions are shared)")
+    uncond_ids = torch.full_like(cond.prompt_ids, mask) if uncond_prompt_ids is None else uncond_prompt_ids
+    uncond = ImageContext(uncond_ids, cond.suffix_ids, none, cond.source_codes[:0])
     image_only = ImageContext(torch.full_like(cond.prompt_ids, mask), torch.full_like(cond.suffix_ids, mask),
                               cond.source_rows, cond.source_codes)
     return uncond, image_only
@@ -899,11 +905,7 @@ def generate_image_sparse(model: LaViDaOMDM, prompt_ids: Tensor, plan: UnmaskPla
     cond = image_context(cfg, prompt_ids, suffix_ids, source_rows, source_codes, understanding)
     branches = [cond]
     if sampling.cfg_scale > 0:
-        uncond, image_only = edit_branches(cfg, cond)
-        if uncond_prompt_ids is not None:
-            if uncond_prompt_ids.shape != prompt_ids.shape:
-                raise ValueError("uncond_prompt_ids must have the prompt's length (positions are shared)")
-            uncond = ImageContext(uncond_prompt_ids, cond.suffix_ids, uncond.source_rows, uncond.source_codes)
+        uncond, image_only = edit_branches(cfg, cond, uncond_prompt_ids)
         branches.append(uncond)
         if sampling.image_cfg_scale > 0:
             if not cond.source_rows.numel():
@@ -960,19 +962,25 @@ def generate_image_sparse(model: LaViDaOMDM, prompt_ids: Tensor, plan: UnmaskPla
 def generate_image_dense(model: LaViDaOMDM, prompt_ids: Tensor, plan: UnmaskPlan, sampling: SamplingConfig,
                          suffix_ids: Tensor | None = None, source_rows: Tensor | None = None,
                          source_codes: Tensor | None = None,
-                         understanding: tuple[Tensor, Tensor] | None = None) -> ImageResult:
+                         understanding: tuple[Tensor, Tensor] | None = None,
+                         uncond_prompt_ids: Tensor | None = None, code_width: int | None = None) -> ImageResult:
     """The vanilla (dense) MDM over positions: every step feeds [prompt | all positions (mask patches where not
     decoded) | suffix] with full attention (per-modality layers still split by modality), no cache, no registers;
     decode positions sample their 4 codes with the (seed, step) noise as generate_image_sparse does. Guidance
-    branches (edit_branches) each run the full pass at guided steps; `understanding` as in generate_image_sparse.
-    The dense reference of the served dense path."""
+    branches (edit_branches, `uncond_prompt_ids` as in generate_image_sparse) each run the full pass at guided steps;
+    `understanding` as in generate_image_sparse. The dense reference of the served dense path.
+
+    `code_width`: `plan` is over single VQ codes of a grid that many codes wide (planners.publishers_code_plan, the
+    publishers' own sampler): a step feeds the partly decoded patches as they are, samples the 4 codes of every
+    position its codes touch, and commits only its own codes."""
     cfg = model.config
     device = prompt_ids.device
-    length, k = plan.length, cfg.codes_per_position
+    k = cfg.codes_per_position
+    length = plan.length if code_width is None else plan.length // k
     cond = image_context(cfg, prompt_ids, suffix_ids, source_rows, source_codes, understanding)
     branches = [cond]
     if sampling.cfg_scale > 0:
-        uncond, image_only = edit_branches(cfg, cond)
+        uncond, image_only = edit_branches(cfg, cond, uncond_prompt_ids)
         branches += [uncond, image_only] if sampling.image_cfg_scale > 0 else [uncond]
     p, s = prompt_ids.numel(), cond.suffix_ids.numel()
     patches = torch.full((length, k), cfg.mask_code, dtype=torch.long, device=device)
@@ -988,6 +996,9 @@ def generate_image_dense(model: LaViDaOMDM, prompt_ids: Tensor, plan: UnmaskPlan
     rows_run = 0
     for step, stage in enumerate(plan.stages):
         decode = stage.positions.to(device)
+        if code_width is not None:  # this step's codes -> the positions they sit in, and their slots there
+            code_pos, code_slot = code_slots(decode, code_width)
+            decode, which = torch.unique(code_pos, return_inverse=True)
         ran = branches if sampling.guided_at(step, plan.num_steps) else branches[:1]
         branch_logits = []
         for ctx in ran:
@@ -1003,7 +1014,10 @@ def generate_image_dense(model: LaViDaOMDM, prompt_ids: Tensor, plan: UnmaskPlan
         logits = guide_logits(branch_logits, sampling)
         tokens, _ = sample_tokens(logits.reshape(-1, logits.shape[-1]), sampling.at_step(step, plan.num_steps),
                                   step_generator(sampling.seed, step, device))
-        patches[decode] = tokens.view(-1, k)
+        if code_width is None:
+            patches[decode] = tokens.view(-1, k)
+        else:
+            patches[code_pos, code_slot] = tokens.view(-1, k)[which, code_slot]
         steps.append(ImageStep(decode.clone(), logits))
     return ImageResult(patches, steps, rows_run)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,19 +20,28 @@ from sparse_lavida_vllm.model_executor.lavida_o import (
     patches_to_codes,
 )
 from sparse_lavida_vllm.model_executor.lavida_o_vision import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, num_image_rows
-from sparse_lavida_vllm.multimodal.layout import add_request_inputs
+from sparse_lavida_vllm.multimodal.layout import add_request_inputs, plan_args
 from sparse_lavida_vllm.multimodal.vq import VQCodec
 
-# predict_t2i_edit.text_to_image's defaults: the caption template, the micro-conditioning appended to a caption
-# (text-to-image only), the square resolution, and the closing token after the image placeholders.
+# The publishers' request (adobe-research/LaVida-O, llava/eval/predict_t2i_edit.py `text_to_image`, rendered with
+# `conv_templates["llada"]` of llava/conversation.py): a system turn, the user turn, then an assistant turn holding the
+# image placeholders; the rendering ends with the chat template's generation prompt, which stays (the result of
+# predict_t2i_edit's `removesuffix` is discarded). Text-to-image: the caption template plus micro-conditioning;
+# edits: `<image> ` + the source's VQ placeholders + "\n " + instruction, no micro-conditioning (text_to_image
+# blanks it when an edit image is given).
+SYSTEM_PROMPT = ("You are a helpful language and vision assistant. You are able to understand the visual content "
+                 "that the user provides, and assist the user with a variety of tasks using natural language.")
 T2I_TEMPLATE = "Generate an image with the caption:\n <prompt>"
-MICRO_COND = "ORIGINAL WIDTH : {w}; ORIGINAL HEIGHT : {h}; TOP : 0; LEFT : 0; SCORE : 6.5"
+MICRO_COND = "ORIGINAL WIDTH : {w}; ORIGINAL HEIGHT : {h}; TOP : 0; LEFT : 0; SCORE : {score}"
 RESOLUTION = 1024
-CLOSING_TOKEN = "<|eot_id|>"
-# Sampler defaults (the publishers' shift schedule and stratified order); guidance is off unless asked for, so a
-# request runs one branch. `steps` is capped by the positions to decode.
-DEFAULTS: dict[str, Any] = {"steps": 32, "temperature": 1.0, "guidance_scale": 0.0, "image_guidance_scale": 0.0,
-                            "schedule": "shift", "order": "stratified", "shift": 3.0}
+CLOSING_TOKEN = "<|eot_id|>"  # closes a turn; the uncond branch masks the prompt up to the user turn's
+# The publishers' evaluation knobs (llava/eval/1024_eval.yaml; edits: 1024_eval_edit.yaml). Their temperature decay
+# (`dynamic_temperature`, `schedule_temp: cosine2`, `min_temperature`) scales `alg_temp`, which only the
+# confidence policies `mmada` / `mask_git` read; with `confidence_policy: stratified` codes are drawn at the constant
+# `temperature`, so that is what these defaults say. `steps` is capped by the positions to decode.
+DEFAULTS: dict[str, Any] = {"steps": 64, "temperature": 0.8, "guidance_scale": 4.0, "image_guidance_scale": 0.0,
+                            "schedule": "shift", "order": "stratified", "shift": 5.0, "score": "7.110;"}
+EDIT_DEFAULTS: dict[str, Any] = {**DEFAULTS, "guidance_scale": 1.2, "image_guidance_scale": 1.4}
 MAX_SIDE = 2048
 
 
@@ -71,15 +80,78 @@ class EditPrompt:
         return self.prompt_ids[:start] + [IMAGE_TOKEN_INDEX] + self.prompt_ids[end:]
 
 
+# Where the rendered conversation holds the canvas and an edit's source placeholders: split out before tokenizing,
+# as the publishers' reserved tokens split their text (special tokens never merge with their neighbours).
+_CANVAS, _SOURCE = "\x00canvas\x00", "\x00source\x00"
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """A rendered request: the ids before the canvas (`_SOURCE` / IMAGE_PLACEHOLDER items where an edit's VQ
+    placeholders and SigLIP rows go), the ids after it (the suffix), and how many leading items the uncond branch
+    masks (through the user turn's closing token; None: the whole prompt, when the tokenizer has no closing token)."""
+
+    before: list[int | str]
+    after: list[int]
+    uncond_cut: int | None
+
+
+@dataclass(frozen=True)
+class PublishersChat:
+    """The publishers' request text as token ids: `conv_templates["llada"]` rendered by the checkpoint's chat
+    template (system turn, user turn, an assistant turn holding the image, the template's generation prompt), then
+    split and tokenized as llava/mm_utils.py `tokenizer_image_token` does: each piece between `<image>`s tokenized on
+    its own, and when the first piece starts with BOS every later piece loses its first token (for the LLaDA
+    tokenizer: the space or newline right after `<image>`, which the model never saw in training). Without a chat
+    template the user text alone, with the canvas after it."""
+
+    tokenizer: Any
+    system: str = SYSTEM_PROMPT
+
+    def _piece(self, text: str) -> list[int | str]:
+        out: list[int | str] = []
+        for i, part in enumerate(text.split(_SOURCE)):
+            if i:
+                out.append(_SOURCE)
+            for j, sub in enumerate(part.split(_CANVAS)):
+                if j:
+                    out.append(_CANVAS)
+                out += _ids(self.tokenizer, sub)
+        return out
+
+    def render(self, user: str) -> RenderedPrompt:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            turns = [{"role": "system", "content": self.system}, {"role": "user", "content": user},
+                     {"role": "assistant", "content": _CANVAS}]
+            text = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        else:
+            text = user + _CANVAS
+        added = list(tok("").input_ids)  # what the tokenizer puts around every piece (BOS for some)
+        pieces = [added + self._piece(chunk) for chunk in text.split(IMAGE_PLACEHOLDER)]
+        drop = 1 if pieces[0] and pieces[0][0] == getattr(tok, "bos_token_id", None) else 0
+        items: list[int | str] = pieces[0][:drop]
+        for i, piece in enumerate(pieces):
+            if i:
+                items.append(IMAGE_PLACEHOLDER)
+            if drop and i and piece and isinstance(piece[0], str):
+                raise ValueError("the publishers' tokenization would drop a placeholder after <image>")
+            items += piece[drop:]
+        canvas = items.index(_CANVAS)
+        before, after = items[:canvas], [t for t in items[canvas + 1:] if isinstance(t, int)]
+        closing = tok.get_vocab().get(CLOSING_TOKEN)
+        ends = [i for i, t in enumerate(before) if t == closing] if closing is not None else []
+        return RenderedPrompt(before, after, ends[-1] + 1 if ends else None)
+
+
 @dataclass
 class LaViDaOLayout:
-    """A `llava_llada` checkpoint's image requests as engine requests.
-
-    Prompt (the publishers' predict_t2i_edit.py): the tokenizer's chat template around the user turn, the image's
-    positions after it (the canvas, one packed id per 2x2 code patch), then `<|eot_id|>` after the image (a suffix
-    prefilled at its true positions). Text-to-image: the caption template + micro-conditioning. Edits: the user turn
-    is `<image> <|reserved_token_6|> x positions` (the source's SigLIP rows when the checkpoint has a vision tower,
-    then its VQ codes, prompt rows of the stream the checkpoint's enc_use_image_branch names) then the instruction.
+    """A `llava_llada` checkpoint's image requests as engine requests, as the publishers' predict_t2i_edit.py lays
+    them out (PublishersChat): [system turn, user turn, assistant header] the canvas (one packed id per 2x2 code
+    patch) then the suffix (`<|eot_id|>` and the template's generation prompt, prefilled at its true positions).
+    Text-to-image: the caption template + micro-conditioning. Edits: the user turn is `<image> ` + the source's
+    `<|reserved_token_6|>` placeholders (its SigLIP rows when the checkpoint has a vision tower, then its VQ codes,
+    prompt rows of the stream the checkpoint's enc_use_image_branch names) + "\\n " + the instruction.
     The codec is the checkpoint's vqvae/ at the request's size: an H x W image is (H/f) x (W/f) codes and
     (H/2f) x (W/2f) positions (f = the VQ downsampling).
     """
@@ -87,14 +159,12 @@ class LaViDaOLayout:
     folder: Path
     config: LaViDaOConfig
     codec: VQCodec
-    encode_chat: Callable[..., tuple[list[int], list[int]]]  # user text -> ids (before, after) the split point
+    chat: PublishersChat
     suffix: tuple[int, ...]
     image_registers: int
-    # the ids of `<image>` and of the space after it (predict_t2i_edit writes f"<image> {placeholders}..."); only
-    # used on checkpoints with a vision tower
-    image_placeholder: tuple[int, ...] = ()
-    space: tuple[int, ...] = ()
+    image_placeholder: tuple[int, ...] = ()  # the ids of `<image>` (vLLM's processor expands them into SigLIP rows)
     defaults: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULTS))
+    edit_defaults: Mapping[str, Any] = field(default_factory=lambda: dict(EDIT_DEFAULTS))
     _codecs: dict[tuple[int, int], VQCodec] = field(default_factory=dict)
 
     @classmethod
@@ -102,11 +172,10 @@ class LaViDaOLayout:
         folder = Path(folder)
         config = load_config(folder)
         codec = VQCodec(folder, subfolder=VQ_SUBFOLDER, resolution=RESOLUTION, fit="pad")
-        vocab = tokenizer.get_vocab()
-        suffix = (vocab[CLOSING_TOKEN],) if CLOSING_TOKEN in vocab else ()
+        chat = PublishersChat(tokenizer)
+        suffix = tuple(chat.render("").after)
         registers = config.registers("image") if config.register_code is not None else 0
-        return cls(folder, config, codec, _chat_encoder(tokenizer), suffix, registers,
-                   tuple(_ids(tokenizer, IMAGE_PLACEHOLDER)), tuple(_ids(tokenizer, " ")))
+        return cls(folder, config, codec, chat, suffix, registers, tuple(_ids(tokenizer, IMAGE_PLACEHOLDER)))
 
     @property
     def patch_ids(self) -> PatchIds:
@@ -170,48 +239,75 @@ class LaViDaOLayout:
     # ---- prompts ----
 
     def t2i_prompt(self, caption: str, size: tuple[int, int]) -> list[int]:
-        micro = MICRO_COND.format(w=size[0], h=size[1])
-        before, after = self.encode_chat(T2I_TEMPLATE.replace("<prompt>", f"{caption} {micro}"))
-        return before + after
+        micro = MICRO_COND.format(w=size[0], h=size[1], score=self.defaults["score"])
+        rendered = self.chat.render(T2I_TEMPLATE.replace("<prompt>", f"{caption} {micro}"))
+        return [int(t) for t in rendered.before]
 
     def edit_prompt(self, instruction: str, source: Tensor, image: Image.Image | None = None) -> EditPrompt:
         """The edit's prompt: the source's VQ placeholders (`source`: its code patches) and the instruction, after
         the source's SigLIP copy (`image`, the picture as uploaded) on checkpoints with a vision tower. Without a
-        tower (or an image) the prompt is the VQ placeholders and the instruction, as before."""
-        before, after = self.encode_chat(f"\n {instruction} ", split=True)
+        tower (or an image) the user turn starts at the VQ placeholders."""
         codes = source.reshape(-1).tolist()
         understanding = self.config.understanding
-        if understanding is None or image is None:
-            start = len(before)
-            prompt = before + [self.config.edit_image_token_id] * source.shape[0] + after
-            return EditPrompt(prompt, (start, start + source.shape[0]), codes)
-        image = image.convert("RGB")
-        rows = num_image_rows(understanding, image.size)
-        placeholder = self.image_placeholder
-        prompt = before + list(placeholder) + list(self.space) + [self.config.edit_image_token_id] * source.shape[0]
-        start = len(before) + rows + len(self.space)  # in the expanded prompt
-        return EditPrompt(prompt + after, (start, start + source.shape[0]), codes, image, len(before), rows,
-                          placeholder)
+        siglip = understanding is not None and image is not None
+        user = f"{IMAGE_PLACEHOLDER} {_SOURCE}\n {instruction} " if siglip else f"{_SOURCE}\n {instruction} "
+        items = self.chat.render(user).before
+        n = source.shape[0]
+        rows = num_image_rows(understanding, image.size) if siglip else 0
+        prompt: list[int] = []
+        image_start = start = 0
+        for t in items:
+            if t == IMAGE_PLACEHOLDER:
+                image_start = len(prompt)
+                prompt += self.image_placeholder
+            elif t == _SOURCE:
+                start = len(prompt) + (rows - len(self.image_placeholder) if siglip else 0)  # in the expanded prompt
+                prompt += [self.config.edit_image_token_id] * n
+            else:
+                prompt.append(int(t))
+        if not siglip:
+            return EditPrompt(prompt, (start, start + n), codes)
+        return EditPrompt(prompt, (start, start + n), codes, image.convert("RGB"), image_start, rows,
+                          self.image_placeholder)
+
+    def uncond_ids(self, prompt: list[int] | EditPrompt) -> list[int] | None:
+        """The uncond guidance branch's prompt, as predict_t2i_edit masks it (`is_prompt`): every row through the
+        user turn's closing `<|eot_id|>` (system turn, user turn, an edit's SigLIP and VQ rows) is the mask token,
+        the assistant header after it is kept. None when the tokenizer has no closing token: the scheduler's default,
+        the whole prompt masked."""
+        ids = prompt.prompt_ids if isinstance(prompt, EditPrompt) else list(prompt)
+        closing = self.chat.tokenizer.get_vocab().get(CLOSING_TOKEN)
+        if closing is None or closing not in ids:
+            return None
+        cut = len(ids) - ids[::-1].index(closing)
+        grown = prompt.num_prompt_tokens - len(ids) if isinstance(prompt, EditPrompt) else 0  # SigLIP rows, before cut
+        return [self.config.mask_token_id] * (cut + grown) + ids[cut:]
 
     def request_args(self, size: tuple[int, int], *, steps: int | None = None, guidance_scale: float | None = None,
                      image_guidance_scale: float | None = None, source_span: tuple[int, int] | None = None,
                      source_codes: list[int] | None = None, init_canvas: list[int] | None = None,
                      uncond_prompt_ids: list[int] | None = None, **knobs: Any) -> dict[str, Any]:
-        """`SamplingParams.extra_args` of a LaViDa-O image request (None: the defaults above)."""
+        """`SamplingParams.extra_args` of a LaViDa-O image request (None: the publishers' defaults, EDIT_DEFAULTS for
+        an edit). `uncond_prompt_ids`: the uncond branch's prompt (`uncond_ids`). A dense request (sparse false, or
+        the checkpoint's default when it was not trained step-causal) on a square power-of-two grid runs the
+        publishers' per-code sampler (`per_code`) unless it names another order, schedule or `per_code: false`."""
+        defaults = self.defaults if source_span is None else self.edit_defaults
         rows, cols = self.positions(size)
         to_generate = rows * cols if init_canvas is None else sum(t < 0 for t in init_canvas)
         square = rows == cols and rows & (rows - 1) == 0
-        args: dict[str, Any] = {
-            "kind": "image", "height": rows, "width": cols,
-            "steps": max(1, min(int(self.defaults["steps"]), to_generate)) if steps is None else steps,
-            "schedule": self.defaults["schedule"], "order": self.defaults["order"] if square else "random",
-            "shift": self.defaults["shift"], "num_registers": self.image_registers,
-            "guidance_scale": self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale}
+        args = plan_args(defaults, (rows, cols), steps=steps, guidance_scale=guidance_scale, to_generate=to_generate,
+                         order=None if square else "random")
+        args.update(shift=defaults["shift"], num_registers=self.image_registers)
         if self.suffix:
             args["suffix_ids"] = list(self.suffix)
         if source_span is not None:
             args["source_codes"] = list(source_codes or [])
-        return add_request_inputs(args, self.defaults, init_canvas=init_canvas, source_span=source_span,
+        sparse = self.config.block_causal if knobs.get("sparse") is None else knobs["sparse"]  # the engine's default
+        theirs = knobs.get("order") in (None, "stratified") and knobs.get("schedule") in (None, "shift")
+        if knobs.get("per_code") is None and not sparse and theirs and args["order"] == "stratified" \
+                and self.config.codes_per_position == 4:
+            args["per_code"] = True  # dense: the publishers' own sampler, code by code
+        return add_request_inputs(args, defaults, init_canvas=init_canvas, source_span=source_span,
                                   image_guidance_scale=image_guidance_scale, uncond_prompt_ids=uncond_prompt_ids,
                                   **knobs)
 
@@ -220,24 +316,5 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
 
 
-_SPLIT = "\x00"  # where the source image's placeholders go inside the rendered user turn
-
-
-def _chat_encoder(tokenizer: Any) -> Callable[..., tuple[list[int], list[int]]]:
-    """User text -> token ids of the chat-templated turn (generation prompt included), split at the start of the
-    text when `split` (the edit's source image goes there). Without a chat template: the text alone."""
-
-    def encode(text: str, split: bool = False) -> tuple[list[int], list[int]]:
-        content = (_SPLIT + text) if split else text
-        if getattr(tokenizer, "chat_template", None):
-            rendered = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                     add_generation_prompt=True)
-        else:
-            rendered = content
-        head, _, tail = rendered.partition(_SPLIT) if split else ("", "", rendered)
-        return _ids(tokenizer, head), _ids(tokenizer, tail)
-
-    return encode
-
-
-__all__ = ["LaViDaOLayout", "EditPrompt", "T2I_TEMPLATE", "MICRO_COND", "DEFAULTS"]
+__all__ = ["LaViDaOLayout", "EditPrompt", "PublishersChat", "RenderedPrompt", "T2I_TEMPLATE", "MICRO_COND",
+           "SYSTEM_PROMPT", "DEFAULTS", "EDIT_DEFAULTS"]

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from sparse_lavida_vllm.diffusion.planners import ORDERS, SCHEDULES, UnmaskPlan, image_plan
+from sparse_lavida_vllm.diffusion.planners import ORDERS, SCHEDULES, UnmaskPlan, image_plan, publishers_code_plan
 from sparse_lavida_vllm.diffusion.sampling import TEMPERATURE_SCHEDULES, SamplingConfig
 from sparse_lavida_vllm.scheduler.params import DiffusionParamError, _bool, _int
 
@@ -17,7 +17,7 @@ from sparse_lavida_vllm.scheduler.params import DiffusionParamError, _bool, _int
 IMAGE_KNOBS = ("kind", "height", "width", "steps", "schedule", "order", "shift", "sparse", "num_registers",
                "guidance_scale", "image_guidance_scale", "guidance_interval", "temperature_schedule",
                "min_temperature", "token_range", "init_canvas", "uncond_prompt_ids", "source_span", "suffix_ids",
-               "source_codes", "preview_steps")
+               "source_codes", "preview_steps", "per_code")
 GENERATE = -1  # an init_canvas entry that marks a position to generate (everything else is given)
 
 
@@ -50,6 +50,9 @@ class ImageParams:
     # after each of these steps (0-based) the scheduler also emits a snapshot of the whole canvas, undecoded
     # positions as the mask id (the images routes' partial images); sampling is unchanged
     preview_steps: tuple[int, ...] = ()
+    # LaViDa-O's own sampler (dense only): single VQ codes unmasked in the publishers' stratified order with their
+    # shift schedule (planners.publishers_code_plan, over the 2H x 2W code grid), instead of whole 2x2 positions
+    per_code: bool = False
     # the text request's fields, neutral for images, so the scheduler treats both kinds alike
     min_tokens: int = 0
     stop_at_eos: bool = False
@@ -74,6 +77,8 @@ class ImageParams:
         return torch.tensor(self.init_canvas) == GENERATE
 
     def plan(self) -> UnmaskPlan:
+        if self.per_code:  # the publishers' fixed order (their seed 42), whatever the request's seed
+            return publishers_code_plan(2 * self.height, self.steps, self.shift, masked=self.masked())
         # the order is drawn from the request's seed: same seed, same partition, on every rank and alone or batched
         generator = torch.Generator().manual_seed(self.sampling.seed)
         return image_plan(self.height, self.width, self.steps, self.schedule, self.order, self.shift, generator,
@@ -202,9 +207,14 @@ def parse_image_params(sampling_params: Any, extra: dict, prompt_len: int, max_m
             seed=secrets.randbits(62) if seed is None else int(seed))
     except ValueError as e:  # SamplingConfig's messages start with the field name
         raise DiffusionParamError(str(e).split()[0], str(e)) from None
-    return ImageParams(height=height, width=width, steps=steps,
-                       schedule=_choice(extra, "schedule", "shift", SCHEDULES), order=order,
-                       shift=_number(extra, "shift", 5.0, 1e-3, 1e3), sparse=_bool(extra, "sparse", default_sparse),
+    schedule, sparse = _choice(extra, "schedule", "shift", SCHEDULES), _bool(extra, "sparse", default_sparse)
+    per_code = _bool(extra, "per_code", False)
+    if per_code and (sparse or schedule != "shift" or order != "stratified"):
+        raise DiffusionParamError("per_code", "per_code (LaViDa-O's own per-code sampler) runs dense with the shift "
+                                  "schedule and the stratified order: send sparse false (a sparse step caches whole "
+                                  "2x2 positions), schedule shift, order stratified", None)
+    return ImageParams(height=height, width=width, steps=steps, schedule=schedule, order=order,
+                       shift=_number(extra, "shift", 5.0, 1e-3, 1e3), sparse=sparse, per_code=per_code,
                        num_registers=num_registers, init_canvas=init_canvas, uncond_prompt_ids=uncond,
                        source_span=span, sampling=sampling, suffix_ids=tuple(suffix), source_codes=source_codes,
                        preview_steps=preview_steps)

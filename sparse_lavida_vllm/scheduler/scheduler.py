@@ -18,6 +18,7 @@ from sparse_lavida_vllm.diffusion.reference import PlanWalker
 from sparse_lavida_vllm.model_executor.lavida_o import ARCHITECTURE as LAVIDA_O
 from sparse_lavida_vllm.model_executor.lavida_o import LaViDaOConfig, PatchIds, load_config
 from sparse_lavida_vllm.model_executor.lavida_o_text import serves_lavida_o_images
+from sparse_lavida_vllm.scheduler.code_walker import CodeWalker
 from sparse_lavida_vllm.scheduler.image_params import GENERATE, ImageParams
 from sparse_lavida_vllm.scheduler.output import (
     METRICS_KEY,
@@ -56,7 +57,7 @@ class DiffusionState:
     prompt: list[int]
     canvas: torch.Tensor  # (L,) response tokens, [mask] where not decoded yet
     decoded: torch.Tensor  # (L,) bool; not `canvas != mask`: a sampled token may be the mask id itself
-    stepper: PlanWalker  # the reference sampler's plan walker: same decode sets, same counts
+    stepper: PlanWalker | CodeWalker  # the reference sampler's plan walker: same decode sets, same counts
     decode_sets: object  # its generator of (decode set, count)
     branches: list[Branch]
     num_steps: int
@@ -187,6 +188,10 @@ class DiffusionScheduler(Scheduler):
                 if offset < end and start < offset + length:
                     raise DiffusionParamError("source_span", "source_span overlaps the source image's "
                                               "understanding rows")
+        if isinstance(params, ImageParams) and params.per_code and (
+                self.patch_ids is None or self.patch_ids.codes_per_position != 4):
+            raise DiffusionParamError("per_code", "per_code (LaViDa-O's own sampler) applies to LaViDa-O checkpoints "
+                                      "whose positions are 2x2 VQ codes", None)
         if isinstance(params, ImageParams) and self.patch_ids is not None:
             check_lavida_o_image(params, self.patch_ids)
             if params.source_codes is not None and not self.lavida_edits:
@@ -209,7 +214,9 @@ class DiffusionScheduler(Scheduler):
             decoded = init != GENERATE
             canvas[decoded] = init[decoded]
         plan = params.plan()
-        stepper = PlanWalker(plan, params.sampling, canvas)
+        per_code = isinstance(params, ImageParams) and params.per_code
+        stepper = (CodeWalker(plan, canvas, self.patch_ids, 2 * params.width) if per_code
+                   else PlanWalker(plan, params.sampling, canvas))
         prompt = list(request.prompt_token_ids)
         if isinstance(params, ImageParams):
             if lavida_image and params.source_codes is not None:  # the source image's placeholders -> its patches

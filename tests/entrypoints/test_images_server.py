@@ -148,6 +148,8 @@ def _bad_generations():
         ({"extra_body": {"temperature": -1}}, "temperature"),
         ({"extra_body": {"num_registers": 10**9}}, "num_registers"),
         ({"extra_body": {"colour": "red"}}, "colour"), ({"prompt": ""}, "prompt"),
+        ({"extra_body": {"per_code": True}}, "per_code"),  # LaViDa-O's sampler: the demo has 1 token per position
+        ({"extra_body": {"per_code": "yes"}}, "per_code"),
     ]
 
 

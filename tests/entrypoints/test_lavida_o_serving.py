@@ -266,7 +266,8 @@ def test_offline_engine_serves_plain_lavida_o_dense_by_default_and_warns_on_spar
 
 @pytest.fixture(scope="module")
 def server(checkpoints, tmp_path_factory):
-    srv = Server(checkpoints["sparse"], log_dir=tmp_path_factory.mktemp("lavida-o-server"))
+    # 512: the publishers' system turn is ~220 tokens in this char tokenizer (~40 in LLaDA's BPE)
+    srv = Server(checkpoints["sparse"], ["--max-model-len", "512"], log_dir=tmp_path_factory.mktemp("lavida-o-server"))
     yield srv
     srv.stop()
 
@@ -310,10 +311,11 @@ def _data_url(image) -> str:
 
 
 def understanding_reference(folder: Path, images: list, sparse: bool, temperature: float,
-                            seed: int) -> tuple[list, list]:
+                            seed: int, system: bool = True) -> tuple[list, list]:
     """(prompt ids with the images' rows as pad ids, answer tokens) from the PyTorch path: the chat template with
     LLaVA's `<image>` placeholders (one line each, before the text, as vLLM renders parts), tokenized around them
-    (tokenizer_image_token), `understanding_prompt`, `generate_understanding` with the knobs the server gets."""
+    (tokenizer_image_token), `understanding_prompt`, `generate_understanding` with the knobs the server gets.
+    `system`: the publishers' system turn first, as the server's chat route adds it (offline LLM.chat does not)."""
     from transformers import AutoTokenizer
 
     from sparse_lavida_vllm.model_executor.lavida_o_vision import (
@@ -321,10 +323,13 @@ def understanding_reference(folder: Path, images: list, sparse: bool, temperatur
         generate_understanding,
         understanding_prompt,
     )
+    from sparse_lavida_vllm.multimodal.lavida_o_layout import SYSTEM_PROMPT
 
     tok = AutoTokenizer.from_pretrained(str(folder))
     content = "".join("<image>\n" for _ in images) + QUESTION
-    text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    turns = [{"role": "system", "content": SYSTEM_PROMPT}] if system else []
+    text = tok.apply_chat_template(turns + [{"role": "user", "content": content}], tokenize=False,
+                                   add_generation_prompt=True)
     pieces = text.split("<image>")
     ids = tok.encode(pieces[0], add_special_tokens=False)
     for piece in pieces[1:]:
@@ -359,6 +364,25 @@ def test_server_chat_image_equals_generate_understanding(checkpoints, client, se
     metrics = r.model_extra["kv_transfer_params"]["sparse_lavida_metrics"]
     assert metrics["mode"] == ("sparse" if sparse else "dense")
     assert server.metric("vllm:num_requests_running") == 0
+
+
+@pytest.mark.slow
+def test_server_chat_opens_with_the_publishers_system_turn_unless_the_client_sends_one(checkpoints, client):
+    """conv_templates["llada"]: a LaViDa-O chat starts with the publishers' system turn; a client's own system message
+    replaces it (never both)."""
+    from transformers import AutoTokenizer
+
+    from sparse_lavida_vllm.multimodal.lavida_o_layout import SYSTEM_PROMPT
+
+    folder = checkpoints["sparse"]
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    for system in (None, "Answer briefly."):
+        turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "hi"}]
+        r = client.chat.completions.create(model=str(folder), messages=turns, max_tokens=8, temperature=0,
+                                           extra_body={"vllm_xargs": KNOBS, "return_token_ids": True})
+        expected = [{"role": "system", "content": system or SYSTEM_PROMPT}, {"role": "user", "content": "hi"}]
+        text = tok.apply_chat_template(expected, add_generation_prompt=True, tokenize=False)
+        assert r.prompt_token_ids == tok.encode(text, add_special_tokens=False)
 
 
 @pytest.mark.slow
@@ -452,20 +476,25 @@ SIZE = (32, 32)  # the tiny VQ downsamples 4x: 8x8 codes, 4x4 positions of 2x2 c
 def reference_image(model: torch.nn.Module, prompt: list[int], seed: int, steps: int, guidance: float = 0.0,
                     image_guidance: float = 0.0, interval: tuple[float, float] = (0.0, 1.0), suffix: tuple = (),
                     source_span: tuple[int, int] | None = None, source_codes: torch.Tensor | None = None,
-                    shift: float = 3.0, grid: tuple[int, int] = (4, 4), num_registers: int = 3,
-                    dense: bool = False, understanding: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[int]:
+                    shift: float = 5.0, grid: tuple[int, int] = (4, 4), num_registers: int = 3,
+                    dense: bool = False, understanding: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    temperature: float = 0.8, per_code: bool = False) -> list[int]:
     """The PyTorch driver's image (lavida_o.generate_image_sparse, or generate_image_dense) for the request the
-    engine ran, as packed ids. `understanding`: an edit's SigLIP rows (lavida_o_vision.edit_understanding)."""
-    from sparse_lavida_vllm.diffusion.planners import image_plan
+    engine ran, as packed ids. `understanding`: an edit's SigLIP rows (lavida_o_vision.edit_understanding). The
+    defaults (shift 5, temperature 0.8) are the routes' for LaViDa-O (the publishers' 1024_eval.yaml). `per_code`:
+    the publishers' per-code plan (dense only; what the routes run for a dense request)."""
+    from sparse_lavida_vllm.diffusion.planners import image_plan, publishers_code_plan
     from sparse_lavida_vllm.model_executor.lavida_o import PatchIds, generate_image_dense, generate_image_sparse
 
-    plan = image_plan(*grid, steps, "shift", "stratified", shift, torch.Generator().manual_seed(seed))
-    sampling = SamplingConfig(temperature=1.0, seed=seed, cfg_scale=guidance, image_cfg_scale=image_guidance,
+    plan = (publishers_code_plan(2 * grid[0], steps, shift) if per_code else
+            image_plan(*grid, steps, "shift", "stratified", shift, torch.Generator().manual_seed(seed)))
+    sampling = SamplingConfig(temperature=temperature, seed=seed, cfg_scale=guidance, image_cfg_scale=image_guidance,
                               cfg_interval=interval)
     rows = None if source_span is None else torch.arange(*source_span)
     if dense:
         result = generate_image_dense(model, torch.tensor(prompt), plan, sampling,
-                                      torch.tensor(suffix, dtype=torch.long), rows, source_codes, understanding)
+                                      torch.tensor(suffix, dtype=torch.long), rows, source_codes, understanding,
+                                      code_width=2 * grid[1] if per_code else None)
         return PatchIds.of(model.config).pack(result.patches).tolist()
     result = generate_image_sparse(model, torch.tensor(prompt), plan, sampling, num_registers,
                                    suffix_ids=torch.tensor(suffix, dtype=torch.long), source_rows=rows,
@@ -532,7 +561,8 @@ def test_offline_engine_images_equal_the_pytorch_driver_in_one_batch(checkpoints
         if not extra.get("sparse", True):  # the dense engine path == the dense driver (no cache, no registers)
             expected = reference_image(model, case["prompt"], case["seed"], 4, extra.get("guidance_scale", 0.0),
                                        extra.get("image_guidance_scale", 0.0), suffix=tuple(extra["suffix_ids"]),
-                                       source_span=span, source_codes=source if span else None, dense=True)
+                                       source_span=span, source_codes=source if span else None, dense=True,
+                                       shift=3.0, temperature=1.0)
             assert got[name] == expected, name
             assert out["metrics"][list(cases).index(name)]["mode"] == "dense"
             continue
@@ -540,7 +570,7 @@ def test_offline_engine_images_equal_the_pytorch_driver_in_one_batch(checkpoints
                                    extra.get("image_guidance_scale", 0.0), tuple(extra.get("guidance_interval",
                                                                                            (0.0, 1.0))),
                                    tuple(extra.get("suffix_ids", ())), span, source if span else None,
-                                   num_registers=extra["num_registers"])
+                                   num_registers=extra["num_registers"], shift=3.0, temperature=1.0)
         assert got[name] == expected, name
     assert out["tokens"][-1] == _reference(model, 4, sparse=True)  # the text request shared the batch
     assert out["batch"] >= 4 and out["free"]  # batched together; every block (companions too) back in the pool (I5)
@@ -578,10 +608,13 @@ def test_edit_siglip_rows_are_in_the_prompt_and_change_the_logits(checkpoints, l
     edit, plain = layout.edit_prompt("make it red", patches, source), layout.edit_prompt("make it red", patches)
     assert plain.image is None and plain.num_prompt_tokens == len(plain.prompt_ids)
     rows = num_image_rows(model.config.understanding, SIZE)
-    assert edit.image_rows == rows and edit.num_prompt_tokens == len(plain.prompt_ids) + rows + len(layout.space)
+    # this char tokenizer's template starts with no BOS, so tokenizer_image_token drops nothing and the space after
+    # `<image>` stays (tests/multimodal/test_lavida_o_layout.py: LLaDA's tokenizer, where it is dropped)
+    space = 1
+    assert edit.image_rows == rows and edit.num_prompt_tokens == len(plain.prompt_ids) + rows + space
     assert edit.prompt_ids[edit.image_start:edit.image_start + len(edit.placeholder)] == list(layout.image_placeholder)
     start, end = edit.source_span
-    assert end - start == patches.shape[0] and start == edit.image_start + rows + len(layout.space)
+    assert end - start == patches.shape[0] and start == edit.image_start + rows + space
     ids, understanding = edit_understanding(model, torch.tensor(edit.reference_ids()), edit.image)
     assert (ids[start:end] == model.config.edit_image_token_id).all()
 
@@ -618,7 +651,7 @@ def test_server_text_to_image_equals_the_pytorch_driver(checkpoints, client, lay
 
 
 def edit_reference(folder: Path, layout, source, seed: int, guidance: float, image_guidance: float,
-                   dense: bool = False) -> list[int]:
+                   dense: bool = False, temperature: float = 0.8) -> list[int]:
     """The PyTorch driver's edit for what the route lays out: on this checkpoint (a vision tower) the prompt holds
     the source's SigLIP rows (`<image>`, expanded by lavida_o_vision.edit_understanding) before its VQ rows."""
     from sparse_lavida_vllm.model_executor.lavida_o_vision import edit_understanding
@@ -632,7 +665,8 @@ def edit_reference(folder: Path, layout, source, seed: int, guidance: float, ima
     assert understanding[0].tolist() == list(range(edit.image_start, edit.image_start + edit.image_rows))
     return reference_image(model, ids.tolist(), seed, 16, guidance, image_guidance, suffix=layout.suffix,
                            source_span=edit.source_span, source_codes=patches, dense=dense,
-                           num_registers=0 if dense else 3, understanding=understanding)
+                           num_registers=0 if dense else 3, understanding=understanding, temperature=temperature,
+                           per_code=dense)  # the route runs a dense request with the publishers' per-code sampler
 
 
 @pytest.mark.slow
@@ -687,7 +721,7 @@ def test_generate_image_edit_takes_the_siglip_copy_as_the_driver(checkpoints, la
     run = subprocess.run([sys.executable, "-m", "sparse_lavida_vllm.cli", "generate-image", "make it red",
                           "--model", str(folder), "--image", str(source_png), "--size", "32x32", "--steps", "16",
                           "--guidance-scale", "1.0", "--image-guidance-scale", "1.5", "--seed", "5", "--dtype",
-                          "float32", "--max-model-len", "256", "-o", str(out), "--quiet"],
+                          "float32", "--max-model-len", "512", "-o", str(out), "--quiet"],
                          env={**os.environ, **VLLM_ENV}, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     source = Image.open(source_png)
@@ -705,13 +739,17 @@ def test_server_image_requests_name_what_is_unsupported(checkpoints, client, ser
         with pytest.raises(BadRequestError) as info:
             client.images.generate(model=str(folder), prompt="a square", size=size)
         assert info.value.body["param"] == "size" and "multiples of 8" in str(info.value), size
-    with pytest.raises(BadRequestError) as info:  # 64x64 positions do not fit max_model_len 256
+    with pytest.raises(BadRequestError) as info:  # 64x64 positions do not fit max_model_len 512
         client.images.generate(model=str(folder), prompt="a square", size="512x512")
     assert info.value.body["param"] == "size"
     with pytest.raises(BadRequestError) as info:
         client.images.generate(model=str(folder), prompt="a square", size="32x32",
                                extra_body={"image_guidance_scale": 1.0})
     assert info.value.body["param"] == "image_guidance_scale"
+    for knobs in ({"per_code": True}, {"per_code": True, "sparse": False, "order": "random"}):  # sparse by default
+        with pytest.raises(BadRequestError) as info:  # the per-code sampler: dense, stratified, shift only
+            client.images.generate(model=str(folder), prompt="a square", size="32x32", extra_body=knobs)
+        assert info.value.body["param"] == "per_code", knobs
     r = requests.post(server.base_url + "/v1/images/edits", data={"prompt": "x", "size": "32x32"}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "image"
     assert server.metric("vllm:num_requests_running") == 0
@@ -743,7 +781,7 @@ def test_generate_image_cli_draws_lavida_o_images_offline(checkpoints, layout, t
     folder, out = checkpoints["sparse"], tmp_path / "square.png"
     run = subprocess.run([sys.executable, "-m", "sparse_lavida_vllm.cli", "generate-image", "a yellow square",
                           "--model", str(folder), "--size", "32x32", "--seed", "4", "--guidance-scale", "1.0",
-                          "--max-model-len", "256", "-o", str(out), "--quiet"],
+                          "--max-model-len", "512", "-o", str(out), "--quiet"],
                          env={**os.environ, **VLLM_ENV}, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     image = Image.open(out)
@@ -775,6 +813,8 @@ TP_IMAGE_CASES = {
         "guidance_scale": 1.0, "image_guidance_scale": 1.5, "source_span": [2, 18],
         "source_codes": _edit_source().flatten().tolist(), "suffix_ids": [2]}),
     "dense": dict(prompt=PROMPT, seed=9, extra={"sparse": False, "guidance_scale": 1.0, "suffix_ids": [2]}),
+    "per_code": dict(prompt=PROMPT, seed=10, extra={"sparse": False, "per_code": True, "guidance_scale": 1.0,
+                                                    "suffix_ids": [2]}),  # the publishers' per-code sampler
 }
 TP_CHAT = {"temperature": 0.8, "seed": 3}
 
@@ -805,7 +845,7 @@ def tp2_main(folder: str, payload: str) -> None:
     from tests.worker.test_tensor_parallel import PROMPT as TEXT_PROMPT
 
     data = json.loads(payload)
-    llm = LLM(model=folder, dtype="float32", enforce_eager=True, max_model_len=256, seed=0, tensor_parallel_size=2,
+    llm = LLM(model=folder, dtype="float32", enforce_eager=True, max_model_len=512, seed=0, tensor_parallel_size=2,
               distributed_executor_backend="mp")
     prompts, params = [], []
     for case in TP_IMAGE_CASES.values():
@@ -885,11 +925,13 @@ def test_tp2_serves_images_text_and_chat_images_as_the_pytorch_drivers(checkpoin
         expected = reference_image(model, case["prompt"], case["seed"], 4, extra.get("guidance_scale", 0.0),
                                    extra.get("image_guidance_scale", 0.0), suffix=tuple(extra["suffix_ids"]),
                                    source_span=span, source_codes=source if span else None,
-                                   dense=not extra.get("sparse", True))
+                                   dense=not extra.get("sparse", True), shift=3.0, temperature=1.0,
+                                   per_code=extra.get("per_code", False))
         assert out["images"][name] == expected, name
-    prompt, tokens = understanding_reference(folder, [image], sparse=True, **TP_CHAT)
+    prompt, tokens = understanding_reference(folder, [image], sparse=True, system=False, **TP_CHAT)
     assert out["chat"] == {"prompt": prompt, "tokens": tokens}
-    assert out["siglip_edit"] == edit_reference(folder, layout, _source_image(), 5, 1.0, 1.5)  # with its SigLIP rows
+    assert out["siglip_edit"] == edit_reference(folder, layout, _source_image(), 5, 1.0, 1.5,
+                                                temperature=1.0)  # with its SigLIP rows
 
 
 if __name__ == "__main__":  # the TP=2 engine's child process (vLLM spawns its workers under this guard)
