@@ -115,9 +115,13 @@ def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
-def entry_rows(max_rows: int) -> int:
-    """Rows per batch entry for a call whose longest request has `max_rows` rows (a multiple of ROW_BLOCK)."""
-    return min(MAX_ENTRY_ROWS, -(-max_rows // ROW_BLOCK) * ROW_BLOCK)
+def entry_rows(rows: list[int]) -> int:
+    """Rows per batch entry for requests of these row counts: the multiple of ROW_BLOCK up to MAX_ENTRY_ROWS that
+    pads the fewest query rows (a request longer than an entry takes several), the larger one on a tie (fewer
+    entries, fewer copies of their keys). Any of them gives every request the same bits."""
+    def padded(size: int) -> int:
+        return sum(-(-n // size) for n in rows) * size
+    return min(range(MAX_ENTRY_ROWS, 0, -ROW_BLOCK), key=padded)
 
 
 def _padded(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, width: int,
@@ -125,7 +129,7 @@ def _padded(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, width: int,
     """One request's entries: q (1, rows, heads, dim), k/v (1, keys, kv_heads, dim), allowed (rows, keys)
     -> q (entries, per_entry, heads, dim), k/v (entries, width, kv_heads, dim), mask (entries, per_entry, width)."""
     rows, num_keys = q.shape[1], k.shape[1]
-    per_entry = per_entry or entry_rows(rows)
+    per_entry = per_entry or entry_rows([rows])
     entries = -(-rows // per_entry)
     qp = q.new_zeros(entries * per_entry, *q.shape[2:])
     qp[:rows] = q[0]

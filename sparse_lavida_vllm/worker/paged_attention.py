@@ -57,8 +57,8 @@ class PagedSpanAttention(AttentionBackend):
     slots. Per layer, one index_select gathers every request's cached K/V (in write order, so a request's keys
     come in the reference KVCache's order), one index_copy writes every request's commit rows to the pool, and one
     SDPA call attends for every request: sdpa_with_mask's canonical call (model_executor/attention.py), made for all
-    of them at once. Each request's rows are cut into entries of entry_rows(the longest request's rows) rows from its
-    row 0 (zero-padded; the kernel works on them in 32-row blocks, the reference's blocks), and each entry's keys
+    of them at once. Each request's rows are cut into entries of entry_rows(the step's row counts) rows from its row 0
+    (zero-padded; the kernel works on them in 32-row blocks, the reference's blocks), and each entry's keys
     are its request's [cache | rows], zero-padded to the widest key_bucket of the step under a mask built once per
     pass from the spans. The kernel computes each (entry, head) alone, and the
     padding past a request's own bucket is provably inert (the notes in attention.py), so every request gets the
@@ -78,7 +78,7 @@ class PagedSpanAttention(AttentionBackend):
         cached_start = torch.cumsum(cached, 0) - cached
         total_cached, total_rows = int(cached.sum()), int(rows.sum())
         width = max(key_bucket(int(n), device) for n in keys)
-        per_entry = entry_rows(int(rows.max()))
+        per_entry = entry_rows(rows.tolist())
         blocks = -(-rows // per_entry)
         entry_req = torch.repeat_interleave(torch.arange(len(segments)), blocks)  # (entries,) -> its request
         entry_start = torch.cumsum(blocks, 0) - blocks
