@@ -273,6 +273,16 @@ def code_slots(codes: Tensor, width: int) -> tuple[Tensor, Tensor]:
     return (y // 2) * (width // 2) + x // 2, (y % 2) * 2 + x % 2
 
 
+def code_step(codes: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """One step of a per-code plan as the engine and the driver run it: the 2x2 positions its codes sit in
+    (ascending: the decode rows, each sampled whole) and, per position, which of its 4 codes the step commits."""
+    position, slot = code_slots(codes, width)
+    decode, which = torch.unique(position, return_inverse=True)
+    taken = torch.zeros(decode.numel(), 4, dtype=torch.bool, device=codes.device)
+    taken[which, slot] = True
+    return decode, taken
+
+
 # ---- confidence policies -------------------------------------------------------------------
 
 def choose_tokens(policy: str, confidence: Tensor, count: int, threshold: float = 0.9,

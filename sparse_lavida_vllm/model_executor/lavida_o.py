@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparse_lavida_vllm.diffusion.masks import build_step_causal_sequence, inference_step_spans, spans_to_mask
-from sparse_lavida_vllm.diffusion.planners import UnmaskPlan, code_slots
+from sparse_lavida_vllm.diffusion.planners import UnmaskPlan, code_step
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig, guide_logits, sample_tokens, step_generator
 from sparse_lavida_vllm.model_executor.attention import AttentionBackend, KVCache, SpanAttention, sdpa_with_mask
 from sparse_lavida_vllm.model_executor.lavida_o_vision import (
@@ -997,8 +997,7 @@ def generate_image_dense(model: LaViDaOMDM, prompt_ids: Tensor, plan: UnmaskPlan
     for step, stage in enumerate(plan.stages):
         decode = stage.positions.to(device)
         if code_width is not None:  # this step's codes -> the positions they sit in, and their slots there
-            code_pos, code_slot = code_slots(decode, code_width)
-            decode, which = torch.unique(code_pos, return_inverse=True)
+            decode, taken = code_step(decode, code_width)
         ran = branches if sampling.guided_at(step, plan.num_steps) else branches[:1]
         branch_logits = []
         for ctx in ran:
@@ -1014,10 +1013,8 @@ def generate_image_dense(model: LaViDaOMDM, prompt_ids: Tensor, plan: UnmaskPlan
         logits = guide_logits(branch_logits, sampling)
         tokens, _ = sample_tokens(logits.reshape(-1, logits.shape[-1]), sampling.at_step(step, plan.num_steps),
                                   step_generator(sampling.seed, step, device))
-        if code_width is None:
-            patches[decode] = tokens.view(-1, k)
-        else:
-            patches[code_pos, code_slot] = tokens.view(-1, k)[which, code_slot]
+        new = tokens.view(-1, k)
+        patches[decode] = new if code_width is None else torch.where(taken, new, patches[decode])
         steps.append(ImageStep(decode.clone(), logits))
     return ImageResult(patches, steps, rows_run)
 

@@ -88,12 +88,10 @@ _CANVAS, _SOURCE = "\x00canvas\x00", "\x00source\x00"
 @dataclass(frozen=True)
 class RenderedPrompt:
     """A rendered request: the ids before the canvas (`_SOURCE` / IMAGE_PLACEHOLDER items where an edit's VQ
-    placeholders and SigLIP rows go), the ids after it (the suffix), and how many leading items the uncond branch
-    masks (through the user turn's closing token; None: the whole prompt, when the tokenizer has no closing token)."""
+    placeholders and SigLIP rows go) and the ids after it (the suffix)."""
 
     before: list[int | str]
     after: list[int]
-    uncond_cut: int | None
 
 
 @dataclass(frozen=True)
@@ -138,10 +136,7 @@ class PublishersChat:
                 raise ValueError("the publishers' tokenization would drop a placeholder after <image>")
             items += piece[drop:]
         canvas = items.index(_CANVAS)
-        before, after = items[:canvas], [t for t in items[canvas + 1:] if isinstance(t, int)]
-        closing = tok.get_vocab().get(CLOSING_TOKEN)
-        ends = [i for i, t in enumerate(before) if t == closing] if closing is not None else []
-        return RenderedPrompt(before, after, ends[-1] + 1 if ends else None)
+        return RenderedPrompt(items[:canvas], [t for t in items[canvas + 1:] if isinstance(t, int)])
 
 
 @dataclass
@@ -163,6 +158,7 @@ class LaViDaOLayout:
     suffix: tuple[int, ...]
     image_registers: int
     image_placeholder: tuple[int, ...] = ()  # the ids of `<image>` (vLLM's processor expands them into SigLIP rows)
+    closing_id: int | None = None  # CLOSING_TOKEN's id, None when the tokenizer has none
     defaults: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULTS))
     edit_defaults: Mapping[str, Any] = field(default_factory=lambda: dict(EDIT_DEFAULTS))
     _codecs: dict[tuple[int, int], VQCodec] = field(default_factory=dict)
@@ -175,7 +171,8 @@ class LaViDaOLayout:
         chat = PublishersChat(tokenizer)
         suffix = tuple(chat.render("").after)
         registers = config.registers("image") if config.register_code is not None else 0
-        return cls(folder, config, codec, chat, suffix, registers, tuple(_ids(tokenizer, IMAGE_PLACEHOLDER)))
+        return cls(folder, config, codec, chat, suffix, registers, tuple(_ids(tokenizer, IMAGE_PLACEHOLDER)),
+                   tokenizer.get_vocab().get(CLOSING_TOKEN))
 
     @property
     def patch_ids(self) -> PatchIds:
@@ -276,10 +273,9 @@ class LaViDaOLayout:
         the assistant header after it is kept. None when the tokenizer has no closing token: the scheduler's default,
         the whole prompt masked."""
         ids = prompt.prompt_ids if isinstance(prompt, EditPrompt) else list(prompt)
-        closing = self.chat.tokenizer.get_vocab().get(CLOSING_TOKEN)
-        if closing is None or closing not in ids:
+        if self.closing_id not in ids:
             return None
-        cut = len(ids) - ids[::-1].index(closing)
+        cut = len(ids) - ids[::-1].index(self.closing_id)
         grown = prompt.num_prompt_tokens - len(ids) if isinstance(prompt, EditPrompt) else 0  # SigLIP rows, before cut
         return [self.config.mask_token_id] * (cut + grown) + ids[cut:]
 

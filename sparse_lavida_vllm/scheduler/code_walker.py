@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from sparse_lavida_vllm.diffusion.planners import UnmaskPlan, code_slots
+from sparse_lavida_vllm.diffusion.planners import UnmaskPlan, code_step
 from sparse_lavida_vllm.model_executor.lavida_o import PatchIds
 
 
@@ -27,10 +27,7 @@ class CodeWalker:
 
     def decode_sets(self) -> Iterator[tuple[Tensor, int]]:
         for stage in self.plan.stages:
-            position, slot = code_slots(stage.positions, self.code_width)
-            decode, which = torch.unique(position, return_inverse=True)
-            self._taken = torch.zeros(decode.numel(), self.patch_ids.codes_per_position, dtype=torch.bool)
-            self._taken[which, slot] = True
+            decode, self._taken = code_step(stage.positions, self.code_width)
             yield decode, decode.numel()
 
     def commit(self, decode: Tensor, keep: Tensor, tokens: Tensor) -> Tensor:
