@@ -20,7 +20,7 @@ from common import (
 )
 
 import sparse_lavida_vllm.model_executor.attention as attention_module
-from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_dense, generate_sparse
+from sparse_lavida_vllm.drivers.text import SparseOptions, generate_dense, generate_sparse
 from sparse_lavida_vllm.model_executor.config import MDMConfig
 from sparse_lavida_vllm.model_executor.model import LLaDAMDM
 

@@ -27,8 +27,8 @@ from torch import Tensor
 
 from sparse_lavida_vllm.diffusion.masks import inference_step_spans
 from sparse_lavida_vllm.diffusion.planners import image_plan, text_plan
-from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_dense, generate_sparse
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
+from sparse_lavida_vllm.drivers.text import SparseOptions, generate_dense, generate_sparse
 from sparse_lavida_vllm.model_executor.config import MDMConfig
 from sparse_lavida_vllm.model_executor.model import ROW_TILE, LLaDAMDM
 from sparse_lavida_vllm.worker.flex_attention import FlexPagedAttention

@@ -23,8 +23,8 @@ from common import RESULTS, Run, add_common_args, bench_model, model_record, now
 from torch import Tensor
 
 from sparse_lavida_vllm.diffusion.planners import equal_counts, text_plan
-from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_dense, generate_sparse
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig, cfg_combine, keep_token_range, step_generator
+from sparse_lavida_vllm.drivers.text import SparseOptions, generate_dense, generate_sparse
 from sparse_lavida_vllm.model_executor.attention import AttentionBackend, sdpa_with_mask
 from sparse_lavida_vllm.model_executor.model import LLaDAMDM
 

@@ -34,8 +34,8 @@ import torch
 from floor import Counter, matmul_rate
 
 from sparse_lavida_vllm.diffusion.planners import text_plan
-from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_sparse
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
+from sparse_lavida_vllm.drivers.text import SparseOptions, generate_sparse
 from sparse_lavida_vllm.model_executor.config import MDMConfig
 from sparse_lavida_vllm.model_executor.weights import load_pretrained, random_model, save_pretrained
 

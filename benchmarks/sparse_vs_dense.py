@@ -22,7 +22,7 @@ from common import (
     time_interleaved,
 )
 
-from sparse_lavida_vllm.diffusion.reference import GenerateResult, SparseOptions, generate_dense, generate_sparse
+from sparse_lavida_vllm.drivers.text import GenerateResult, SparseOptions, generate_dense, generate_sparse
 from sparse_lavida_vllm.model_executor.model import LLaDAMDM
 
 

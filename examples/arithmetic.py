@@ -7,8 +7,8 @@ import argparse
 import torch
 
 from sparse_lavida_vllm.diffusion.planners import text_plan
-from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_dense, generate_sparse
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
+from sparse_lavida_vllm.drivers.text import SparseOptions, generate_dense, generate_sparse
 from sparse_lavida_vllm.entrypoints.hub import add_hub_arguments, resolve_model_arg
 from sparse_lavida_vllm.model_executor.weights import load_pretrained
 from sparse_lavida_vllm.training.data import DEMO_ROOT, TEXT_GEN_LENGTH, DemoData, text_prompt

@@ -8,8 +8,8 @@ import sys
 
 # Modules that contribute subcommands; each defines register(subparsers) and sets `func` defaults.
 COMMAND_MODULES = (
-    "sparse_lavida_vllm.diffusion.check",  # check consistency
-    "sparse_lavida_vllm.diffusion.demo",  # demo (reference sampler, no vLLM)
+    "sparse_lavida_vllm.drivers.check",  # check consistency
+    "sparse_lavida_vllm.drivers.demo",  # demo (reference sampler, no vLLM)
     "sparse_lavida_vllm.training.cli",  # train, eval, tables
     "sparse_lavida_vllm.entrypoints.cli",  # serve, generate
     "sparse_lavida_vllm.entrypoints.image_cli",  # generate-image

@@ -1,1 +1,1 @@
-"""Pure-PyTorch masked-diffusion core: masks, planners, sampling and the reference samplers."""
+"""Pure-PyTorch masked-diffusion core: masks, planners, sampling and one step's bookkeeping (no models)."""

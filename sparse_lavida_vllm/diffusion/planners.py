@@ -268,7 +268,7 @@ def publishers_code_plan(side: int, steps: int, shift: float = 5.0, seed: int = 
 
 def code_slots(codes: Tensor, width: int) -> tuple[Tensor, Tensor]:
     """Code indices (row-major on a code grid `width` codes wide) -> (2x2 position index, slot inside the patch),
-    the layout of model_executor.lavida_o.codes_to_patches (row-major inside each patch)."""
+    the layout of model_executor.patch_ids.codes_to_patches (row-major inside each patch)."""
     y, x = codes // width, codes % width
     return (y // 2) * (width // 2) + x // 2, (y % 2) * 2 + x % 2
 

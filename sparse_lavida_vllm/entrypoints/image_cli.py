@@ -130,7 +130,7 @@ def generate_image(ns: argparse.Namespace) -> int:
     from tqdm import tqdm
     from vllm import LLM, SamplingParams
 
-    from sparse_lavida_vllm.model_executor.lavida_o import ARCHITECTURE as LAVIDA_O
+    from sparse_lavida_vllm.model_executor.lavida_o_config import ARCHITECTURE as LAVIDA_O
     from sparse_lavida_vllm.multimodal.lavida_o_layout import DEFAULTS as _LAVIDA_DEFAULTS
     from sparse_lavida_vllm.scheduler.params import DiffusionParamError, parse_params
 

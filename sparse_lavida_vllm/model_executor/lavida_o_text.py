@@ -6,7 +6,7 @@ ln_f, ff_out}` only: the `*_vision` block weights are read by image rows, and pe
 `LLaDAMDM` with the same tensor names, so the served text path is our LLaDA engine (paged KV, step-causal sparse
 path, tensor parallelism, batching) over a `llava_llada` checkpoint's text tower: what the server runs when the whole
 model cannot be served (no vqvae/: `serves_lavida_o_images`; the whole model shards over tensor-parallel ranks
-too, lavida_o.py). What only image rows read
+too, lavida_o_model.py). What only image rows read
 (the generation branch, the understanding tower, the VQ copy) is listed and skipped, never loaded.
 
 No vLLM import here: the vLLM classes live in worker/vllm_model.py.
@@ -22,16 +22,16 @@ import torch
 from torch import Tensor
 
 from sparse_lavida_vllm.model_executor.config import MDMConfig
-from sparse_lavida_vllm.model_executor.lavida_o import (
+from sparse_lavida_vllm.model_executor.lavida_o_config import (
     ARCHITECTURE,
     CONFIG_NAME,
-    IGNORED_PREFIXES,
+    OWNED_KEYS,
     VQ_SUBFOLDER,
-    LaViDaOBlock,
     LaViDaOConfig,
-    read_checkpoint_tensors,
 )
-from sparse_lavida_vllm.model_executor.lavida_o_vision import OWNED_KEYS, UNDERSTANDING_PREFIXES
+from sparse_lavida_vllm.model_executor.lavida_o_model import LaViDaOBlock
+from sparse_lavida_vllm.model_executor.lavida_o_vision import UNDERSTANDING_PREFIXES
+from sparse_lavida_vllm.model_executor.lavida_o_weights import IGNORED_PREFIXES, read_checkpoint_tensors
 from sparse_lavida_vllm.model_executor.model import LLaDAMDM
 from sparse_lavida_vllm.model_executor.parallel import TensorParallel
 from sparse_lavida_vllm.model_executor.weights import load_weights_into
@@ -40,8 +40,8 @@ TEXT_PREFIX = "model.transformer."
 # Tensors only image rows read: the generation branch, the understanding modules, the VQ copy (multimodal.vq).
 IMAGE_PATH_PREFIXES = ("model.gen_", "model.downsample_gen.", "model.upsample_gen.", *UNDERSTANDING_PREFIXES,
                        *IGNORED_PREFIXES)
-# config.json keys only the image path reads. LaViDaOConfig.from_dict refuses the branches lavida_o.py does not
-# model (other projectors, gen MLPs, ...); none of them changes a text row, so the text path does not read them.
+# config.json keys only the image path reads. LaViDaOConfig.from_dict refuses the branches lavida_o_model.py does
+# not model (other projectors, gen MLPs, ...); none of them changes a text row, so the text path does not read them.
 IMAGE_PATH_KEYS = frozenset(OWNED_KEYS) | {"gen_mlp_type", "extra_gen_dit", "unified_gen_enc"}
 
 

@@ -27,36 +27,26 @@ anything written about it elsewhere):
 * Understanding features are *text-stream* rows of the dual tower: `LlavaLladaForMaskedDiffusion.forward` puts only
   generation placeholders (126089) and, with `enc_use_image_branch`, edit placeholders (126090) into
   `modality_indices`. So an understanding prompt is a text-only sequence given as embeddings and runs through the
-  engine's text samplers (`diffusion.reference`) unchanged, dense or sparse (`ImagePromptModel`).
+  engine's text samplers (`drivers.text`) unchanged, dense or sparse (`drivers.understanding.ImagePromptModel`).
 
-Configuration keys read (as train.py writes them into config.json): `mm_vision_tower`, `mm_hidden_size`,
-`mm_projector_type`, `mm_resampler_type`, `mm_spatial_pool_mode`, `mm_spatial_pool_stride`,
-`mm_spatial_pool_out_channels`, `image_aspect_ratio`, `image_grid_pinpoints`, `mm_patch_merge_type`; plus our
-extension `vision_config` (SigLIP sizes; absent = the publishers' hard-coded so400m config) so tiny checkpoints can
-exist. Other branches of the publishers' code (square / pad / anyres_max / crop_split images, flat / maxpool /
-nobase merges, other resamplers and projectors, 2-D pooling after the projector) are refused, naming the key.
+The config.json keys of this half (`UnderstandingConfig`, and which branches are refused) are read in
+lavida_o_config.py.
 """
 
 from __future__ import annotations
 
-import ast
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from sparse_lavida_vllm.diffusion.planners import UnmaskPlan
-from sparse_lavida_vllm.diffusion.reference import GenerateResult, SparseOptions, generate_dense, generate_sparse
-from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
-from sparse_lavida_vllm.model_executor.attention import AttentionBackend
+from sparse_lavida_vllm.model_executor.lavida_o_config import LaViDaOConfig, UnderstandingConfig
 
-if TYPE_CHECKING:  # lavida_o imports this module; the model type is only needed for hints
+if TYPE_CHECKING:
     from PIL import Image
-
-    from sparse_lavida_vllm.model_executor.lavida_o import LaViDaOConfig, LaViDaOMDM
 
 IMAGE_TOKEN_INDEX = -200  # llava.constants: what tokenizer_image_token puts where the prompt says "<image>"
 # What a prompt says where an image goes (llava.constants.DEFAULT_IMAGE_TOKEN): the chat renderer writes it for an
@@ -70,172 +60,14 @@ BASE_PAD_GREY = int(IMAGE_MEAN * 255)  # expand2square(image, tuple(int(x * 255)
 TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
 UNDERSTANDING_PREFIXES = ("model.vision_tower.", "model.mm_projector.", "model.vision_resampler.",
                           "model.image_newline")
-# The keys UnderstandingConfig owns in config.json (everything else stays in LaViDaOConfig.extra, written back)
-OWNED_KEYS = ("mm_vision_tower", "mm_hidden_size", "mm_projector_type", "mm_resampler_type", "mm_spatial_pool_mode",
-              "mm_spatial_pool_stride", "mm_spatial_pool_out_channels", "image_aspect_ratio", "image_grid_pinpoints",
-              "mm_patch_merge_type", "vision_config")
 
 
-@dataclass(frozen=True)
-class VisionTowerConfig:
-    """SigLIP sizes. Defaults: siglip_encoder.SigLipVisionConfig(), what SigLipVisionTower always builds
-    (google/siglip-so400m-patch14-384). `num_hidden_layers` counts the hub model's layers: the last is dropped."""
+class UnderstandingModel(Protocol):
+    """What this half reads of a LaViDaOMDM: its config and its module namespace (`model.model`). Structural, so
+    this module needs no import of the model, which imports this one to build the tower."""
 
-    hidden_size: int = 1152
-    intermediate_size: int = 4304
-    num_hidden_layers: int = 27
-    num_attention_heads: int = 16
-    num_channels: int = 3
-    image_size: int = 384
-    patch_size: int = 14
-    hidden_act: str = "gelu_pytorch_tanh"
-    layer_norm_eps: float = 1e-6
-
-    def __post_init__(self) -> None:
-        if self.num_hidden_layers < 2:
-            raise ValueError(f"vision_config.num_hidden_layers must be >= 2 (the tower drops the last layer), got "
-                             f"{self.num_hidden_layers}")
-        if self.patch_size < 1 or self.image_size < self.patch_size:
-            raise ValueError(f"vision_config.image_size ({self.image_size}) must hold at least one patch of "
-                             f"patch_size ({self.patch_size})")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"vision_config.hidden_size ({self.hidden_size}) must be divisible by "
-                             f"num_attention_heads ({self.num_attention_heads})")
-
-    @property
-    def kept_layers(self) -> int:
-        return self.num_hidden_layers - 1
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> VisionTowerConfig:
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - {"model_type"})
-        if unknown:
-            raise ValueError(f"vision_config has keys this model file does not read: {unknown}")
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-def _pinpoints(value: Any) -> tuple[tuple[int, int], ...]:
-    """image_grid_pinpoints: a list of (width, height) pairs, or its string form (train.py literal_evals both)."""
-    if isinstance(value, str):
-        if "x" in value:  # the "(1x1),...,(3x3)" range form: train.py expands it before saving, so it never lands here
-            raise ValueError(f"image_grid_pinpoints {value!r}: the '(AxB)' range form is not supported; give the "
-                             "(width, height) list train.py saves")
-        try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError) as exc:
-            raise ValueError(f"image_grid_pinpoints {value!r} is not a list of (width, height) pairs") from exc
-    try:
-        out = tuple((int(w), int(h)) for w, h in value)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"image_grid_pinpoints {value!r} is not a list of (width, height) pairs") from exc
-    if not out:
-        raise ValueError("image_grid_pinpoints is empty")
-    return out
-
-
-@dataclass(frozen=True)
-class UnderstandingConfig:
-    """The understanding keys of a `llava_llada` config.json; only LaViDa-O's branch of llava_arch is accepted."""
-
-    mm_vision_tower: str
-    mm_hidden_size: int
-    image_grid_pinpoints: tuple[tuple[int, int], ...]
-    mm_projector_type: str = "mlp2x_gelu"
-    mm_resampler_type: str | None = "spatial_pool"
-    mm_spatial_pool_mode: str | None = "conv"
-    mm_spatial_pool_stride: int | None = 2
-    image_aspect_ratio: str = "anyres"
-    mm_patch_merge_type: str = "spatial_unpad"
-    vision: VisionTowerConfig = VisionTowerConfig()
-
-    def __post_init__(self) -> None:
-        def refuse(key: str, value: Any, supported: str) -> None:
-            raise ValueError(f"{key}={value!r} is not supported by this model file ({supported}, what LaViDa-O's "
-                             "released training and inference scripts use)")
-
-        if "siglip" not in self.mm_vision_tower:  # multimodal_encoder/builder.py dispatches on the name
-            refuse("mm_vision_tower", self.mm_vision_tower, "a SigLIP tower: the name must contain 'siglip'")
-        if self.mm_projector_type != "mlp2x_gelu":
-            refuse("mm_projector_type", self.mm_projector_type, "only 'mlp2x_gelu'")
-        if self.mm_hidden_size != self.vision.hidden_size:
-            raise ValueError(f"mm_hidden_size ({self.mm_hidden_size}) must equal the vision tower's hidden_size "
-                             f"({self.vision.hidden_size})")
-        if self.mm_resampler_type not in (None, "spatial_pool"):
-            refuse("mm_resampler_type", self.mm_resampler_type, "'spatial_pool' or none")
-        if self.mm_resampler_type == "spatial_pool":
-            if self.mm_spatial_pool_mode != "conv":
-                refuse("mm_spatial_pool_mode", self.mm_spatial_pool_mode, "only 'conv' for the spatial_pool resampler")
-            if not self.mm_spatial_pool_stride or self.mm_spatial_pool_stride < 1:
-                raise ValueError(f"mm_spatial_pool_stride must be >= 1, got {self.mm_spatial_pool_stride}")
-        if self.image_aspect_ratio != "anyres":
-            refuse("image_aspect_ratio", self.image_aspect_ratio, "only 'anyres'")
-        if self.mm_patch_merge_type != "spatial_unpad":
-            refuse("mm_patch_merge_type", self.mm_patch_merge_type, "only 'spatial_unpad'")
-        tile = self.tile_size
-        for w, h in self.image_grid_pinpoints:
-            if w < 1 or h < 1 or w % tile or h % tile:  # the grid shape (//) and the tiles (crops) would disagree
-                raise ValueError(f"image_grid_pinpoints entry ({w}, {h}) must be positive multiples of the tile "
-                                 f"size {tile}")
-
-    # ---- derived sizes ----
-
-    @property
-    def tile_size(self) -> int:
-        return self.vision.image_size
-
-    @property
-    def patches_per_side(self) -> int:
-        # a 'valid' conv: 384 px / patch 14 -> 27 patches, the last 6 pixels unseen (num_patches_per_side)
-        return self.vision.image_size // self.vision.patch_size
-
-    @property
-    def pooled_side(self) -> int:
-        """Tokens per tile side after the resampler (Conv2d with kernel = stride floors: 27 -> 13)."""
-        p = self.patches_per_side
-        return p if self.mm_resampler_type is None else (p - self.mm_spatial_pool_stride) // \
-            self.mm_spatial_pool_stride + 1
-
-    # ---- config.json ----
-
-    @classmethod
-    def from_dict(cls, d: dict) -> UnderstandingConfig | None:
-        """From config.json; None when it declares no vision tower. Absent keys take the publishers' code defaults
-        (llava_arch's getattr defaults), so a config that relies on them is refused by name."""
-        if not d.get("mm_vision_tower"):
-            return None
-        vision = VisionTowerConfig.from_dict(d.get("vision_config"))
-        resampler = d.get("mm_resampler_type")
-        out_channels = d.get("mm_spatial_pool_out_channels")
-        if resampler == "spatial_pool" and out_channels not in (None, vision.hidden_size):
-            # SpatialPool asserts this for mode conv
-            raise ValueError(f"mm_spatial_pool_out_channels ({out_channels}) must equal the vision tower's "
-                             f"hidden_size ({vision.hidden_size})")
-        if d.get("mm_hidden_size") is None:
-            raise ValueError("mm_hidden_size is missing from config.json (the projector's input width)")
-        if d.get("image_grid_pinpoints") is None:
-            raise ValueError("image_grid_pinpoints is missing from config.json (anyres needs the tile resolutions)")
-        return cls(mm_vision_tower=str(d["mm_vision_tower"]), mm_hidden_size=int(d["mm_hidden_size"]),
-                   image_grid_pinpoints=_pinpoints(d["image_grid_pinpoints"]),
-                   mm_projector_type=d.get("mm_projector_type", "linear"),  # build_vision_projector's default
-                   mm_resampler_type=resampler, mm_spatial_pool_mode=d.get("mm_spatial_pool_mode"),
-                   mm_spatial_pool_stride=d.get("mm_spatial_pool_stride"),
-                   image_aspect_ratio=d.get("image_aspect_ratio", "square"),
-                   mm_patch_merge_type=d.get("mm_patch_merge_type", "flat"), vision=vision)
-
-    def to_dict(self) -> dict:
-        d: dict[str, Any] = {"mm_vision_tower": self.mm_vision_tower, "mm_hidden_size": self.mm_hidden_size,
-                             "mm_projector_type": self.mm_projector_type, "mm_resampler_type": self.mm_resampler_type,
-                             "image_aspect_ratio": self.image_aspect_ratio,
-                             "image_grid_pinpoints": [list(p) for p in self.image_grid_pinpoints],
-                             "mm_patch_merge_type": self.mm_patch_merge_type}
-        if self.mm_resampler_type == "spatial_pool":
-            d.update(mm_spatial_pool_mode=self.mm_spatial_pool_mode, mm_spatial_pool_stride=self.mm_spatial_pool_stride,
-                     mm_spatial_pool_out_channels=self.vision.hidden_size)
-        if self.vision != VisionTowerConfig():  # the published config has none: the tower is hard-coded
-            d["vision_config"] = {f.name: getattr(self.vision, f.name) for f in fields(self.vision)}
-        return d
+    config: LaViDaOConfig
+    model: nn.Module
 
 
 # ---- anyres geometry (mm_utils / llava_arch) ----------------------------------------------------------------
@@ -364,7 +196,7 @@ def dropped_by_publishers(name: str, config: UnderstandingConfig) -> bool:
     return name.startswith((last, f"{TOWER_PREFIX}head."))
 
 
-def _understanding(model: LaViDaOMDM) -> UnderstandingConfig:
+def _understanding(model: UnderstandingModel) -> UnderstandingConfig:
     config = model.config.understanding
     if config is None:
         raise ValueError("this checkpoint's config.json declares no vision tower (mm_vision_tower): no image "
@@ -372,7 +204,7 @@ def _understanding(model: LaViDaOMDM) -> UnderstandingConfig:
     return config
 
 
-def encode_tiles(model: LaViDaOMDM, pixel_values: Tensor) -> Tensor:
+def encode_tiles(model: UnderstandingModel, pixel_values: Tensor) -> Tensor:
     """llava_arch.encode_images: (T, 3, S, S) -> (T, tokens per tile, d_model): tower, resampler, projector."""
     config = _understanding(model)
     ns = model.model
@@ -392,7 +224,7 @@ def encode_tiles(model: LaViDaOMDM, pixel_values: Tensor) -> Tensor:
     return ns.mm_projector(x)
 
 
-def image_features(model: LaViDaOMDM, tiles: ImageTiles) -> Tensor:
+def image_features(model: UnderstandingModel, tiles: ImageTiles) -> Tensor:
     """One image's prompt rows (n, d_model): the spatial_unpad / anyres branch of
     prepare_inputs_labels_for_multimodal (no 2-D pooling after the projector: NOT_ALWASY_DO_2DPOOL=1)."""
     config = _understanding(model)
@@ -425,7 +257,7 @@ class UnderstandingPrompt:
     embeds: Tensor
 
 
-def understanding_prompt(model: LaViDaOMDM, prompt_ids: Tensor,
+def understanding_prompt(model: UnderstandingModel, prompt_ids: Tensor,
                          images: Sequence[ImageTiles | Image.Image]) -> UnderstandingPrompt:
     """prompt ids holding one IMAGE_TOKEN_INDEX per `<image>` -> rows with each image's features at its place."""
     config = _understanding(model)
@@ -450,12 +282,12 @@ def understanding_prompt(model: LaViDaOMDM, prompt_ids: Tensor,
     return UnderstandingPrompt(torch.cat(ids), torch.cat(embeds))
 
 
-def edit_understanding(model: LaViDaOMDM, prompt_ids: Tensor,
+def edit_understanding(model: UnderstandingModel, prompt_ids: Tensor,
                        image: ImageTiles | Image.Image) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """An edit prompt holding one IMAGE_TOKEN_INDEX (predict_t2i_edit's `<image>` before the source's VQ
     placeholders) -> (the prompt with the source's SigLIP rows spliced in, (those rows, their features)), the
-    `understanding` argument of lavida_o.generate_image_sparse / generate_image_dense. The rows are text-stream rows
-    as in a chat prompt (the publishers' `modality_indices` name only the VQ rows)."""
+    `understanding` argument of drivers.lavida_o_image.generate_image_sparse / generate_image_dense. The rows are
+    text-stream rows as in a chat prompt (the publishers' `modality_indices` name only the VQ rows)."""
     if int((prompt_ids == IMAGE_TOKEN_INDEX).sum()) != 1:
         raise ValueError(f"an edit prompt holds exactly one image placeholder ({IMAGE_TOKEN_INDEX})")
     spliced = understanding_prompt(model, prompt_ids, [image])
@@ -463,51 +295,8 @@ def edit_understanding(model: LaViDaOMDM, prompt_ids: Tensor,
     return spliced.ids, (rows, spliced.embeds[rows])
 
 
-class ImagePromptModel(nn.Module):
-    """LaViDaOMDM seen by the text samplers with one understanding prompt: a row whose id is IMAGE_TOKEN_INDEX gets
-    the prompt's embedding at its position. The samplers put the prompt at positions 0..p-1 in every pass (dense,
-    sparse prefill or live prefix, Algorithm 1 oracle), so the position names the feature row."""
 
-    def __init__(self, model: LaViDaOMDM, prompt: UnderstandingPrompt) -> None:
-        super().__init__()
-        self.inner = model
-        self.prompt = prompt
-
-    @property
-    def config(self) -> LaViDaOConfig:
-        return self.inner.config
-
-    @property
-    def local_kv_heads(self) -> int:
-        return self.inner.local_kv_heads
-
-    def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionBackend | None = None,
-                logits_rows: Tensor | None = None) -> Tensor:
-        image = input_ids == IMAGE_TOKEN_INDEX
-        if not bool(image.any()):
-            return self.inner(input_ids, positions, attention, logits_rows)
-        where = positions[image]
-        if int(where.max()) >= self.prompt.ids.numel() or bool((self.prompt.ids[where] != IMAGE_TOKEN_INDEX).any()):
-            raise ValueError("image rows must sit at the prompt positions of the image features")
-        embeds = self.inner.model.transformer["wte"](input_ids.clamp(min=0))
-        embeds[image] = self.prompt.embeds[where].to(embeds.dtype)
-        return self.inner(input_ids, positions, attention, logits_rows, text_embeds=embeds)
-
-
-@torch.no_grad()
-def generate_understanding(model: LaViDaOMDM, prompt: UnderstandingPrompt, plan: UnmaskPlan,
-                           sampling: SamplingConfig, options: SparseOptions | None = None) -> GenerateResult:
-    """Answer a prompt with images: the engine's text samplers on the spliced rows. `options` None: dense MDM (every
-    step sees prompt + whole response). With options: the sparse sampler; the publishers' `llada_generate(...,
-    prefix_lm=True)` (their demo) is SparseOptions(num_registers=0, cache_prompt=True, cache_response=False,
-    truncate=False): the prompt, image rows included, is prefilled once and attends only to itself."""
-    wrapped = ImagePromptModel(model, prompt)
-    if options is None:
-        return generate_dense(wrapped, prompt.ids, plan, sampling)
-    return generate_sparse(wrapped, prompt.ids, plan, sampling, options)
-
-
-__all__ = ["IMAGE_TOKEN_INDEX", "IMAGE_PLACEHOLDER", "VisionTowerConfig", "UnderstandingConfig", "ImageTiles",
-           "UnderstandingPrompt", "ImagePromptModel", "select_best_resolution", "anyres_grid", "unpad_slices",
-           "num_image_rows", "preprocess_image", "build_understanding", "encode_tiles", "image_features",
-           "understanding_prompt", "edit_understanding", "generate_understanding", "dropped_by_publishers"]
+__all__ = ["IMAGE_TOKEN_INDEX", "IMAGE_PLACEHOLDER", "ImageTiles", "UnderstandingModel", "UnderstandingPrompt",
+           "select_best_resolution", "anyres_grid", "unpad_slices", "num_image_rows", "preprocess_image",
+           "build_understanding", "encode_tiles", "image_features", "understanding_prompt", "edit_understanding",
+           "dropped_by_publishers"]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparse_lavida_vllm.model_executor.lavida_o import ARCHITECTURE as LAVIDA_O
+from sparse_lavida_vllm.model_executor.lavida_o_config import ARCHITECTURE as LAVIDA_O
 from sparse_lavida_vllm.multimodal.codec import ImageCodec
 
 # Architectures whose image requests another layout builds: from_config names it instead of reading config.json.

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from sparse_lavida_vllm.diffusion.planners import UnmaskPlan, code_step
-from sparse_lavida_vllm.model_executor.lavida_o import PatchIds
+from sparse_lavida_vllm.model_executor.patch_ids import PatchIds
 
 
 class CodeWalker:

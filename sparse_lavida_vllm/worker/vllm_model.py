@@ -14,9 +14,10 @@ from transformers import PretrainedConfig
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from sparse_lavida_vllm.model_executor.config import ARCHITECTURE, LLADA_ARCHITECTURE, MDMConfig
-from sparse_lavida_vllm.model_executor.lavida_o import ARCHITECTURE as LAVIDA_O_ARCHITECTURE
-from sparse_lavida_vllm.model_executor.lavida_o import IGNORED_PREFIXES, LaViDaOMDM, PatchIds, load_config
-from sparse_lavida_vllm.model_executor.lavida_o import MODEL_TYPE as LAVIDA_O_MODEL_TYPE
+from sparse_lavida_vllm.model_executor.lavida_o_config import ARCHITECTURE as LAVIDA_O_ARCHITECTURE
+from sparse_lavida_vllm.model_executor.lavida_o_config import MODEL_TYPE as LAVIDA_O_MODEL_TYPE
+from sparse_lavida_vllm.model_executor.lavida_o_config import load_config
+from sparse_lavida_vllm.model_executor.lavida_o_model import LaViDaOMDM
 from sparse_lavida_vllm.model_executor.lavida_o_text import (
     lavida_config,
     serves_lavida_o_images,
@@ -31,8 +32,10 @@ from sparse_lavida_vllm.model_executor.lavida_o_vision import (
     dropped_by_publishers,
     image_features,
 )
+from sparse_lavida_vllm.model_executor.lavida_o_weights import IGNORED_PREFIXES
 from sparse_lavida_vllm.model_executor.model import LLaDAMDM
 from sparse_lavida_vllm.model_executor.parallel import TensorParallel
+from sparse_lavida_vllm.model_executor.patch_ids import PatchIds
 from sparse_lavida_vllm.model_executor.weights import load_weights_into
 from sparse_lavida_vllm.worker.lavida_o_processor import (
     IMAGE_PLACEHOLDER,

@@ -18,8 +18,8 @@ def test_default_serve_answers_a_chat_request_like_the_reference(tmp_path):
     from transformers import AutoTokenizer
 
     from sparse_lavida_vllm.diffusion.planners import text_plan
-    from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_sparse
     from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
+    from sparse_lavida_vllm.drivers.text import SparseOptions, generate_sparse
     from sparse_lavida_vllm.model_executor.weights import load_pretrained
 
     srv = Server(None, log_dir=tmp_path)

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from sparse_lavida_vllm.diffusion.planners import image_plan
-from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_sparse
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
+from sparse_lavida_vllm.drivers.text import SparseOptions, generate_sparse
 from sparse_lavida_vllm.model_executor.weights import load_pretrained
 from sparse_lavida_vllm.multimodal.codec import PixelCodec
 from tests.serving_helpers import TINY, VLLM_ENV, make_checkpoint

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from sparse_lavida_vllm.diffusion.planners import image_plan
-from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_dense, generate_sparse
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
+from sparse_lavida_vllm.drivers.text import SparseOptions, generate_dense, generate_sparse
 from sparse_lavida_vllm.model_executor.weights import load_pretrained
 from sparse_lavida_vllm.multimodal.layout import ImageLayout
 from sparse_lavida_vllm.training.data import DEMO_ROOT, SIDE, DemoData

@@ -181,7 +181,7 @@ def test_lavida_o_partial_images_decode_through_the_vq(tmp_path):
     pytest.importorskip("diffusers")
     from transformers import AutoTokenizer
 
-    from sparse_lavida_vllm.model_executor.lavida_o import write_tiny_checkpoint
+    from sparse_lavida_vllm.model_executor.lavida_o_weights import write_tiny_checkpoint
     from sparse_lavida_vllm.multimodal.lavida_o_layout import LaViDaOLayout
     from tests.entrypoints.test_lavida_o_serving import plain_lavida_config
     from tests.serving_helpers import TINY, save_char_tokenizer

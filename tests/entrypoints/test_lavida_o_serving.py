@@ -25,16 +25,16 @@ pytest.importorskip("diffusers")  # write_tiny_checkpoint writes the vqvae/ a pu
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from sparse_lavida_vllm.diffusion.planners import text_plan  # noqa: E402
-from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_dense, generate_sparse  # noqa: E402
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig  # noqa: E402
+from sparse_lavida_vllm.drivers.text import SparseOptions, generate_dense, generate_sparse  # noqa: E402
 from sparse_lavida_vllm.model_executor.attention import SpanAttention  # noqa: E402
-from sparse_lavida_vllm.model_executor.lavida_o import (  # noqa: E402
-    LaViDaOConfig,
-    load_lavida_o,
-    write_tiny_checkpoint,
+from sparse_lavida_vllm.model_executor.lavida_o_config import (  # noqa: E402
+    LaViDaOConfig,  # noqa: E402
+    UnderstandingConfig,
+    VisionTowerConfig,
 )
 from sparse_lavida_vllm.model_executor.lavida_o_text import load_text_tower  # noqa: E402
-from sparse_lavida_vllm.model_executor.lavida_o_vision import UnderstandingConfig, VisionTowerConfig  # noqa: E402
+from sparse_lavida_vllm.model_executor.lavida_o_weights import load_lavida_o, write_tiny_checkpoint  # noqa: E402
 from tests.serving_helpers import TINY, VLLM_ENV, Server, reference_tokens, save_char_tokenizer  # noqa: E402
 
 ARCH = "LlavaLladaForMaskedDiffusion"
@@ -105,7 +105,7 @@ def test_config_maps_to_the_text_tower_with_the_checkpoints_defaults(checkpoints
     assert ours.num_registers == 64
     with pytest.raises(ValueError, match="weight_tying"):  # what the text tower would compute wrong: refused
         LlavaLladaHFConfig(**{**published_like_config(), "weight_tying": True})
-    # image-path-only branches lavida_o.py does not model do not stop the text path
+    # image-path-only branches lavida_o_model.py does not model do not stop the text path
     assert LlavaLladaHFConfig(**{**published_like_config(), "gen_mlp_type": "unitok"}).to_mdm_config() == published
 
 
@@ -318,11 +318,8 @@ def understanding_reference(folder: Path, images: list, sparse: bool, temperatur
     `system`: the publishers' system turn first, as the server's chat route adds it (offline LLM.chat does not)."""
     from transformers import AutoTokenizer
 
-    from sparse_lavida_vllm.model_executor.lavida_o_vision import (
-        IMAGE_TOKEN_INDEX,
-        generate_understanding,
-        understanding_prompt,
-    )
+    from sparse_lavida_vllm.drivers.understanding import generate_understanding
+    from sparse_lavida_vllm.model_executor.lavida_o_vision import IMAGE_TOKEN_INDEX, understanding_prompt
     from sparse_lavida_vllm.multimodal.lavida_o_layout import SYSTEM_PROMPT
 
     tok = AutoTokenizer.from_pretrained(str(folder))
@@ -479,12 +476,13 @@ def reference_image(model: torch.nn.Module, prompt: list[int], seed: int, steps:
                     shift: float = 5.0, grid: tuple[int, int] = (4, 4), num_registers: int = 3,
                     dense: bool = False, understanding: tuple[torch.Tensor, torch.Tensor] | None = None,
                     temperature: float = 0.8, per_code: bool = False) -> list[int]:
-    """The PyTorch driver's image (lavida_o.generate_image_sparse, or generate_image_dense) for the request the
-    engine ran, as packed ids. `understanding`: an edit's SigLIP rows (lavida_o_vision.edit_understanding). The
-    defaults (shift 5, temperature 0.8) are the routes' for LaViDa-O (the publishers' 1024_eval.yaml). `per_code`:
+    """The PyTorch driver's image (drivers.lavida_o_image.generate_image_sparse, or generate_image_dense) for the
+    request the engine ran, as packed ids. `understanding`: an edit's SigLIP rows (lavida_o_vision.edit_understanding).
+    The defaults (shift 5, temperature 0.8) are the routes' for LaViDa-O (the publishers' 1024_eval.yaml). `per_code`:
     the publishers' per-code plan (dense only; what the routes run for a dense request)."""
     from sparse_lavida_vllm.diffusion.planners import image_plan, publishers_code_plan
-    from sparse_lavida_vllm.model_executor.lavida_o import PatchIds, generate_image_dense, generate_image_sparse
+    from sparse_lavida_vllm.drivers.lavida_o_image import generate_image_dense, generate_image_sparse
+    from sparse_lavida_vllm.model_executor.patch_ids import PatchIds
 
     plan = (publishers_code_plan(2 * grid[0], steps, shift) if per_code else
             image_plan(*grid, steps, "shift", "stratified", shift, torch.Generator().manual_seed(seed)))
@@ -524,8 +522,8 @@ print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in o
 @pytest.mark.parametrize("enc_use_image_branch", [False, True])
 def test_offline_engine_images_equal_the_pytorch_driver_in_one_batch(checkpoints, tmp_path, enc_use_image_branch):
     """I4 for LaViDa-O images: the engine (packed positions, paged per-modality attention, CFG companions) gives the
-    tokens of lavida_o.generate_image_sparse for the same seed, every case in one batch with a text request. Both
-    source-image paths of edits: text-stream rows carrying the patch embedding, or image-stream rows."""
+    tokens of drivers.lavida_o_image.generate_image_sparse for the same seed, every case in one batch with a text
+    request. Both source-image paths of edits: text-stream rows carrying the patch embedding, or image-stream rows."""
     folder = checkpoints["sparse"] if not enc_use_image_branch else \
         lavida_checkpoint(tmp_path / "image-branch", sparse_lavida_config(enc_use_image_branch=True))
     model = load_lavida_o(folder)
@@ -599,7 +597,7 @@ def test_edit_siglip_rows_are_in_the_prompt_and_change_the_logits(checkpoints, l
     then the VQ placeholders; the driver's logits differ from the no-tower layout's, and from the same layout with
     the features left out (the rows are read); without an image the layout is the no-tower one."""
     from sparse_lavida_vllm.diffusion.planners import image_plan
-    from sparse_lavida_vllm.model_executor.lavida_o import generate_image_sparse
+    from sparse_lavida_vllm.drivers.lavida_o_image import generate_image_sparse
     from sparse_lavida_vllm.model_executor.lavida_o_vision import edit_understanding, num_image_rows
 
     model = load_lavida_o(checkpoints["sparse"])

@@ -14,27 +14,27 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers.models.resnet import Downsample2D, Upsample2D  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from sparse_lavida_vllm.diffusion.check import consistency_error  # noqa: E402
 from sparse_lavida_vllm.diffusion.masks import inference_step_spans  # noqa: E402
 from sparse_lavida_vllm.diffusion.planners import image_plan, text_plan  # noqa: E402
-from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_sparse  # noqa: E402
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig, guide_logits  # noqa: E402
-from sparse_lavida_vllm.model_executor.attention import SpanAttention  # noqa: E402
-from sparse_lavida_vllm.model_executor.lavida_o import (  # noqa: E402
-    LaViDaOConfig,
-    ModalKVCache,
-    codes_to_patches,
+from sparse_lavida_vllm.drivers.check import consistency_error  # noqa: E402
+from sparse_lavida_vllm.drivers.lavida_o_image import (  # noqa: E402
     context_inputs,
     edit_branches,
     generate_image_sparse,
     image_context,
     image_step_causal_logits,
-    load_config,
+)
+from sparse_lavida_vllm.drivers.text import SparseOptions, generate_sparse  # noqa: E402
+from sparse_lavida_vllm.model_executor.attention import SpanAttention  # noqa: E402
+from sparse_lavida_vllm.model_executor.lavida_o_config import LaViDaOConfig, load_config  # noqa: E402
+from sparse_lavida_vllm.model_executor.lavida_o_model import ModalKVCache  # noqa: E402
+from sparse_lavida_vllm.model_executor.lavida_o_weights import (  # noqa: E402
     load_lavida_o,
-    patches_to_codes,
     random_lavida_o,
     write_tiny_checkpoint,
 )
+from sparse_lavida_vllm.model_executor.patch_ids import codes_to_patches, patches_to_codes  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny tensors, one thread
 
@@ -634,7 +634,7 @@ def test_text_to_image_decodes_through_the_checkpoints_vq(tmp_path: Path) -> Non
 
 def test_patch_ids_pack_a_position_into_one_id_above_the_vocabulary() -> None:
     """The served engine's image rows: 4 codes (mask and register codes included) <-> one int64 id, two ranges."""
-    from sparse_lavida_vllm.model_executor.lavida_o import PatchIds
+    from sparse_lavida_vllm.model_executor.patch_ids import PatchIds
 
     config = tiny_config()
     ids = PatchIds.of(config)

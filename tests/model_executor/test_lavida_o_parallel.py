@@ -13,23 +13,21 @@ import torch
 pytest.importorskip("diffusers")  # write_tiny_checkpoint writes vqvae/
 
 from sparse_lavida_vllm.diffusion.planners import image_plan, text_plan  # noqa: E402
-from sparse_lavida_vllm.diffusion.reference import SparseOptions  # noqa: E402
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig  # noqa: E402
-from sparse_lavida_vllm.model_executor.lavida_o import (  # noqa: E402
-    LaViDaOMDM,
-    check_lavida_divisible,
+from sparse_lavida_vllm.drivers.lavida_o_image import (  # noqa: E402
     generate_image_dense,
     generate_image_sparse,
     image_step_causal_logits,
-    lavida_shard_dim,
+)
+from sparse_lavida_vllm.drivers.text import SparseOptions  # noqa: E402
+from sparse_lavida_vllm.drivers.understanding import generate_understanding  # noqa: E402
+from sparse_lavida_vllm.model_executor.lavida_o_config import check_lavida_divisible  # noqa: E402
+from sparse_lavida_vllm.model_executor.lavida_o_model import LaViDaOMDM, lavida_shard_dim  # noqa: E402
+from sparse_lavida_vllm.model_executor.lavida_o_vision import IMAGE_TOKEN_INDEX, understanding_prompt  # noqa: E402
+from sparse_lavida_vllm.model_executor.lavida_o_weights import (  # noqa: E402
     load_lavida_o,
     random_lavida_o,
     write_tiny_checkpoint,
-)
-from sparse_lavida_vllm.model_executor.lavida_o_vision import (  # noqa: E402
-    IMAGE_TOKEN_INDEX,
-    generate_understanding,
-    understanding_prompt,
 )
 from sparse_lavida_vllm.model_executor.model import narrow_shard  # noqa: E402
 from sparse_lavida_vllm.model_executor.parallel import SingleRank, TorchDistributedTP  # noqa: E402

@@ -22,26 +22,27 @@ np = pytest.importorskip("numpy")
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from sparse_lavida_vllm.diffusion.check import consistency_error  # noqa: E402
 from sparse_lavida_vllm.diffusion.planners import text_plan  # noqa: E402
-from sparse_lavida_vllm.diffusion.reference import SparseOptions  # noqa: E402
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig  # noqa: E402
-from sparse_lavida_vllm.model_executor.lavida_o import (  # noqa: E402
-    LaViDaOConfig,
-    load_lavida_o,
-    random_lavida_o,
-    write_tiny_checkpoint,
+from sparse_lavida_vllm.drivers.check import consistency_error  # noqa: E402
+from sparse_lavida_vllm.drivers.text import SparseOptions  # noqa: E402
+from sparse_lavida_vllm.drivers.understanding import ImagePromptModel, generate_understanding  # noqa: E402
+from sparse_lavida_vllm.model_executor.lavida_o_config import (  # noqa: E402
+    LaViDaOConfig,  # noqa: E402
+    UnderstandingConfig,
+    VisionTowerConfig,
 )
 from sparse_lavida_vllm.model_executor.lavida_o_vision import (  # noqa: E402
     IMAGE_TOKEN_INDEX,
-    ImagePromptModel,
-    UnderstandingConfig,
-    VisionTowerConfig,
-    generate_understanding,
     image_features,
     num_image_rows,
     preprocess_image,
     understanding_prompt,
+)
+from sparse_lavida_vllm.model_executor.lavida_o_weights import (  # noqa: E402
+    load_lavida_o,
+    random_lavida_o,
+    write_tiny_checkpoint,
 )
 from tests.model_executor.test_lavida_o import PubBlock, PubRMS, published_like_config, tiny_config  # noqa: E402
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sparse_lavida_vllm.diffusion.planners import text_plan
-from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_sparse, step_causal_logits
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
+from sparse_lavida_vllm.drivers.text import SparseOptions, generate_sparse, step_causal_logits
 from sparse_lavida_vllm.model_executor.config import MDMConfig
 from sparse_lavida_vllm.model_executor.model import LLaDAMDM, check_divisible, shard_dim, shard_weight
 from sparse_lavida_vllm.model_executor.parallel import SingleRank, TorchDistributedTP

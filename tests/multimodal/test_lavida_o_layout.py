@@ -24,13 +24,10 @@ from sparse_lavida_vllm.diffusion.planners import (  # noqa: E402
     publishers_counts,
 )
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig  # noqa: E402
-from sparse_lavida_vllm.model_executor.lavida_o import (  # noqa: E402
-    codes_to_patches,
-    generate_image_dense,
-    load_lavida_o,
-    write_tiny_checkpoint,
-)
+from sparse_lavida_vllm.drivers.lavida_o_image import generate_image_dense  # noqa: E402
 from sparse_lavida_vllm.model_executor.lavida_o_vision import edit_understanding  # noqa: E402
+from sparse_lavida_vllm.model_executor.lavida_o_weights import load_lavida_o, write_tiny_checkpoint  # noqa: E402
+from sparse_lavida_vllm.model_executor.patch_ids import codes_to_patches  # noqa: E402
 from sparse_lavida_vllm.multimodal.lavida_o_layout import LaViDaOLayout  # noqa: E402
 from tests.entrypoints.test_lavida_o_serving import sparse_lavida_config  # noqa: E402
 from tests.serving_helpers import BOS, EOS, EOT, MASK, save_llada_instruct_tokenizer  # noqa: E402

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from sparse_lavida_vllm.diffusion.planners import image_plan
-from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_dense, generate_sparse
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
+from sparse_lavida_vllm.drivers.text import SparseOptions, generate_dense, generate_sparse
 from sparse_lavida_vllm.model_executor.weights import load_pretrained
 from sparse_lavida_vllm.scheduler.params import DiffusionParamError, parse_params
 from tests.serving_helpers import TINY, engine_scheduler, set_vllm_env, shared_llm

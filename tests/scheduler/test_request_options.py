@@ -3,8 +3,8 @@
 import torch
 
 from sparse_lavida_vllm.diffusion.planners import text_plan
-from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_dense, generate_sparse
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
+from sparse_lavida_vllm.drivers.text import SparseOptions, generate_dense, generate_sparse
 from sparse_lavida_vllm.model_executor.weights import load_pretrained
 from sparse_lavida_vllm.scheduler.output import METRICS_KEY
 from tests.serving_helpers import reference_tokens, set_vllm_env, shared_llm

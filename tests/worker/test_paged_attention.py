@@ -234,7 +234,8 @@ def test_per_slot_modality_equals_modality_attention_alone_and_batched():
     """LaViDa-O's split layers over the paged pool (PagedModalityAttention: a modality flag per slot, written with
     the commit rows' K/V) == ModalityAttention over a ModalKVCache, bit for bit; a text request batched with an image
     request keeps its own joint arithmetic."""
-    from sparse_lavida_vllm.model_executor.lavida_o import ModalKVCache, random_lavida_o
+    from sparse_lavida_vllm.model_executor.lavida_o_model import ModalKVCache
+    from sparse_lavida_vllm.model_executor.lavida_o_weights import random_lavida_o
     from tests.model_executor.test_lavida_o import tiny_config
 
     model = random_lavida_o(tiny_config(), seed=3, std=0.3)

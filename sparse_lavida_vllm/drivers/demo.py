@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from sparse_lavida_vllm.diffusion.planners import text_plan
-from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_dense, generate_sparse
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
+from sparse_lavida_vllm.drivers.text import SparseOptions, generate_dense, generate_sparse
 from sparse_lavida_vllm.model_executor.config import MDMConfig
 from sparse_lavida_vllm.model_executor.weights import load_pretrained, random_model
 

@@ -8,8 +8,8 @@ import json
 import torch
 
 from sparse_lavida_vllm.diffusion.planners import UnmaskPlan, image_plan, text_plan
-from sparse_lavida_vllm.diffusion.reference import SparseOptions, generate_sparse, step_causal_logits
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
+from sparse_lavida_vllm.drivers.text import SparseOptions, generate_sparse, step_causal_logits
 from sparse_lavida_vllm.model_executor.config import MDMConfig
 from sparse_lavida_vllm.model_executor.model import LLaDAMDM
 from sparse_lavida_vllm.model_executor.weights import random_model

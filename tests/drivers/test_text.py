@@ -6,16 +6,11 @@ import pytest
 import torch
 
 from sparse_lavida_vllm.cli import main
-from sparse_lavida_vllm.diffusion.check import consistency_error
 from sparse_lavida_vllm.diffusion.masks import inference_step_spans
 from sparse_lavida_vllm.diffusion.planners import image_plan, text_plan
-from sparse_lavida_vllm.diffusion.reference import (
-    SparseOptions,
-    generate_dense,
-    generate_sparse,
-    step_causal_logits,
-)
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
+from sparse_lavida_vllm.drivers.check import consistency_error
+from sparse_lavida_vllm.drivers.text import SparseOptions, generate_dense, generate_sparse, step_causal_logits
 from sparse_lavida_vllm.model_executor.attention import KVCache, SpanAttention
 from sparse_lavida_vllm.model_executor.config import MDMConfig
 from sparse_lavida_vllm.model_executor.weights import random_model

@@ -4,13 +4,8 @@ import pytest
 import torch
 
 from sparse_lavida_vllm.diffusion.planners import image_plan
-from sparse_lavida_vllm.diffusion.reference import (
-    SparseOptions,
-    generate_dense,
-    generate_sparse,
-    step_causal_logits,
-)
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig, cfg_combine, guide_logits
+from sparse_lavida_vllm.drivers.text import SparseOptions, generate_dense, generate_sparse, step_causal_logits
 from sparse_lavida_vllm.model_executor.config import MDMConfig
 from sparse_lavida_vllm.model_executor.weights import random_model
 
