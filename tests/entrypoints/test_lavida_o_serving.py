@@ -29,7 +29,7 @@ from sparse_lavida_vllm.diffusion.sampling import SamplingConfig  # noqa: E402
 from sparse_lavida_vllm.drivers.text import SparseOptions, generate_dense, generate_sparse  # noqa: E402
 from sparse_lavida_vllm.model_executor.attention import SpanAttention  # noqa: E402
 from sparse_lavida_vllm.model_executor.lavida_o_config import (  # noqa: E402
-    LaViDaOConfig,  # noqa: E402
+    LaViDaOConfig,
     UnderstandingConfig,
     VisionTowerConfig,
 )
@@ -85,7 +85,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 def test_config_maps_to_the_text_tower_with_the_checkpoints_defaults(checkpoints):
     from sparse_lavida_vllm.worker.vllm_model import LlavaLladaHFConfig
-    from tests.model_executor.test_lavida_o import published_like_config
+    from tests.model_executor.test_lavida_o_config import published_like_config
 
     raw = json.loads((checkpoints["sparse"] / "config.json").read_text())
     hf = LlavaLladaHFConfig(**raw)

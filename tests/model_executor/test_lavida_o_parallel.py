@@ -31,8 +31,8 @@ from sparse_lavida_vllm.model_executor.lavida_o_weights import (  # noqa: E402
 )
 from sparse_lavida_vllm.model_executor.model import narrow_shard  # noqa: E402
 from sparse_lavida_vllm.model_executor.parallel import SingleRank, TorchDistributedTP  # noqa: E402
-from tests.model_executor.test_lavida_o import EDIT, IMG  # noqa: E402
-from tests.model_executor.test_lavida_o_understanding import config, picture  # noqa: E402
+from tests.model_executor.test_lavida_o_model import EDIT, IMG  # noqa: E402
+from tests.model_executor.test_lavida_o_vision import config, picture  # noqa: E402
 from tests.parallel_helpers import run_ranks  # noqa: E402
 
 # two spawned gloo ranks per module (the `ranks` fixture): both gone, nothing left in /dev/shm

@@ -236,7 +236,7 @@ def test_per_slot_modality_equals_modality_attention_alone_and_batched():
     request keeps its own joint arithmetic."""
     from sparse_lavida_vllm.model_executor.lavida_o_model import ModalKVCache
     from sparse_lavida_vllm.model_executor.lavida_o_weights import random_lavida_o
-    from tests.model_executor.test_lavida_o import tiny_config
+    from tests.model_executor.test_lavida_o_model import tiny_config
 
     model = random_lavida_o(tiny_config(), seed=3, std=0.3)
     cfg = model.config

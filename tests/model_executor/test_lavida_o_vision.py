@@ -3,7 +3,7 @@
 The reference here shares no code with lavida_o_vision.py: anyres tiling on numpy arrays, the SigLIP tower as
 transformers' SiglipVisionModel with *all* hub layers read at hidden_states[-2] (what deleting the last layer and
 reading hidden_states[-1] amounts to), the stride-2 conv pool as explicit sums over the 2x2 taps, the projector as
-matrix products, the anyres grid / unpad / newline by hand, and the LM forward through test_lavida_o's PubBlock.
+matrix products, the anyres grid / unpad / newline by hand, and the LM forward through test_lavida_o_model's PubBlock.
 """
 
 from __future__ import annotations
@@ -22,13 +22,9 @@ np = pytest.importorskip("numpy")
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from sparse_lavida_vllm.diffusion.planners import text_plan  # noqa: E402
-from sparse_lavida_vllm.diffusion.sampling import SamplingConfig  # noqa: E402
-from sparse_lavida_vllm.drivers.check import consistency_error  # noqa: E402
-from sparse_lavida_vllm.drivers.text import SparseOptions  # noqa: E402
-from sparse_lavida_vllm.drivers.understanding import ImagePromptModel, generate_understanding  # noqa: E402
+from sparse_lavida_vllm.drivers.understanding import ImagePromptModel  # noqa: E402
 from sparse_lavida_vllm.model_executor.lavida_o_config import (  # noqa: E402
-    LaViDaOConfig,  # noqa: E402
+    LaViDaOConfig,
     UnderstandingConfig,
     VisionTowerConfig,
 )
@@ -44,7 +40,8 @@ from sparse_lavida_vllm.model_executor.lavida_o_weights import (  # noqa: E402
     random_lavida_o,
     write_tiny_checkpoint,
 )
-from tests.model_executor.test_lavida_o import PubBlock, PubRMS, published_like_config, tiny_config  # noqa: E402
+from tests.model_executor.test_lavida_o_config import published_like_config  # noqa: E402
+from tests.model_executor.test_lavida_o_model import PubBlock, PubRMS, tiny_config  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny tensors, one thread
 
@@ -290,28 +287,3 @@ def test_prompts_and_models_without_vision_are_refused() -> None:
     with pytest.raises(ValueError, match="declares no vision tower"):
         understanding_prompt(random_lavida_o(tiny_config()), torch.tensor([3, IMAGE_TOKEN_INDEX]),
                              [picture(30, 30, 0)])
-
-
-# ---- (d) answering ----------------------------------------------------------------------------------------------
-
-def test_an_image_question_is_answered_deterministically(tmp_path: Path) -> None:
-    write_tiny_checkpoint(tmp_path, config(), seed=9)
-    model = load_lavida_o(tmp_path)
-    mask = model.config.mask_token_id
-    prompt = understanding_prompt(model, torch.tensor([3, IMAGE_TOKEN_INDEX, 4, 5]), [picture(50, 23, 3)])
-    plan, sampling = text_plan(8, 4, 4), SamplingConfig(temperature=1.0, seed=11)
-    first = generate_understanding(model, prompt, plan, sampling).tokens
-    assert first.shape == (8,) and bool((first != mask).all())
-    assert torch.equal(generate_understanding(model, prompt, plan, sampling).tokens, first)
-    others = [generate_understanding(model, prompt, plan, SamplingConfig(temperature=1.0, seed=s)).tokens
-              for s in (12, 13)]
-    assert any(not torch.equal(o, first) for o in others)  # the seed is what fixes it
-    # the publishers' prefix_lm generate (prompt prefilled, attends to itself): the sparse sampler with caches
-    prefix_lm = SparseOptions(num_registers=0, cache_prompt=True, cache_response=False, truncate=False)
-    sparse = generate_understanding(model, prompt, plan, sampling, prefix_lm).tokens
-    assert bool((sparse != mask).all())
-    assert torch.equal(generate_understanding(model, prompt, plan, sampling, prefix_lm).tokens, sparse)
-    # image rows are prompt rows: Sparse-LaViDa's cached, truncated, registered path keeps I2
-    wrapped = ImagePromptModel(model, prompt)
-    assert consistency_error(wrapped, prompt.ids, plan, SamplingConfig(temperature=0.7, seed=3), num_registers=2) \
-        <= 1e-5
