@@ -11,7 +11,7 @@ import torch
 
 from sparse_lavida_vllm.diffusion.planners import ORDERS, SCHEDULES, UnmaskPlan, image_plan, publishers_code_plan
 from sparse_lavida_vllm.diffusion.sampling import TEMPERATURE_SCHEDULES, SamplingConfig
-from sparse_lavida_vllm.scheduler.params import DiffusionParamError, _bool, _int
+from sparse_lavida_vllm.scheduler.knobs import DiffusionParamError, read_bool, read_int
 
 # The keys of an image request's `extra_args` (the images routes and `generate-image` fill them in).
 IMAGE_KNOBS = ("kind", "height", "width", "steps", "schedule", "order", "shift", "sparse", "num_registers",
@@ -136,7 +136,7 @@ def parse_image_params(sampling_params: Any, extra: dict, prompt_len: int, max_m
     unknown = sorted(set(extra) - set(IMAGE_KNOBS))
     if unknown:
         raise DiffusionParamError(unknown[0], f"unknown image knob {unknown[0]!r}; known: {', '.join(IMAGE_KNOBS)}")
-    height, width = _int(extra, "height", None), _int(extra, "width", None)
+    height, width = read_int(extra, "height", None), read_int(extra, "width", None)
     for name, value in (("height", height), ("width", width)):
         if value is None or value < 1:
             raise DiffusionParamError(name, f"{name} (image tokens) must be an integer >= 1, got {value}", value)
@@ -152,7 +152,7 @@ def parse_image_params(sampling_params: Any, extra: dict, prompt_len: int, max_m
     to_generate = height * width if init_canvas is None else sum(t == GENERATE for t in init_canvas)
     if to_generate == 0:
         raise DiffusionParamError("mask", "nothing to generate: the mask keeps every position of the image")
-    steps = _int(extra, "steps", min(16, to_generate))
+    steps = read_int(extra, "steps", min(16, to_generate))
     if steps < 1 or steps > to_generate:
         raise DiffusionParamError("steps", f"steps must be in [1, {to_generate}] (the tokens to generate), "
                                   f"got {steps}", steps)
@@ -164,7 +164,7 @@ def parse_image_params(sampling_params: Any, extra: dict, prompt_len: int, max_m
     if order == "stratified" and (height != width or height & (height - 1)):
         raise DiffusionParamError("order", f"the stratified order needs a square power-of-two grid, got "
                                   f"{height}x{width}; use order random or raster", order)
-    num_registers = _int(extra, "num_registers", default_num_registers)
+    num_registers = read_int(extra, "num_registers", default_num_registers)
     if num_registers < 0 or num_registers > max_model_len:
         raise DiffusionParamError("num_registers", f"num_registers must be in [0, {max_model_len}], "
                                   f"got {num_registers}", num_registers)
@@ -207,8 +207,8 @@ def parse_image_params(sampling_params: Any, extra: dict, prompt_len: int, max_m
             seed=secrets.randbits(62) if seed is None else int(seed))
     except ValueError as e:  # SamplingConfig's messages start with the field name
         raise DiffusionParamError(str(e).split()[0], str(e)) from None
-    schedule, sparse = _choice(extra, "schedule", "shift", SCHEDULES), _bool(extra, "sparse", default_sparse)
-    per_code = _bool(extra, "per_code", False)
+    schedule, sparse = _choice(extra, "schedule", "shift", SCHEDULES), read_bool(extra, "sparse", default_sparse)
+    per_code = read_bool(extra, "per_code", False)
     if per_code and (sparse or schedule != "shift" or order != "stratified"):
         raise DiffusionParamError("per_code", "per_code (LaViDa-O's own per-code sampler) runs dense with the shift "
                                   "schedule and the stratified order: send sparse false (a sparse step caches whole "
