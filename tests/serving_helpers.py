@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -217,6 +218,27 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def demo_server_fixtures(log_name: str) -> tuple[Callable, Callable]:
+    """Module-scoped `server` (a real `sparse-lavida serve` of the bundled demo model, max-model-len 1024, its log in
+    a temporary folder named `log_name`) and `client` (the `openai` client on it) fixtures. A test module takes them
+    as `server, client = demo_server_fixtures("images")`."""
+    import pytest
+
+    @pytest.fixture(scope="module", name="server")
+    def server_fixture(tmp_path_factory) -> Iterator[Server]:
+        srv = Server(None, extra_args=["--max-model-len", "1024"], log_dir=tmp_path_factory.mktemp(log_name))
+        yield srv
+        srv.stop()
+
+    @pytest.fixture(scope="module", name="client")
+    def client_fixture(server: Server):
+        import openai
+
+        return openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+    return server_fixture, client_fixture
 
 
 _LLM = None

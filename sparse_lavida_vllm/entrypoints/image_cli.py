@@ -22,7 +22,8 @@ def _outputs(out: str, n: int) -> list[Path]:
 
 def _layout_request(ns: argparse.Namespace, model: str, tokenizer: Any, model_config: Any) -> tuple:
     """(prompt, extra_args, layout) of a checkpoint with an `image_generation` section (the demo's kind)."""
-    from sparse_lavida_vllm.entrypoints.images import BadField, mask_to_canvas, read_image
+    from sparse_lavida_vllm.entrypoints.image_io import mask_to_canvas, read_image
+    from sparse_lavida_vllm.entrypoints.image_protocol import BadField
     from sparse_lavida_vllm.multimodal.layout import ImageLayout
     from sparse_lavida_vllm.scheduler.image_params import GENERATE
 
@@ -68,7 +69,8 @@ def _lavida_o_request(ns: argparse.Namespace, llm: Any, model: str, tokenizer: A
     as the images routes do (multimodal/lavida_o_layout.py); the prompt is token ids, or an edit's EditPrompt."""
     import torch
 
-    from sparse_lavida_vllm.entrypoints.images import BadField, mask_to_canvas, read_image
+    from sparse_lavida_vllm.entrypoints.image_io import mask_to_canvas, read_image
+    from sparse_lavida_vllm.entrypoints.image_protocol import BadField
     from sparse_lavida_vllm.model_executor.lavida_o_text import serves_lavida_o_images
     from sparse_lavida_vllm.multimodal.lavida_o_layout import LaViDaOLayout
     from sparse_lavida_vllm.scheduler.image_params import GENERATE

@@ -14,25 +14,14 @@ from sparse_lavida_vllm.model_executor.weights import load_pretrained
 from sparse_lavida_vllm.multimodal.layout import ImageLayout
 from sparse_lavida_vllm.training.data import DEMO_ROOT, SIDE, DemoData
 from sparse_lavida_vllm.training.tokenizer import load_tokenizer
-from tests.serving_helpers import Server
+from tests.serving_helpers import demo_server_fixtures
 
 pytestmark = pytest.mark.slow
 MODEL = DEMO_ROOT / "sparse"
 NATIVE = f"{SIDE}x{SIDE}"  # the demo codec's own size (one pixel per token)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = Server(None, extra_args=["--max-model-len", "1024"], log_dir=tmp_path_factory.mktemp("images"))
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    import openai
-
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0, timeout=120)
+server, client = demo_server_fixtures("images")  # tests/serving_helpers.py
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from sparse_lavida_vllm.diffusion.planners import image_plan
-from sparse_lavida_vllm.entrypoints.images import PREVIEW_GREY, preview_steps, render_preview
+from sparse_lavida_vllm.entrypoints.image_stream import PREVIEW_GREY, preview_steps, render_preview
 from sparse_lavida_vllm.training.data import SIDE
-from tests.serving_helpers import Server
+from tests.serving_helpers import demo_server_fixtures
 
 SIZE = 64  # pixels per side: the demo's 8x8 tokens upscaled 8x
 CELL = SIZE // SIDE
@@ -20,18 +20,7 @@ STEPS = 16  # the demo checkpoint's default
 PROMPT = "a handwritten digit five"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = Server(None, extra_args=["--max-model-len", "1024"], log_dir=tmp_path_factory.mktemp("images-stream"))
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    import openai
-
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0, timeout=120)
+server, client = demo_server_fixtures("images-stream")  # tests/serving_helpers.py
 
 
 def pixels(b64: str) -> np.ndarray:

@@ -5,7 +5,8 @@ import shutil
 
 import pytest
 
-from sparse_lavida_vllm.entrypoints.plugin import _check_checkpoint_files, _drain_budget
+from sparse_lavida_vllm.entrypoints.plugin import _check_checkpoint_files
+from sparse_lavida_vllm.entrypoints.shutdown import _drain_budget
 from sparse_lavida_vllm.model_executor.weights import check_safetensors, read_state_dict
 from tests.serving_helpers import make_checkpoint
 
