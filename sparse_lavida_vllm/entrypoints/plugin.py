@@ -328,6 +328,25 @@ def _refuse_chat_media(render_chat_request):
     return wrapper
 
 
+def _publishers_image_tokens(tokenize_prompt):
+    """Wrap BaseRenderer._tokenize_prompt (text -> ids, for chats and text prompts, online and offline): a LaViDa-O
+    prompt with images is tokenized as the publishers' tokenizer_image_token does (lavida_o_processor.
+    publishers_prompt_ids), not whole; every other prompt as vLLM does."""
+
+    @functools.wraps(tokenize_prompt)
+    def wrapper(self, prompt, params):
+        if self.model_config.architecture == _LAVIDA_O:
+            from sparse_lavida_vllm.worker.lavida_o_processor import publishers_prompt_ids
+
+            ids = publishers_prompt_ids(self.get_tokenizer(), prompt, params.add_special_tokens)
+            if ids is not None:
+                return self._build_tokens_prompt(ids, prompt)
+        return tokenize_prompt(self, prompt, params)
+
+    wrapper.__sparse_lavida__ = True
+    return wrapper
+
+
 def _keep_booleans(request_json):
     """Wrap starlette's Request.json: booleans in `vllm_xargs` reach the knobs as "true" / "false"; 503 when draining.
 
@@ -547,6 +566,7 @@ def register() -> None:
     from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
     from vllm.distributed.device_communicators.shm_broadcast import MessageQueue
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+    from vllm.renderers.base import BaseRenderer
     from vllm.sampling_params import SamplingParams
     from vllm.transformers_utils.config import _CONFIG_REGISTRY
     from vllm.v1.engine.input_processor import InputProcessor
@@ -561,6 +581,7 @@ def register() -> None:
         ModelRegistry.register_model(arch, model_class)
         MODELS_CONFIG_MAP[arch] = DiffusionEngineConfig
     _patch(InputProcessor, "process_inputs", _validate_diffusion_request)
+    _patch(BaseRenderer, "_tokenize_prompt", _publishers_image_tokens)  # before any renderer binds its async twin
     _patch(OutputProcessor, "process_outputs", count_diffusion_metrics)
     _patch(SamplingParams, "_verify_extra_args", _name_the_extra_arg)
     _patch(_CPUSHMDistributed, "_init_cpu_shm", _unlink_once_joined)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,7 +127,7 @@ class PublishersChat:
             text = user + _CANVAS
         added = list(tok("").input_ids)  # what the tokenizer puts around every piece (BOS for some)
         pieces = [added + self._piece(chunk) for chunk in text.split(IMAGE_PLACEHOLDER)]
-        drop = 1 if pieces[0] and pieces[0][0] == getattr(tok, "bos_token_id", None) else 0
+        drop = dropped_after_image(pieces[0], tok)
         items: list[int | str] = pieces[0][:drop]
         for i, piece in enumerate(pieces):
             if i:
@@ -308,9 +308,33 @@ class LaViDaOLayout:
                                   **knobs)
 
 
+def dropped_after_image(first_piece: Sequence[object], tokenizer: Any) -> int:
+    """How many tokens the publishers' `tokenizer_image_token` (llava/mm_utils.py ~447-466) cuts from the front of
+    every piece after an `<image>`: 1 when the first piece, as their `tokenizer(chunk)` gives it, starts with BOS
+    (meant to drop the BOS their call adds to each piece; the LLaDA tokenizer adds none, so it cuts the piece's first
+    real token), else 0."""
+    return 1 if first_piece and first_piece[0] == getattr(tokenizer, "bos_token_id", None) else 0
+
+
+def chat_image_ids(tokenizer: Any, text: str, placeholder: Sequence[int],
+                   add_special_tokens: bool = False) -> list[int]:
+    """A rendered chat holding `<image>`s tokenized as the publishers' `tokenizer_image_token` does, `placeholder`
+    (the ids of `<image>`, which vLLM's multimodal processor expands into the image's rows) at each image: the pieces
+    between `<image>`s each tokenized on its own, and every piece after an image less its first
+    `dropped_after_image` tokens (for LLaDA's tokenizer: the "\\n" vLLM writes after each image part). The first piece
+    is encoded as vLLM encodes the prompt (`add_special_tokens`), the later ones by their call (`tokenizer(piece)`).
+    Text without `<image>` is tokenized whole, as theirs."""
+    chunks = text.split(IMAGE_PLACEHOLDER)
+    ids = list(tokenizer(chunks[0], add_special_tokens=add_special_tokens).input_ids)
+    drop = dropped_after_image(tokenizer(chunks[0]).input_ids, tokenizer)
+    for chunk in chunks[1:]:
+        ids += [*placeholder, *tokenizer(chunk).input_ids[drop:]]
+    return ids
+
+
 def _ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
 
 
 __all__ = ["LaViDaOLayout", "EditPrompt", "PublishersChat", "RenderedPrompt", "T2I_TEMPLATE", "MICRO_COND",
-           "SYSTEM_PROMPT", "DEFAULTS", "EDIT_DEFAULTS"]
+           "SYSTEM_PROMPT", "DEFAULTS", "EDIT_DEFAULTS", "chat_image_ids", "dropped_after_image"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import BatchFeature
@@ -27,6 +28,7 @@ from sparse_lavida_vllm.model_executor.lavida_o_vision import (
     num_image_rows,
     preprocess_image,
 )
+from sparse_lavida_vllm.multimodal.lavida_o_layout import chat_image_ids
 
 
 @functools.cache
@@ -51,6 +53,18 @@ def row_token_id(config: LaViDaOConfig) -> int:
     works for the model, whose runner feeds the image features at those rows; the pad token keeps the prompt text
     readable and survives vLLM's decode / re-encode fallback as one special token."""
     return config.pad_token_id
+
+
+def publishers_prompt_ids(tokenizer: Any, prompt: Mapping[str, object], add_special_tokens: bool) -> list[int] | None:
+    """A LaViDa-O text prompt with images (a rendered chat, or `{"prompt": ..., "multi_modal_data": ...}`) as the
+    publishers tokenize it (lavida_o_layout.chat_image_ids: piece by piece around each `<image>`, the token after
+    each image dropped), with the ids of `<image>` where the processor expands each image; None for any other prompt,
+    which vLLM tokenizes whole. A prompt given as token ids never comes here (an edit's already are theirs)."""
+    text = prompt.get("prompt")
+    if not prompt.get("multi_modal_data") or not isinstance(text, str) or IMAGE_PLACEHOLDER not in text:
+        return None
+    placeholder = tokenizer.encode(IMAGE_PLACEHOLDER, add_special_tokens=False)
+    return chat_image_ids(tokenizer, text, placeholder, add_special_tokens)
 
 
 class LaViDaOProcessingInfo(BaseProcessingInfo):
@@ -137,4 +151,4 @@ class LaViDaOMultiModalProcessor(BaseMultiModalProcessor[LaViDaOProcessingInfo])
 
 
 __all__ = ["IMAGE_PLACEHOLDER", "LaViDaOProcessingInfo", "LaViDaODummyInputsBuilder", "LaViDaOMultiModalProcessor",
-           "understanding_refusal", "row_token_id"]
+           "understanding_refusal", "row_token_id", "publishers_prompt_ids"]
