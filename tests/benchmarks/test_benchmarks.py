@@ -138,3 +138,18 @@ def test_peers_draw_digits_with_guidance_on_the_demo_checkpoints():
     assert e["ours_sparse"]["forward_tokens"] < e["ours_dense"]["forward_tokens"]
     # both no-cache loops feed prompt + canvas for both CFG branches at every step
     assert e["ours_dense"]["forward_tokens"] == e["llada_reference"]["forward_tokens"]
+
+
+def test_plan_cost(results_dir):
+    """benchmarks/plan_cost.py: per-code vs whole-position logits on a tiny LaViDa-O, single pixels vs 2x2 groups on
+    the demo."""
+    pytest.importorskip("diffusers")
+    data = run_quick("plan_cost", results_dir)
+    assert [part["guidance"] for part in data["lavida"]] == [0.0, 4.0]
+    for part in data["lavida"]:
+        first = part["by_step"][0]  # an empty canvas under both plans: the same logits
+        assert first["max_abs_logit_diff"] == 0 and first["top1_agreement"] == 1.0
+        assert sum(part["per_code_counts"]) == sum(part["per_position_counts_in_codes"]) == 256
+    results = data["demo"]["results"]
+    assert {"pixels@16", "groups_2x2@16", "pixels_at_group_counts@16", "pixels_pmj@16"} <= results.keys()
+    assert results["groups_2x2@16"]["counts"] == [4] * 16 and 0 <= results["pixels@16"]["geneval"]["mean"] <= 1
