@@ -11,14 +11,14 @@ import torch
 
 from sparse_lavida_vllm.training.trainer import TrainConfig
 
-SUBSET_METRICS = ("geneval", "arithmetic_accuracy", "edit_agreement")
+SUBSET_METRICS = ("geneval", "arithmetic_accuracy", "edit_agreement")  # + the by-length arithmetic (LENGTH_KEYS)
 
 
 def checkpoint_subset_config(sampler: str):
     """The small seeded subset tests/training re-run against the shipped checkpoints (recorded in the card)."""
     from sparse_lavida_vllm.training.evaluate import EvalConfig
 
-    return EvalConfig(sampler=sampler, num_images=20, num_edits=10, num_text=50)
+    return EvalConfig(sampler=sampler, num_images=20, num_edits=10, num_text=50, num_text_per_length=20)
 
 
 def _threads(args: argparse.Namespace) -> None:
@@ -38,9 +38,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         bad = f"task_weights must be numbers t2i,edit,text, got {args.task_weights!r}"
         raise SystemExit(f"sparse-lavida train: {bad}") from None
     try:
+        lengths = tuple(int(n) for n in args.text_lengths.split(","))
+    except ValueError:
+        bad = f"text_lengths must be integers like 4,8,16, got {args.text_lengths!r}"
+        raise SystemExit(f"sparse-lavida train: {bad}") from None
+    try:
         cfg = TrainConfig(mode=mode, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                           num_registers=args.num_registers, max_clean_blocks=args.max_clean_blocks,
-                          stop_at=args.stop_at, task_weights=weights)
+                          stop_at=args.stop_at, task_weights=weights, text_lengths=lengths,
+                          text_length_per_batch=not args.text_length_per_example)
     except ValueError as e:
         raise SystemExit(f"sparse-lavida train: {e}") from None
     summary = train(cfg, args.out, tokenizer_folder=args.tokenizer, init=args.init)
@@ -52,13 +58,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sparse_lavida_vllm.entrypoints.hub import is_hub_id, resolve_model_arg
     from sparse_lavida_vllm.model_executor.weights import load_pretrained
     from sparse_lavida_vllm.training.data import DemoData
-    from sparse_lavida_vllm.training.evaluate import EvalConfig, evaluate, evaluate_seeds
+    from sparse_lavida_vllm.training.evaluate import LENGTH_KEYS, EvalConfig, evaluate, evaluate_seeds
     from sparse_lavida_vllm.training.tokenizer import load_tokenizer
 
     _threads(args)
     try:
         cfg = EvalConfig(sampler=args.sampler, num_registers=args.num_registers, num_images=args.num_images,
-                         num_edits=args.num_edits, num_text=args.num_text, image_steps=args.image_steps,
+                         num_edits=args.num_edits, num_text=args.num_text,
+                         num_text_per_length=args.num_text_per_length, image_steps=args.image_steps,
                          cfg_scale=args.cfg_scale, image_temperature=args.temperature, seed=args.seed)
     except ValueError as e:
         raise SystemExit(f"sparse-lavida eval: {e}") from None
@@ -75,7 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         subset = checkpoint_subset_config(args.sampler)
         out["test_subset"] = {"eval_config": asdict(subset),
                               **{k: v for k, v in evaluate(model, data, subset, show_progress=False).items()
-                                 if k in SUBSET_METRICS}}
+                                 if k in (*SUBSET_METRICS, *LENGTH_KEYS)}}
         write_model_card(args.model, out)
     if args.json:
         print(json.dumps(out, indent=2))
@@ -118,6 +125,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-registers", type=int, default=defaults.num_registers)
     p.add_argument("--task-weights", default=",".join(str(w) for w in defaults.task_weights),
                    help="t2i,edit,text batch probabilities")
+    p.add_argument("--text-lengths", default=",".join(str(n) for n in defaults.text_lengths),
+                   help="text canvases (answer + [EOS] padding) trained on, drawn uniformly")
+    p.add_argument("--text-length-per-example", action="store_true",
+                   help="draw a canvas per example, not per batch (stage 1 of the shipped dense recipe)")
     p.add_argument("--max-clean-blocks", type=int, default=defaults.max_clean_blocks,
                    help="sparse SFT: a sample's clean tokens form 1..N cached blocks (the steps decoded before it)")
     p.add_argument("--full-attention", action="store_true",
@@ -134,6 +145,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-images", type=int, default=e.num_images)
     p.add_argument("--num-edits", type=int, default=e.num_edits)
     p.add_argument("--num-text", type=int, default=e.num_text)
+    p.add_argument("--num-text-per-length", type=int, default=e.num_text_per_length,
+                   help="held-out sums at each max_tokens 4, 8, 16, 32, 64 with the server's default plan")
     p.add_argument("--image-steps", type=int, default=e.image_steps)
     p.add_argument("--cfg-scale", type=float, default=e.cfg_scale)
     p.add_argument("--temperature", type=float, default=e.image_temperature)

@@ -26,7 +26,9 @@ EDITS = ("make it thicker", "shift it left", "shift it right", "invert the colou
 TASKS = ("t2i", "edit", "text")
 TEXT_GEN_LENGTH = 8  # eval / serving canvas: " 198" is 4 tokens, the rest [EOS]
 ANSWER_WIDTH = 3  # sums of two numbers 0..99 have at most 3 digits
-TRAIN_GEN_LENGTHS = (8, 8, 8, 16)  # mostly the eval canvas; 16 (vLLM's default max_tokens) still answers
+# every canvas the server builds for max_tokens 4..64 at its defaults (one block of 4/8/16/32, or two of 32): an
+# answer trained only on 8 and 16 lost its hundreds digit at 32 (16/20 sums right, issue 24)
+TRAIN_GEN_LENGTHS = (4, 8, 16, 32, 64)
 SIDE = 8  # scikit-learn's digits are 8x8: their own resolution, one token per pixel
 SHIFT = 2  # pixels an edit's "shift it left/right" moves the digit
 DEMO_ROOT = Path(__file__).resolve().parents[1] / "assets" / "demo"  # the shipped dense/ and sparse/ checkpoints
@@ -212,14 +214,15 @@ class DemoData:
 
     def answer_ids(self, answer: str, gen_length: int) -> Tensor:
         """'▁' + the answer right-aligned in ANSWER_WIDTH places (leading places are '▁', decoded as spaces)
-        + [EOS] padding (LLaDA's): the units digit is always at the same canvas position."""
+        + [EOS] padding (LLaDA's) to gen_length: the units digit is always at the same canvas position."""
         space = self.tok.token_to_id("▁")
         body = [space] * (1 + ANSWER_WIDTH - len(answer)) + [self.tok.token_to_id(ch) for ch in answer]
-        if len(answer) > ANSWER_WIDTH or len(body) >= gen_length:
+        if len(answer) > ANSWER_WIDTH or len(body) > gen_length:
             raise ValueError(f"answer {answer!r} does not fit gen_length {gen_length}")
         return torch.tensor(body + [self.eos] * (gen_length - len(body)), dtype=torch.long)
 
-    def sample(self, task: str, rng: random.Random, split: str = "train") -> Example:
+    def sample(self, task: str, rng: random.Random, split: str = "train", gen_length: int | None = None) -> Example:
+        """One example; a training text example's canvas is `gen_length` (default: drawn from TRAIN_GEN_LENGTHS)."""
         pool = self.train_idx if split == "train" else self.test_idx
         if task == "t2i":
             return self.t2i_example(int(rng.choice(pool)))
@@ -227,6 +230,6 @@ class DemoData:
             return self.edit_example(int(rng.choice(pool)), rng.choice(EDITS))
         if task == "text":
             if split == "train":
-                return self.text_example(rng, gen_length=rng.choice(TRAIN_GEN_LENGTHS))
+                return self.text_example(rng, gen_length=gen_length or rng.choice(TRAIN_GEN_LENGTHS))
             return self.text_example(rng, held_out=True)
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")

@@ -5,14 +5,16 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from sparse_lavida_vllm.diffusion.planners import image_plan, text_plan
-from sparse_lavida_vllm.diffusion.reference import GenerateResult, SparseOptions, generate_dense, generate_sparse
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
+from sparse_lavida_vllm.drivers.text import GenerateResult, SparseOptions, generate_dense, generate_sparse
 from sparse_lavida_vllm.model_executor.model import LLaDAMDM
 from sparse_lavida_vllm.training.data import (
     EDITS,
@@ -26,7 +28,13 @@ from sparse_lavida_vllm.training.data import (
 )
 from sparse_lavida_vllm.training.tokenizer import IMAGE_TOKEN_OFFSET, NUM_LEVELS
 
+if TYPE_CHECKING:
+    from sparse_lavida_vllm.scheduler.params import DiffusionParams
+
 SAMPLERS = ("dense", "sparse")
+# max_tokens of the by-length arithmetic eval: every canvas the server builds for max_tokens 4..64 at its defaults
+# (one block of 4, 8, 16 or 32 tokens, or two of 32)
+ARITHMETIC_LENGTHS = (4, 8, 16, 32, 64)
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,7 @@ class EvalConfig:
     num_images: int = 120  # 8x8 images are cheap; at 60 the seed spread (~0.035) was too wide to rank SFT probes
     num_edits: int = 30  # 6 of each edit instruction
     num_text: int = 200  # sums are cheap (8 steps of ~20 rows): a tight spread for the 0.95 target
+    num_text_per_length: int = 100  # held-out sums at each ARITHMETIC_LENGTHS canvas, the server's default plan
     image_steps: int = 16
     image_temperature: float = 0.8
     cfg_scale: float = 3.0  # the demo config's image default: +0.1 digit-GenEval over 1.0 in a probe
@@ -48,7 +57,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        for name in ("num_images", "num_edits", "num_text"):
+        for name in ("num_images", "num_edits", "num_text", "num_text_per_length"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.num_registers is not None and self.num_registers < 0:
@@ -189,6 +198,12 @@ def eval_edit(model: LLaDAMDM, data: DemoData, cfg: EvalConfig, progress=None) -
             "forward_tokens_per_edit": forward / len(order)}
 
 
+def response_text(data: DemoData, tokens: Tensor) -> str:
+    """The decoded response up to its first [EOS] (what the server returns as text)."""
+    ids = tokens.tolist()
+    return data.tok.decode(ids[:ids.index(data.eos)] if data.eos in ids else ids)
+
+
 def eval_text(model: LLaDAMDM, data: DemoData, cfg: EvalConfig, progress=None) -> dict:
     """Exact match of the final number on held-out sums (never seen in training)."""
     rng = random.Random(cfg.seed)
@@ -198,10 +213,7 @@ def eval_text(model: LLaDAMDM, data: DemoData, cfg: EvalConfig, progress=None) -
         ex = data.text_example(rng, held_out=True)
         plan = text_plan(TEXT_GEN_LENGTH, cfg.text_block_length, cfg.text_steps)
         result = generate(model, ex.prompt, plan, SamplingConfig(seed=cfg.seed + i), cfg)
-        ids = result.tokens.tolist()
-        if data.eos in ids:
-            ids = ids[:ids.index(data.eos)]
-        text = data.tok.decode(ids)
+        text = response_text(data, result.tokens)
         correct += final_number(text) == str(ex.label)
         forward += result.forward_tokens
         if len(samples) < 5:
@@ -212,8 +224,44 @@ def eval_text(model: LLaDAMDM, data: DemoData, cfg: EvalConfig, progress=None) -
     return {"arithmetic_accuracy": correct / n, "forward_tokens_per_answer": forward / n, "text_samples": samples}
 
 
+def server_text_params(gen_length: int) -> DiffusionParams:
+    """What `sparse-lavida serve` runs for a text request of max_tokens = gen_length, temperature 0 and no knobs:
+    scheduler/params.py's own defaults (block 32 when it divides gen_length, else gen_length; half the tokens as
+    steps when the block is even; greedy, low-confidence remasking)."""
+    from sparse_lavida_vllm.scheduler.params import parse_params
+
+    return parse_params(SimpleNamespace(max_tokens=gen_length, temperature=0.0, seed=0), prompt_len=0,
+                        max_model_len=gen_length, default_num_registers=0, has_register_token=False)
+
+
+def length_key(gen_length: int) -> str:
+    return f"arithmetic_at_{gen_length}_tokens"
+
+
+LENGTH_KEYS = tuple(length_key(g) for g in ARITHMETIC_LENGTHS)
+
+
+def eval_text_by_length(model: LLaDAMDM, data: DemoData, cfg: EvalConfig, progress=None) -> dict:
+    """Exact match on held-out sums at each max_tokens in ARITHMETIC_LENGTHS with the server's default plan and the
+    checkpoint's sampler (cfg.sampler): the same cfg.num_text_per_length sums at every length."""
+    out = {}
+    for gen_length in ARITHMETIC_LENGTHS:
+        params = server_text_params(gen_length)
+        rng = random.Random(cfg.seed)
+        correct = 0
+        for _ in range(cfg.num_text_per_length):
+            ex = data.text_example(rng, held_out=True)
+            result = generate(model, ex.prompt, params.plan(), params.sampling, cfg)
+            correct += final_number(response_text(data, result.tokens)) == str(ex.label)
+            if progress:
+                progress.update(1)
+        out[length_key(gen_length)] = correct / max(cfg.num_text_per_length, 1)
+    return out
+
+
 METRICS = ("geneval", "fid", "style_agreement", "edit_agreement", "edit_classifier_agreement", "edit_pixel_error",
-           "arithmetic_accuracy", "forward_tokens_per_image", "forward_tokens_per_edit", "forward_tokens_per_answer")
+           "arithmetic_accuracy", *LENGTH_KEYS, "forward_tokens_per_image",
+           "forward_tokens_per_edit", "forward_tokens_per_answer")
 EVAL_SEEDS = 3
 
 
@@ -252,7 +300,7 @@ def evaluate(model: LLaDAMDM, data: DemoData, cfg: EvalConfig, show_progress: bo
     """All metrics for one (model, sampler) pair; `images` holds the generated T2I grids."""
     from tqdm import tqdm
 
-    total = cfg.num_images + cfg.num_edits + cfg.num_text
+    total = cfg.num_images + cfg.num_edits + cfg.num_text + cfg.num_text_per_length * len(ARITHMETIC_LENGTHS)
     with tqdm(total=total, desc=f"eval {cfg.sampler}", disable=not show_progress, mininterval=2) as bar:
         clf = _classifier(id(data), data)
         out = {"eval_config": asdict(cfg), "classifier_held_out_accuracy": clf.held_out_accuracy}
@@ -262,4 +310,6 @@ def evaluate(model: LLaDAMDM, data: DemoData, cfg: EvalConfig, show_progress: bo
             out.update(eval_edit(model, data, cfg, bar))
         if cfg.num_text:
             out.update(eval_text(model, data, cfg, bar))
+        if cfg.num_text_per_length:
+            out.update(eval_text_by_length(model, data, cfg, bar))
     return out

@@ -19,7 +19,7 @@ from sparse_lavida_vllm.model_executor.attention import AttentionBackend
 from sparse_lavida_vllm.model_executor.config import MDMConfig
 from sparse_lavida_vllm.model_executor.model import LLaDAMDM
 from sparse_lavida_vllm.model_executor.weights import load_pretrained, random_model, save_pretrained
-from sparse_lavida_vllm.training.data import TASKS, DemoData, Example
+from sparse_lavida_vllm.training.data import TASKS, TRAIN_GEN_LENGTHS, DemoData, Example
 from sparse_lavida_vllm.training.tokenizer import load_tokenizer, save_hf_tokenizer
 
 MODES = ("dense", "sparse", "sparse_full")  # sparse_full: the sparse sequence with full attention (Table 8)
@@ -176,8 +176,12 @@ class TrainConfig:
     # t2i, edit, text. Text loss was ~0.01 by the end at 0.55 while the image losses still fell: images get more
     # (0.4, 0.2, 0.4: digit-GenEval 0.78 -> 0.88 on a 2-seed probe, sums 0.995); the sparse SFT leans on images more
     task_weights: tuple[float, float, float] = (0.4, 0.2, 0.4)
-    text_batch_multiplier: int = 4  # text rows are ~4x shorter than T2I rows: larger batches, similar cost
+    text_batch_multiplier: int = 4  # text rows (canvas <= 16) are ~4x shorter than T2I rows: larger batches (same cost)
     stop_at: int | None = None  # train only the first stop_at steps of the `steps`-long lr schedule
+    text_lengths: tuple[int, ...] = TRAIN_GEN_LENGTHS  # the text canvases (answer + [EOS] padding) trained on
+    # one canvas per text batch (rows shrink as it grows); False: a canvas per example, every text batch
+    # batch_size x text_batch_multiplier rows (how stage 1 of the shipped dense recipe was trained)
+    text_length_per_batch: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -188,6 +192,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.stop_at is not None and self.stop_at < 1:
             raise ValueError(f"stop_at must be >= 1, got {self.stop_at}")
+        if not self.text_lengths or min(self.text_lengths) < 4:  # '▁' + 3 answer places
+            raise ValueError(f"text_lengths must be canvases of >= 4 tokens, got {self.text_lengths}")
         if self.num_registers < 0:
             raise ValueError(f"num_registers must be >= 0, got {self.num_registers}")
         if self.lr <= 0:
@@ -220,12 +226,25 @@ def demo_model_config(vocab_size: int, num_registers: int = 8) -> MDMConfig:
                      image_generation=demo_image_generation())
 
 
+def text_batch_rows(cfg: TrainConfig, gen_length: int) -> int:
+    """Rows of a text batch whose canvas is gen_length: batch_size x text_batch_multiplier up to 16 tokens, then
+    fewer in proportion (128 / 64 / 32 rows at 16 / 32 / 64 tokens with the defaults)."""
+    return cfg.batch_size * cfg.text_batch_multiplier * 16 // max(16, gen_length)
+
+
 def make_batch(cfg: TrainConfig, data: DemoData, config: MDMConfig, rng: random.Random,
                gen: torch.Generator) -> tuple[str, list[Packed]]:
     """One task per batch (similar lengths, little padding), drawn with the task weights."""
     task = rng.choices(TASKS, weights=cfg.task_weights)[0]
-    size = cfg.batch_size * (cfg.text_batch_multiplier if task == "text" else 1)
-    examples = [data.sample(task, rng) for _ in range(size)]
+    if task != "text":
+        examples = [data.sample(task, rng) for _ in range(cfg.batch_size)]
+    elif cfg.text_length_per_batch:
+        # one canvas per text batch (no padding); rows shrink as the canvas grows so a batch costs about the same
+        gen_length = rng.choice(cfg.text_lengths)
+        examples = [data.sample(task, rng, gen_length=gen_length) for _ in range(text_batch_rows(cfg, gen_length))]
+    else:
+        examples = [data.sample(task, rng, gen_length=rng.choice(cfg.text_lengths))
+                    for _ in range(cfg.batch_size * cfg.text_batch_multiplier)]
     if cfg.mode == "dense":
         return task, [pack_dense(ex, config, gen, cfg.prompt_drop) for ex in examples]
     return task, [pack_sparse(ex, config, gen, cfg.num_registers, cfg.max_clean_blocks, cfg.max_masked_blocks,

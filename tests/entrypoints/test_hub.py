@@ -150,8 +150,8 @@ def test_eval_of_an_id_is_the_eval_of_its_folder(cache, capsys, monkeypatch, one
 
     add_to_hub_cache(cache, "tiny-org/demo", DEMO_ROOT / "sparse")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    small = ["--seeds", "1", "--num-images", "2", "--num-edits", "1", "--num-text", "2", "--image-steps", "2", "--json",
-             "--threads", "1"]  # one_thread puts torch's thread count back afterwards
+    small = ["--seeds", "1", "--num-images", "2", "--num-edits", "1", "--num-text", "2", "--num-text-per-length", "1",
+             "--image-steps", "2", "--json", "--threads", "1"]  # one_thread puts torch's thread count back afterwards
     outputs = []
     for model in (str(DEMO_ROOT / "sparse"), "tiny-org/demo"):
         assert main(["eval", model, "--download-dir", str(cache), *small]) == 0

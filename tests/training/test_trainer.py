@@ -106,6 +106,36 @@ def test_one_step_reduces_loss_on_fixed_batch(mode: str) -> None:
     assert float(after) < float(before) - 1e-3
 
 
+def test_each_text_batch_is_one_canvas_and_shrinks_as_it_grows() -> None:
+    """A text batch draws one canvas from TRAIN_GEN_LENGTHS (every canvas the server builds for max_tokens 4..64)
+    for all its rows: 128 rows up to 16 tokens, 64 at 32, 32 at 64; image batches keep batch_size rows."""
+    import random
+
+    from sparse_lavida_vllm.training.data import DEMO_ROOT, TRAIN_GEN_LENGTHS, DemoData, text_prompt
+    from sparse_lavida_vllm.training.tokenizer import load_tokenizer
+    from sparse_lavida_vllm.training.trainer import demo_model_config, make_batch, text_batch_rows
+
+    data = DemoData(load_tokenizer(DEMO_ROOT / "dense"))
+    cfg = TrainConfig(mode="dense")
+    config = demo_model_config(data.tok.get_vocab_size())
+    prompt_len = data.encode_text(text_prompt("37+48=?")).numel()  # every question is 2-digit padded: one length
+    rng, gen = random.Random(0), torch.Generator().manual_seed(0)
+    rows_at: dict[int, int] = {}
+    for _ in range(200):
+        task, batch = make_batch(cfg, data, config, rng, gen)
+        lengths = {p.ids.numel() - (prompt_len if task == "text" else 0) for p in batch}
+        if task != "text":
+            assert len(batch) == cfg.batch_size
+            continue
+        assert len(lengths) == 1, lengths  # one canvas per batch: no padding
+        canvas = lengths.pop()
+        assert canvas in TRAIN_GEN_LENGTHS and len(batch) == text_batch_rows(cfg, canvas)
+        rows_at[canvas] = len(batch)
+        if len(rows_at) == len(TRAIN_GEN_LENGTHS):
+            break
+    assert rows_at == {4: 128, 8: 128, 16: 128, 32: 64, 64: 32}
+
+
 def test_train_config_names_bad_field() -> None:
     with pytest.raises(ValueError, match="mode"):
         TrainConfig(mode="causal")
