@@ -11,13 +11,19 @@ tiny model here, so the script is known to work before device time is spent on i
 4. Batch invariance on the device: each request of a mixed step alone vs in the step (PagedSpanAttention's one
    SDPA call per layer), attention output and logits bit for bit, fp32 and bf16; and whether key padding within
    a key block is exact there (attention._tail_padding_exact; else whole 512-key blocks are used).
-Usage: python benchmarks/gpu_check.py [--device cuda] [--quick] [--json PATH]
+5. `--vllm-mode` (a process of its own, run by gpu_check.sh after the others): vLLM's batch-invariant mode, as the
+   worker turns it on for the invariant runner on CUDA (worker.enable_vllm_invariance), or where vLLM is absent its
+   pure-torch settings (cuBLASLt without split-K, no reduced-precision reductions, no TF32); then part 4 with plain
+   GEMMs (no row tiles: one GEMM over all the step's rows) on two LLaDA-8B-shaped layers, and the row count the
+   runner's load-time check (plain_rows_verified) accepts there.
+Usage: python benchmarks/gpu_check.py [--device cuda] [--quick] [--vllm-mode] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -30,7 +36,7 @@ from sparse_lavida_vllm.diffusion.planners import image_plan, text_plan
 from sparse_lavida_vllm.diffusion.sampling import SamplingConfig
 from sparse_lavida_vllm.drivers.text import SparseOptions, generate_dense, generate_sparse
 from sparse_lavida_vllm.model_executor.config import MDMConfig
-from sparse_lavida_vllm.model_executor.model import ROW_TILE, LLaDAMDM
+from sparse_lavida_vllm.model_executor.model import ROW_TILE, LLaDAMDM, plain_rows_verified
 from sparse_lavida_vllm.worker.flex_attention import FlexPagedAttention
 from sparse_lavida_vllm.worker.paged_attention import PagedSpanAttention, Segment, StepLayout, request_slots
 
@@ -176,6 +182,62 @@ def invariance(config: MDMConfig, device: torch.device) -> dict:
     return out
 
 
+def enable_vllm_mode(device: torch.device) -> str:
+    """vLLM's batch-invariant mode for this process, before any CUDA work; where vLLM cannot be imported (the device
+    machine), the settings its mode makes on Hopper and later GPUs (batch_invariant.enable_batch_invariant_mode and
+    init_batch_invariance), which are plain torch; says which ran."""
+    os.environ["VLLM_BATCH_INVARIANT"] = "1"
+    if device.type == "cuda":
+        try:
+            from vllm.model_executor.determinism.batch_invariant import init_batch_invariance
+        except ImportError:
+            pass
+        else:
+            init_batch_invariance()
+            return "vllm"
+    # without vLLM: cuBLASLt with no split-K workspace (the only batch variance vLLM names on SM90+); vLLM's Triton
+    # mean / softmax kernels and its Ampere Triton matmul are not installed, torch's own run instead
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":16:8"
+    os.environ["CUBLASLT_WORKSPACE_SIZE"] = "1"
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    if device.type == "cuda":
+        torch.backends.cuda.preferred_blas_library(backend="cublaslt")
+    return "pure-torch equivalent"
+
+
+def vllm_mode_invariance(config: MDMConfig, device: torch.device, mode: str) -> dict:
+    """Part 5: under vLLM's mode (enable_vllm_mode, already on), plain GEMMs over the whole step: part 4's check with
+    the row tiles off, and the row count the runner's load-time check (plain_rows_verified) accepts, fp32 and bf16."""
+    out: dict = {"mode": mode, "capability": list(torch.cuda.get_device_capability(device))
+                 if device.type == "cuda" else None}
+    requests, pool32 = mixed_requests(config, device)
+    gen = torch.Generator().manual_seed(7)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = random_model_on(config, device, dtype, seed=6)
+        model.row_tile = None  # plain GEMMs: each layer one GEMM over all the step's rows
+        pool = [p.to(dtype) for p in pool32]
+        inputs = [tuple(torch.randn(n, heads, config.head_dim, generator=gen).to(device, dtype)
+                        for heads in (config.n_heads, config.n_kv_heads, config.n_kv_heads))
+                  + (torch.randint(5, 500, (n,), generator=gen).to(device), torch.arange(n, device=device))
+                  for *_, n in requests]
+        everyone = list(range(len(requests)))
+        with torch.inference_mode():
+            together = invariant_step(model, requests, pool, inputs, everyone)
+            alone = [invariant_step(model, requests, pool, inputs, [r]) for r in everyone]
+        model.row_tile = ROW_TILE
+        start = time.perf_counter()
+        verified = plain_rows_verified(model)
+        out[str(dtype).split(".")[-1]] = {
+            "plain_gemm_logits_bitwise": all(torch.equal(together[1][r], alone[r][1][0]) for r in everyone),
+            "plain_gemm_logits_max_abs_diff": max(float((together[1][r].float() - alone[r][1][0].float()).abs().max())
+                                                  for r in everyone),
+            "plain_rows_verified": verified, "check_s": round(time.perf_counter() - start, 2)}
+        del model
+    return out
+
+
 def sparse_vs_dense(config: MDMConfig, device: torch.device, quick: bool) -> dict:
     model = random_model_on(config, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     gen_length, steps, side, img_steps = (64, 16, 8, 8) if quick else (1024, 256, 32, 64)
@@ -235,11 +297,27 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="a tiny model (checks that the script runs)")
     parser.add_argument("--json", default="benchmarks/results/gpu.json")
+    parser.add_argument("--vllm-mode", action="store_true",
+                        help="part 5 alone, under vLLM's batch-invariant mode (its own process: the mode is global)")
     parser.add_argument("--skip", default="",
                         help="comma-separated parts to skip: kernel, invariance, sparse, runner")
     args = parser.parse_args()
     device = torch.device(args.device)
     config = TINY if args.quick else LLADA_8B
+    if args.vllm_mode:
+        mode = enable_vllm_mode(device)  # before any CUDA work: cuBLAS reads its workspace settings once
+        layers = TINY if args.quick else MDMConfig(**{**LLADA_8B.__dict__, "n_layers": 2})
+        start = time.perf_counter()
+        result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+                  "torch": torch.__version__, "vllm_mode_invariance": vllm_mode_invariance(layers, device, mode),
+                  "model": {"d_model": layers.d_model, "n_layers": layers.n_layers},
+                  "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+                  "wall_s": round(time.perf_counter() - start, 1)}
+        print("vllm mode", result["vllm_mode_invariance"], flush=True)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+        return
     skip = set(filter(None, args.skip.split(",")))
     result: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
                     "torch": torch.__version__, "quick": args.quick, "model": {"d_model": config.d_model,

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
-import json
 import secrets
 import time
 import uuid
@@ -13,12 +10,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from PIL import Image, UnidentifiedImageError
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
 
+from sparse_lavida_vllm.entrypoints.image_io import mask_to_canvas, parse_size, png_b64, read_image
 from sparse_lavida_vllm.entrypoints.image_protocol import (
     BadField,
     ImageEditRequest,
@@ -26,22 +23,24 @@ from sparse_lavida_vllm.entrypoints.image_protocol import (
     ImageRequest,
     parse,
 )
-from sparse_lavida_vllm.model_executor.lavida_o import ARCHITECTURE as LAVIDA_O
-from sparse_lavida_vllm.model_executor.lavida_o import patches_to_codes
+from sparse_lavida_vllm.entrypoints.image_stream import (
+    StreamSpec,
+    error_event,
+    event_stream,
+    preview_steps,
+    render_preview,
+)
+from sparse_lavida_vllm.model_executor.lavida_o_config import ARCHITECTURE as LAVIDA_O
 from sparse_lavida_vllm.multimodal.layout import ImageLayout
+from sparse_lavida_vllm.multimodal.request_rules import EDITS_UNPUBLISHED, RequestRules, request_rules
 from sparse_lavida_vllm.scheduler.image_params import GENERATE
-from sparse_lavida_vllm.scheduler.params import DiffusionParamError, parse_params
+from sparse_lavida_vllm.scheduler.knobs import DiffusionParamError
+from sparse_lavida_vllm.scheduler.params import parse_params
 
 PLUGIN_NAME = "sparse_lavida_images"
-MAX_SIDE = 2048  # pixels per side of a returned (upscaled) image
-MAX_UPLOAD = 20 * 1024 * 1024
 # Our internal knob names -> the request field a client set (a 400 names the field the client knows).
 API_FIELD = {"steps": "num_inference_steps", "height": "size", "width": "size", "size": "size",
              "init_canvas": "mask", "uncond_prompt_ids": "negative_prompt", "cfg_interval": "guidance_interval"}
-PREVIEW_GREY = 128  # what a position not decoded yet shows in a partial image
-# the values the OpenAI stream events allow for the request fields they echo (anything else is echoed as "auto")
-EVENT_QUALITY = ("low", "medium", "high", "xhigh", "max", "auto")
-EVENT_BACKGROUND = ("transparent", "opaque", "auto")
 
 router = APIRouter()
 
@@ -49,140 +48,6 @@ router = APIRouter()
 def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
     kind = "BadRequestError" if status == 400 else "InternalServerError"
     return JSONResponse({"error": {"message": message, "type": kind, "param": field, "code": status}}, status)
-
-
-def _echoed(value: str | None, allowed: tuple[str, ...]) -> str:
-    """A field the images are not drawn by (quality, background) as the stream events echo it."""
-    return value if value in allowed else "auto"
-
-
-def parse_size(value: Any, native: tuple[int, int]) -> tuple[int, int]:
-    """'WxH' (or 'auto' = the codec's size): the codec's size or an integer multiple of it (nearest upscaling)."""
-    w0, h0 = native
-    if value in (None, "auto"):
-        return native
-    allowed = ", ".join(f"{w0 * k}x{h0 * k}" for k in (1, 2, 4, 8, 16, 32, 64) if max(w0, h0) * k <= MAX_SIDE)
-    if not isinstance(value, str) or value.count("x") != 1:
-        raise BadField("size", f"size must be 'WIDTHxHEIGHT' or 'auto', got {value!r} (this model: {allowed})")
-    w, h = value.split("x")
-    if not (w.isdigit() and h.isdigit()):
-        raise BadField("size", f"size must be 'WIDTHxHEIGHT' or 'auto', got {value!r} (this model: {allowed})")
-    w, h = int(w), int(h)
-    if w % w0 or h % h0 or w // w0 != h // h0 or w == 0 or max(w, h) > MAX_SIDE:
-        raise BadField("size", f"size {value} is not supported: this model draws {w0}x{h0} images; "
-                               f"sizes: {allowed}")
-    return w, h
-
-
-def read_image(data: bytes, field: str) -> Image.Image:
-    if not data:
-        raise BadField(field, f"{field} is empty")
-    if len(data) > MAX_UPLOAD:
-        raise BadField(field, f"{field} is larger than {MAX_UPLOAD // (1024 * 1024)} MB")
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise BadField(field, f"{field} is not a readable image (PNG, JPEG, WebP): {e}") from None
-    return image
-
-
-def mask_to_canvas(mask: Image.Image, source: Image.Image, source_ids: list[int], grid: tuple[int, int]) -> list[int]:
-    """OpenAI mask semantics: transparent pixels mark what to repaint. A token is repainted when its cell of
-    the mask is mostly transparent (mean alpha < 128); the others keep the source's token."""
-    if mask.size != source.size:
-        raise BadField("mask", f"mask must have the image's size {source.size[0]}x{source.size[1]}, "
-                               f"got {mask.size[0]}x{mask.size[1]}")
-    if "A" not in mask.getbands():
-        raise BadField("mask", "mask must have an alpha channel (transparent pixels mark the region to edit)")
-    h, w = grid
-    alpha = np.asarray(mask.getchannel("A").resize((w, h), Image.BOX), dtype=np.float64).reshape(-1)
-    return [GENERATE if a < 128 else t for a, t in zip(alpha, source_ids)]
-
-
-def png_b64(image: Image.Image, size: tuple[int, int]) -> str:
-    if image.size != size:
-        image = image.resize(size, Image.NEAREST)  # integer upscaling: each token's pixels become blocks
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-# ---- streamed images: partial images from the committed canvas, OpenAI's stream events -----------------------
-
-def preview_steps(steps: int, partial_images: int) -> list[int]:
-    """The steps after which a streamed image's partial images are taken: evenly spaced, all before the last step
-    (its canvas is the image). An image of few steps gets fewer (OpenAI's stream may send fewer than asked too)."""
-    taken = {i * steps // (partial_images + 1) - 1 for i in range(1, partial_images + 1)}
-    return sorted(s for s in taken if 0 <= s < steps - 1)
-
-
-def render_preview(layout: Any, canvas: list[int], size: tuple[int, int]) -> Image.Image:
-    """A partial image from a canvas partly decoded. A code not decoded yet is one outside the codebook (the mask;
-    image sampling draws codebook ids only): the codec decodes the canvas with the codebook's first code there (a
-    decoder needs some code), then those codes' cells are painted grey. `layout`: an `ImageLayout` (codec token ids)
-    or a `LaViDaOLayout` (packed 2x2 positions, each code on its own: a position may be partly decoded)."""
-    tokens = torch.tensor(canvas, dtype=torch.long)
-    if isinstance(layout, ImageLayout):
-        lo, hi = layout.token_range
-        undecoded = (tokens < lo) | (tokens >= hi)
-        image = layout.codec.decode(torch.where(undecoded, lo, tokens))
-        cells = undecoded.view(layout.codec.grid)
-    else:
-        ids, grid = layout.patch_ids, layout.codec_at(size).grid
-        patches = ids.unpack(tokens)
-        undecoded = patches >= ids.codebook
-        image = layout.decode(ids.pack(torch.where(undecoded, 0, patches)), size)
-        cells = (patches_to_codes(undecoded, *grid) if layout.config.downsample else undecoded).reshape(grid)
-    pixels = np.array(image)
-    (rows, cols), (height, width) = cells.shape, pixels.shape[:2]
-    pixels[cells.numpy().repeat(height // rows, 0).repeat(width // cols, 1)] = PREVIEW_GREY
-    return Image.fromarray(pixels)
-
-
-def sse(event: dict[str, Any]) -> str:
-    """One Server-Sent Event as OpenAI's streams write it: the event's type, then its JSON."""
-    return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
-
-
-@dataclass(frozen=True)
-class StreamSpec:
-    """A streamed request's events: their type prefix (image_generation / image_edit) and the fields they echo."""
-
-    kind: str
-    size: tuple[int, int]
-    quality: str
-    background: str
-
-    def event(self, suffix: str, image: Image.Image, **fields: Any) -> dict[str, Any]:
-        return {"type": f"{self.kind}.{suffix}", "b64_json": png_b64(image, self.size),
-                "size": f"{self.size[0]}x{self.size[1]}", "quality": self.quality, "background": self.background,
-                "output_format": "png", "created_at": int(time.time()), **fields}
-
-    def partial(self, image: Image.Image, index: int) -> dict[str, Any]:
-        return self.event("partial_image", image, partial_image_index=index)
-
-    def completed(self, image: Image.Image, input_tokens: int, image_tokens: int, output_tokens: int,
-                  token_ids: list[int] | None = None) -> dict[str, Any]:
-        usage = {"input_tokens": input_tokens, "output_tokens": output_tokens,
-                 "total_tokens": input_tokens + output_tokens,
-                 "input_tokens_details": {"image_tokens": image_tokens, "text_tokens": input_tokens - image_tokens}}
-        extra = {} if token_ids is None else {"token_ids": token_ids}  # return_token_ids, as the JSON response has
-        return self.event("completed", image, usage=usage, **extra)
-
-
-def error_event(message: str) -> dict[str, Any]:
-    """A failure after the stream started (the status is already 200): the `openai` client raises it as APIError."""
-    return {"type": "error", "error": {"message": message, "type": "InternalServerError", "param": None,
-                                       "code": 500}}
-
-
-def event_stream(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
-    async def body() -> AsyncIterator[str]:
-        async for event in events:
-            yield sse(event)
-
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 # ---- the service: prompt building, validation, engine calls ----------------------------------
@@ -228,10 +93,12 @@ class ImageService:
         self.model_defaults = {"default_sparse": bool(getattr(self.hf_config, "block_causal", False)),
                                "has_register_token": getattr(self.hf_config, "register_token_id", None) is not None}
         self.layout: Any = None  # ImageLayout, or LaViDaOLayout for a llava_llada checkpoint
+        self.rules: RequestRules = RequestRules()  # what the scheduler accepts (multimodal/request_rules.py)
         self.lavida = False
         self.unavailable = ""
         try:  # a text-only or tokenizer-less checkpoint: the routes answer 400 with the reason
             self.tokenizer = engine_client.renderer.get_tokenizer()
+            self.rules = request_rules(model_config.architecture, model_config.model)
             if model_config.architecture == LAVIDA_O:
                 self._lavida_layout(model_config)
             else:
@@ -284,8 +151,7 @@ class ImageService:
         temperature = request.temperature
         return {
             "prompt": request.prompt, "n": request.n, "size": size,
-            "stream": StreamSpec(kind, size, _echoed(request.quality, EVENT_QUALITY),
-                                 _echoed(request.background, EVENT_BACKGROUND)) if request.stream else None,
+            "stream": StreamSpec.echoing(kind, size, request.quality, request.background) if request.stream else None,
             "partial_images": request.partial_images, "steps": request.num_inference_steps,
             "guidance_scale": request.guidance_scale, "image_guidance_scale": request.image_guidance_scale,
             "negative_prompt": request.negative_prompt, "seed": request.seed,
@@ -329,8 +195,8 @@ class ImageService:
 
     def validate(self, job: ImageJob) -> None:
         """The scheduler's own checks, run here so a bad request is a 400 before anything is queued."""
-        if job.extra.get("per_code") and not self.lavida:
-            raise BadField("per_code", "per_code (LaViDa-O's own per-code sampler) applies to LaViDa-O checkpoints")
+        if job.extra.get("per_code") and (why := self.rules.per_code_refusal()) is not None:
+            raise BadField("per_code", why)
         try:
             parse_params(self.sampling_params(job, job.seeds[0]), job.prompt_length, self.max_model_len,
                          self.num_registers, **self.model_defaults)
@@ -475,9 +341,7 @@ async def edit_image(request: Request) -> Response:
         fields = service.common(edit_request, "image_edit")
         layout = service.layout
         if service.lavida and service.layout.config.gen_enc_add_pos_emb:
-            raise BadField("image", "gen_enc_add_pos_emb=true (Sparse-LaViDa) changes how an edit's source image is "
-                                    "embedded and that code is not published: edits are not supported on this "
-                                    "checkpoint")
+            raise BadField("image", EDITS_UNPUBLISHED)
         if service.lavida:  # the source as code patches at the requested size; the canvas holds them packed
             patches = layout.encode(source, fields["size"])
             source_ids, grid = layout.canvas_ids(patches), layout.positions(fields["size"])

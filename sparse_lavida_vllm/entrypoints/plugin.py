@@ -1,14 +1,23 @@
-"""The `vllm.general_plugins` entry point: config, architectures, engine classes, validation, metrics, shutdown."""
+"""The `vllm.general_plugins` entry point: config, architectures, engine classes, request and chat validation."""
 
 from __future__ import annotations
 
 import functools
 import logging
-import multiprocessing
-import os
-import signal
-import threading
-import time
+from typing import TYPE_CHECKING
+
+from sparse_lavida_vllm.entrypoints.shm import unlink_once_joined, unlink_once_ready
+from sparse_lavida_vllm.entrypoints.shutdown import (
+    SHUTTING_DOWN,
+    QuietOrderlyStop,
+    die_with_parent,
+    is_draining,
+    mark_draining,
+    shutting_down,
+)
+
+if TYPE_CHECKING:
+    from sparse_lavida_vllm.multimodal.request_rules import RequestRules
 
 SCHEDULER_CLS = "sparse_lavida_vllm.scheduler.scheduler.DiffusionScheduler"
 WORKER_CLS = "sparse_lavida_vllm.worker.worker.DiffusionWorker"  # on CPU; DiffusionGPUWorker on CUDA
@@ -16,9 +25,6 @@ WORKER_CLS = "sparse_lavida_vllm.worker.worker.DiffusionWorker"  # on CPU; Diffu
 _registered = False
 # Set in every process whose vLLM config serves one of our architectures (the API server included).
 _serving = False
-# Set in the API server when a SIGTERM / SIGINT starts the shutdown: new requests get 503, running ones drain.
-_draining = False
-SHUTTING_DOWN = "the server is shutting down and admits no new requests"
 
 
 def _check_checkpoint_files(model: str) -> None:
@@ -80,13 +86,26 @@ def _check_request(vllm_config, prompt_len: int, params) -> None:
     if (params.extra_args or {}).get("kind") == "image" and model_config.architecture == _LAVIDA_O:
         num_registers, has_register_token = _lavida_o_image_registers(model_config.hf_config)
     try:
-        parse_params(params, prompt_len, model_config.max_model_len, num_registers, default_sparse=default_sparse,
-                     has_register_token=has_register_token, limits=Limits.from_config(vllm_config.additional_config))
+        parsed = parse_params(params, prompt_len, model_config.max_model_len, num_registers,
+                              default_sparse=default_sparse, has_register_token=has_register_token,
+                              limits=Limits.from_config(vllm_config.additional_config))
     except DiffusionParamError as e:
         raise VLLMValidationError(str(e), parameter=e.field, value=e.value) from None
-    if (params.extra_args or {}).get("per_code") and model_config.architecture != _LAVIDA_O:
-        raise VLLMValidationError("per_code (LaViDa-O's own per-code sampler) applies to LaViDa-O checkpoints only",
-                                  parameter="per_code", value=True)
+    if getattr(parsed, "per_code", False) and (why := _request_rules(model_config).per_code_refusal()) is not None:
+        raise VLLMValidationError(why, parameter="per_code", value=True)
+
+
+_rules: dict[tuple[str, str], RequestRules] = {}
+
+
+def _request_rules(model_config) -> RequestRules:
+    """The served checkpoint's request rules (multimodal/request_rules.py, as the scheduler has them), read once."""
+    key = (model_config.architecture, str(model_config.model))
+    if key not in _rules:
+        from sparse_lavida_vllm.multimodal.request_rules import request_rules
+
+        _rules[key] = request_rules(*key)
+    return _rules[key]
 
 
 _defaults: dict[int | tuple[str, int], tuple[int, bool, bool]] = {}
@@ -157,8 +176,8 @@ def _validate_before_streaming(generate):
 
     @functools.wraps(generate)
     def wrapper(self, prompt, sampling_params, request_id, *args, **kwargs):
-        if _draining:
-            raise _shutting_down(SHUTTING_DOWN)
+        if is_draining():
+            raise shutting_down(SHUTTING_DOWN)
         prompt_len = _prompt_len(prompt)
         if prompt_len is not None and not _unexpanded_edit(prompt, sampling_params):
             _check_request(self.vllm_config, prompt_len, sampling_params)
@@ -211,7 +230,7 @@ IMAGE_URL_SCHEMES = ("data", "http", "https")  # what an image_url may name (htt
 
 def media_refusal(architecture: str, why: str | None = None) -> str:
     """Why chat messages with media are refused for `architecture` (an HTTP 400 message); `why`: LaViDa-O's reason."""
-    from sparse_lavida_vllm.model_executor.lavida_o import ARCHITECTURE as LAVIDA_O
+    from sparse_lavida_vllm.model_executor.lavida_o_config import ARCHITECTURE as LAVIDA_O
 
     if architecture == LAVIDA_O:
         return (f"{LAVIDA_O} (LaViDa-O / Sparse-LaViDa) takes image_url parts only when served whole with its vision "
@@ -356,7 +375,7 @@ def _keep_booleans(request_json):
 
     @functools.wraps(request_json)
     async def wrapper(self):
-        if _draining:  # the earliest hook of every JSON route: before rendering, whose executor is gone by now
+        if is_draining():  # the earliest hook of every JSON route: before rendering, whose executor is gone by now
             from fastapi import HTTPException
 
             raise HTTPException(status_code=503, detail=SHUTTING_DOWN)
@@ -367,167 +386,6 @@ def _keep_booleans(request_json):
                 if isinstance(value, bool):
                     xargs[key] = "true" if value else "false"
         return body
-
-    wrapper.__sparse_lavida__ = True
-    return wrapper
-
-
-def _shutting_down(message: str) -> Exception:
-    """A 503 that every layer passes through quietly: vLLM's generate() re-raises a GracefulHTTPError as is, the
-    streaming routes turn a GenerationError into an error event without logging a traceback."""
-    from http import HTTPStatus
-
-    from vllm.exceptions import GracefulHTTPError, RetryableRequestError
-
-    class ServerShuttingDown(RetryableRequestError, GracefulHTTPError):
-        def __init__(self, message: str) -> None:
-            Exception.__init__(self, message)
-            self.message = message
-            self.status_code = self.http_status = HTTPStatus.SERVICE_UNAVAILABLE
-
-    return ServerShuttingDown(message)
-
-
-def _drain_budget(timeout: float) -> tuple[float, float]:
-    """(deadline, engine timeout) for a --shutdown-timeout: unfinished requests are ended at the deadline, the
-    engine core is killed if still there at the engine timeout; the API server's own exit (~2 s) fits the rest,
-    so the whole process group is gone within --shutdown-timeout."""
-    engine_timeout = timeout - min(4.0, timeout / 3)
-    return max(engine_timeout - 4.0, engine_timeout / 2), engine_timeout
-
-
-def _mark_draining(shutdown):
-    """Wrap AsyncLLM.shutdown, which a SIGTERM calls (in a thread) with --shutdown-timeout.
-
-    From then on new requests get 503. vLLM's drain lets running requests finish; the ones still running at the
-    deadline get a clean 503 (an error event when streamed) and are aborted in the engine core, which then has no
-    work left and stops in order instead of being killed mid-step.
-    """
-
-    @functools.wraps(shutdown)
-    def wrapper(self, timeout: float | None = None):
-        global _draining
-        handler = getattr(self, "output_handler", None)
-        timer = None
-        if not _draining and timeout and handler is not None and not handler.done():
-            deadline, timeout = _drain_budget(timeout)
-            loop = handler.get_loop()
-            timer = threading.Timer(deadline, lambda: loop.call_soon_threadsafe(_end_unfinished, self))
-            timer.daemon = True
-            timer.start()
-        _draining = True
-        try:
-            return shutdown(self, timeout=timeout)
-        finally:
-            if timer is not None:
-                timer.cancel()
-
-    wrapper.__sparse_lavida__ = True
-    return wrapper
-
-
-def _end_unfinished(async_llm) -> None:
-    """In the API server's event loop, at the drain deadline: 503 for every unfinished request, abort them all."""
-    import asyncio
-
-    request_ids = list(async_llm.output_processor.request_states)
-    if not request_ids:
-        return
-    logging.getLogger(__name__).warning("[shutdown] ending %d request(s) still running at the drain deadline",
-                                        len(request_ids))
-    async_llm.output_processor.propagate_error(
-        _shutting_down("the server shut down before this request finished (--shutdown-timeout)"))
-    asyncio.ensure_future(async_llm.abort(request_ids, internal=True))
-
-
-class _QuietOrderlyStop:
-    """A logging filter: the output handler's 'engine dead' traceback is expected once a drain has stopped it."""
-
-    def filter(self, record) -> bool:
-        return not (_draining and record.getMessage().startswith("AsyncLLM output_handler failed"))
-
-
-def _die_with_parent(poll_s: float = 0.25) -> None:
-    """In a process vLLM started (engine core, worker): exit when the parent dies, however it died.
-
-    A SIGKILLed API server gets no chance to stop its engine core, which would keep its memory, and its children,
-    for minutes. A daemon thread polls the parent pid (PR_SET_PDEATHSIG would fire when the *thread* that started
-    us ends, not the process) and SIGKILLs this process once we are re-parented; our own children then see us go
-    the same way. The shared memory needs no step here: its names are unlinked once all users have mapped them
-    (`_unlink_once_ready`, `_unlink_once_joined`), so it is freed with the last process that maps it.
-    """
-    parent = multiprocessing.parent_process()
-    if parent is None or parent.pid is None:  # the main process (API server, offline LLM) watches nobody
-        return
-
-    def watch() -> None:
-        while os.getppid() == parent.pid:
-            time.sleep(poll_s)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    threading.Thread(target=watch, name="sparse-lavida-parent-watchdog", daemon=True).start()
-
-
-def _unlink_shm(name: str) -> None:
-    """Remove a POSIX shared-memory name (a file under /dev/shm on Linux); mappings of it stay valid."""
-    import _posixshmem
-
-    try:
-        _posixshmem.shm_unlink("/" + name)
-    except FileNotFoundError:
-        pass
-
-
-def _unlink_once_joined(init_cpu_shm):
-    """Wrap vLLM's _CPUSHMDistributed._init_cpu_shm (the tensor-parallel collectives on CPU): once every rank has
-    joined, unlink the segment this rank created.
-
-    vLLM's C++ SHM manager creates one /dev/shm segment per rank (`<group>-cpushm_<rank>`, 4 MiB) and unlinks them
-    only from its destructor, i.e. at a clean interpreter exit: a worker that is killed (the executor's shutdown,
-    our orphan watchdog, the OOM killer) leaves them behind for good. _init_cpu_shm returns after a barrier that
-    follows every rank's join, so by then every rank has mapped every segment and nothing opens one by name again:
-    the name can go right away. The memory lives until the last mapping ends, so the collectives are unaffected and
-    nothing stays in /dev/shm however the workers end (the destructor's later unlink finds no name, harmlessly).
-    """
-
-    @functools.wraps(init_cpu_shm)
-    def wrapper(self):
-        handle = init_cpu_shm(self)
-        _unlink_shm(f"{self.group_name}_{self.communicator.rank}")
-        return handle
-
-    wrapper.__sparse_lavida__ = True
-    return wrapper
-
-
-def _release_name(owner) -> None:
-    """A vLLM ring buffer or tensor arena this process created: remove its /dev/shm name now, keep the mapping."""
-    from multiprocessing import resource_tracker
-
-    memory = getattr(owner, "shared_memory", None)
-    if memory is None or not getattr(owner, "is_creator", False):
-        return
-    _unlink_shm(memory.name)
-    resource_tracker.unregister(memory._name, "shared_memory")  # nothing left for the tracker to clean up
-    owner.is_creator = False  # so that its __del__ does not unlink the name a second time
-
-
-def _unlink_once_ready(wait_until_ready):
-    """Wrap vLLM's MessageQueue.wait_until_ready (engine core <-> workers, the TP group's broadcaster): once every
-    reader is connected, the writer unlinks the segments it created (`psm_*`, up to 240 MiB each).
-
-    Python's resource tracker unlinks a segment whose creator died only if the tracker outlives it (a process-group
-    kill takes both), and Ray workers each run their own. A reader maps the ring buffer (and tensor arena) before it
-    subscribes, and the writer returns from here only after every local reader's subscription: from then on nothing
-    opens the segments by name, so the names can go while the mappings serve the queue until its processes end.
-    """
-
-    @functools.wraps(wait_until_ready)
-    def wrapper(self):
-        wait_until_ready(self)
-        if self._is_writer:
-            _release_name(getattr(self, "buffer", None))
-            _release_name(getattr(self, "tensor_arena", None))
 
     wrapper.__sparse_lavida__ = True
     return wrapper
@@ -547,10 +405,10 @@ def _patch_request_path() -> None:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     _patch(AsyncLLM, "generate", _validate_before_streaming)
-    _patch(AsyncLLM, "shutdown", _mark_draining)
+    _patch(AsyncLLM, "shutdown", mark_draining)
     async_llm_logger = logging.getLogger(AsyncLLM.__module__)
-    if not any(isinstance(f, _QuietOrderlyStop) for f in async_llm_logger.filters):
-        async_llm_logger.addFilter(_QuietOrderlyStop())
+    if not any(isinstance(f, QuietOrderlyStop) for f in async_llm_logger.filters):
+        async_llm_logger.addFilter(QuietOrderlyStop())
     _patch(CompletionRequest, "to_sampling_params", _refuse_best_of)
     _patch(ChatCompletionRequest, "to_sampling_params", _refuse_best_of)
     _patch(OpenAIServingChat, "render_chat_request", _refuse_chat_media)
@@ -584,6 +442,6 @@ def register() -> None:
     _patch(BaseRenderer, "_tokenize_prompt", _publishers_image_tokens)  # before any renderer binds its async twin
     _patch(OutputProcessor, "process_outputs", count_diffusion_metrics)
     _patch(SamplingParams, "_verify_extra_args", _name_the_extra_arg)
-    _patch(_CPUSHMDistributed, "_init_cpu_shm", _unlink_once_joined)
-    _patch(MessageQueue, "wait_until_ready", _unlink_once_ready)
-    _die_with_parent()
+    _patch(_CPUSHMDistributed, "_init_cpu_shm", unlink_once_joined)
+    _patch(MessageQueue, "wait_until_ready", unlink_once_ready)
+    die_with_parent()

@@ -11,15 +11,9 @@ from typing import Any
 from PIL import Image
 from torch import Tensor
 
-from sparse_lavida_vllm.model_executor.lavida_o import (
-    VQ_SUBFOLDER,
-    LaViDaOConfig,
-    PatchIds,
-    codes_to_patches,
-    load_config,
-    patches_to_codes,
-)
+from sparse_lavida_vllm.model_executor.lavida_o_config import VQ_SUBFOLDER, LaViDaOConfig, load_config
 from sparse_lavida_vllm.model_executor.lavida_o_vision import IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, num_image_rows
+from sparse_lavida_vllm.model_executor.patch_ids import PatchIds, codes_to_patches, patches_to_codes
 from sparse_lavida_vllm.multimodal.layout import add_request_inputs, plan_args
 from sparse_lavida_vllm.multimodal.vq import VQCodec
 

@@ -14,12 +14,11 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreEventType, EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
-from sparse_lavida_vllm.diffusion.reference import PlanWalker
-from sparse_lavida_vllm.model_executor.lavida_o import ARCHITECTURE as LAVIDA_O
-from sparse_lavida_vllm.model_executor.lavida_o import LaViDaOConfig, PatchIds, load_config
-from sparse_lavida_vllm.model_executor.lavida_o_text import serves_lavida_o_images
+from sparse_lavida_vllm.diffusion.stepping import PlanWalker
+from sparse_lavida_vllm.multimodal.request_rules import request_rules
 from sparse_lavida_vllm.scheduler.code_walker import CodeWalker
 from sparse_lavida_vllm.scheduler.image_params import GENERATE, ImageParams
+from sparse_lavida_vllm.scheduler.knobs import DiffusionParamError
 from sparse_lavida_vllm.scheduler.output import (
     METRICS_KEY,
     DiffusionRunnerOutput,
@@ -27,7 +26,8 @@ from sparse_lavida_vllm.scheduler.output import (
     PromptImage,
     RequestStep,
 )
-from sparse_lavida_vllm.scheduler.params import DiffusionParamError, DiffusionParams, parse_params
+from sparse_lavida_vllm.scheduler.params import parse_params
+from sparse_lavida_vllm.scheduler.text_params import DiffusionParams
 
 logger = init_logger("vllm.sparse_lavida." + __name__)  # under "vllm": shown in vLLM's log format
 UNTRAINED_SPARSE = ("sparse sampling on a checkpoint not trained with the step-causal mask (config.json has no "
@@ -76,18 +76,6 @@ class DiffusionState:
         return self.decoded.nonzero().flatten().tolist() if self.step == 0 else []
 
 
-EDITS_UNPUBLISHED = ("gen_enc_add_pos_emb=true (Sparse-LaViDa) changes how an edit's source image is embedded and "
-                     "that code is not published: edits are not supported on this checkpoint")
-
-
-def lavida_o_image_config(vllm_config) -> LaViDaOConfig | None:
-    """The whole LaViDa-O config when such a checkpoint is served whole, text and images (else None)."""
-    model_config = vllm_config.model_config
-    if model_config.architecture != LAVIDA_O or serves_lavida_o_images(model_config.model) is not None:
-        return None
-    return load_config(model_config.model)
-
-
 def prompt_images(request: Request) -> list[PromptImage]:
     """A request's chat images as vLLM's multimodal processor left them (worker/lavida_o_processor.py): each
     feature's tiles and image size, at its placeholder range in the prompt."""
@@ -106,26 +94,6 @@ def prompt_images(request: Request) -> list[PromptImage]:
     return images
 
 
-def check_lavida_o_image(params: ImageParams, ids: PatchIds) -> None:
-    """What only the model knows about an image request on LaViDa-O: the canvas is the position grid, a given
-    (inpainting) position is a packed patch, an edit's source codes are whole patches of the codebook."""
-    if params.sampling.token_range is not None:
-        raise DiffusionParamError("token_range", "token_range does not apply to LaViDa-O images (the image head "
-                                  "predicts codebook ids)")
-    given = [t for t in params.init_canvas or () if t != GENERATE]
-    if any(not ids.gen_base <= t < ids.source_base for t in given):
-        raise DiffusionParamError("init_canvas", "init_canvas entries must be packed image positions "
-                                  "(lavida_o.PatchIds.pack) or -1 (generate)")
-    if params.source_codes is not None:
-        start, end = params.source_span
-        if len(params.source_codes) != (end - start) * ids.codes_per_position:
-            raise DiffusionParamError("source_codes", f"source_codes must hold {ids.codes_per_position} codes per "
-                                      f"source position ({(end - start) * ids.codes_per_position}), got "
-                                      f"{len(params.source_codes)}")
-        if any(c >= ids.codebook for c in params.source_codes):
-            raise DiffusionParamError("source_codes", f"source_codes must be codebook ids (< {ids.codebook})")
-
-
 class DiffusionScheduler(Scheduler):
     """vLLM's V1 scheduler with a diffusion schedule() and update_from_output().
 
@@ -137,16 +105,11 @@ class DiffusionScheduler(Scheduler):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        hf_config = self.vllm_config.model_config.hf_config
-        self.mdm_config = hf_config.to_mdm_config()
-        lavida = lavida_o_image_config(self.vllm_config)  # LaViDa-O served whole: image positions as packed ids
-        self.patch_ids = PatchIds.of(lavida) if lavida is not None else None
-        self.lavida_edits = lavida is not None and not lavida.gen_enc_add_pos_emb  # lavida_o.image_context's rule
-        # its image registers: the checkpoint's image count, only with a declared register_code (never invented)
-        self.image_registers = lavida.registers("image") if lavida is not None and lavida.register_code is not None \
-            else 0
-        # chat images: only with the whole LaViDa-O model and a declared vision tower (else refused, never dropped)
-        self.takes_images = lavida is not None and lavida.understanding is not None
+        model_config = self.vllm_config.model_config
+        self.mdm_config = model_config.hf_config.to_mdm_config()
+        # what this checkpoint accepts beyond the knobs (its model family's rules, multimodal/request_rules.py)
+        self.rules = request_rules(model_config.architecture, model_config.model)
+        self.patch_ids = self.rules.patch_ids  # LaViDa-O served whole: image positions as packed ids
         self.states: dict[str, DiffusionState] = {}
         self.rejected: dict[str, str] = {}  # request id -> validation error (finished as errors)
         self.batch_sizes: list[int] = []  # requests per engine step (continuous batching evidence)
@@ -170,35 +133,14 @@ class DiffusionScheduler(Scheduler):
         """The request's frozen params, with this checkpoint's defaults (sparse only if trained for it)."""
         registers, has_register = self.mdm_config.num_registers, self.mdm_config.register_token_id is not None
         extra = request.sampling_params.extra_args or {}
-        if self.patch_ids is not None and extra.get("kind") == "image":  # LaViDa-O's image registers
-            registers, has_register = self.image_registers, self.patch_ids.register_code is not None
+        if self.rules.image_registers is not None and extra.get("kind") == "image":  # LaViDa-O's image registers
+            registers, has_register = self.rules.image_registers
         params = parse_params(request.sampling_params, request.num_prompt_tokens, self.max_model_len, registers,
                               default_sparse=self.mdm_config.block_causal, has_register_token=has_register)
-        if request.mm_features and not self.takes_images:  # the API server refuses these first; offline lands here
-            raise DiffusionParamError("messages", "this model takes no image inputs (LaViDa-O understanding needs "
-                                      "the whole model with its vision tower and vqvae/)")
-        if request.mm_features and isinstance(params, ImageParams) and params.source_codes is None:
-            # an edit's source also comes as its SigLIP copy (LaViDaOLayout.edit_prompt); nothing else takes images
-            raise DiffusionParamError("messages", "image inputs apply to text answers (chat) and to edits (the "
-                                      "source's understanding copy), not to text-to-image requests")
-        if request.mm_features and isinstance(params, ImageParams):
-            start, end = params.source_span
-            for feature in request.mm_features:  # the SigLIP rows and the VQ rows are two copies, side by side
-                offset, length = feature.mm_position.offset, feature.mm_position.length
-                if offset < end and start < offset + length:
-                    raise DiffusionParamError("source_span", "source_span overlaps the source image's "
-                                              "understanding rows")
-        if isinstance(params, ImageParams) and params.per_code and (
-                self.patch_ids is None or self.patch_ids.codes_per_position != 4):
-            raise DiffusionParamError("per_code", "per_code (LaViDa-O's own sampler) applies to LaViDa-O checkpoints "
-                                      "whose positions are 2x2 VQ codes", None)
-        if isinstance(params, ImageParams) and self.patch_ids is not None:
-            check_lavida_o_image(params, self.patch_ids)
-            if params.source_codes is not None and not self.lavida_edits:
-                raise DiffusionParamError("source_codes", EDITS_UNPUBLISHED)
-        elif isinstance(params, ImageParams) and params.source_codes is not None:  # would be silently ignored
-            raise DiffusionParamError("source_codes", "source_codes applies to LaViDa-O checkpoints only (this "
-                                      "checkpoint's source images are token ids in the prompt)")
+        image_spans = [(f.mm_position.offset, f.mm_position.length) for f in request.mm_features or ()]
+        refused = self.rules.refusal(params, image_spans)  # the API server refuses most first; offline lands here
+        if refused is not None:
+            raise DiffusionParamError(*refused)
         return params
 
     def _new_state(self, request: Request) -> DiffusionState:

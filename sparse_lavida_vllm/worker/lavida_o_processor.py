@@ -20,14 +20,14 @@ from vllm.multimodal.processing import (
     PromptUpdateDetails,
 )
 
-from sparse_lavida_vllm.model_executor.lavida_o import ARCHITECTURE, LaViDaOConfig, load_config
-from sparse_lavida_vllm.model_executor.lavida_o_text import serves_lavida_o_images
-from sparse_lavida_vllm.model_executor.lavida_o_vision import (
-    IMAGE_PLACEHOLDER,
+from sparse_lavida_vllm.model_executor.lavida_o_config import (
+    ARCHITECTURE,
+    LaViDaOConfig,
     UnderstandingConfig,
-    num_image_rows,
-    preprocess_image,
+    load_config,
 )
+from sparse_lavida_vllm.model_executor.lavida_o_text import serves_lavida_o_images
+from sparse_lavida_vllm.model_executor.lavida_o_vision import IMAGE_PLACEHOLDER, num_image_rows, preprocess_image
 from sparse_lavida_vllm.multimodal.lavida_o_layout import chat_image_ids
 
 

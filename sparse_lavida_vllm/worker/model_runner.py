@@ -13,7 +13,6 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from sparse_lavida_vllm.diffusion.masks import inference_step_spans
-from sparse_lavida_vllm.diffusion.reference import sample_and_choose
 from sparse_lavida_vllm.diffusion.sampling import (
     SamplingConfig,
     constrain_logits,
@@ -21,8 +20,10 @@ from sparse_lavida_vllm.diffusion.sampling import (
     sample_tokens,
     step_generator,
 )
+from sparse_lavida_vllm.diffusion.stepping import sample_and_choose
 from sparse_lavida_vllm.model_executor.model import plain_rows_verified
 from sparse_lavida_vllm.scheduler.output import DiffusionRunnerOutput, RequestStep
+from sparse_lavida_vllm.scheduler.params import Limits
 from sparse_lavida_vllm.worker.flex_attention import FlexPagedAttention, choose_backend
 from sparse_lavida_vllm.worker.paged_attention import (
     BatchedPagedAttention,
@@ -35,6 +36,24 @@ from sparse_lavida_vllm.worker.paged_attention import (
 logger = init_logger("vllm.sparse_lavida." + __name__)  # under "vllm": shown in vLLM's log format
 # Test-only: a request whose prompt holds this token id raises inside the runner (tests/entrypoints/test_faults.py)
 FAULT_ENV = "SPARSE_LAVIDA_FAULT_TOKEN"
+# The guidance branches one request can run in one step: cond, uncond and image-only (an edit with both scales)
+MAX_BRANCHES = 3
+
+
+def largest_step_rows(max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                      max_registers: int) -> list[int]:
+    """The rows of each branch of the largest engine step the scheduler can build, within vLLM's step budget.
+
+    A branch's step has at most max_model_len + max_registers rows (a sparse prefill: prompt, suffix and the whole
+    canvas as decode rows, then every register; a dense step has at most max_model_len); a request runs up to
+    MAX_BRANCHES branches and the scheduler up to max_num_seqs requests. The total is capped at
+    max_num_batched_tokens, vLLM's step budget, but never below one request's largest step (a request always runs).
+    """
+    per_branch = max_model_len + max_registers
+    per_request = MAX_BRANCHES * per_branch
+    total = min(max_num_seqs * per_request, max(max_num_batched_tokens, per_request))
+    full, rest = divmod(total, per_branch)
+    return [per_branch] * full + ([rest] if rest else [])
 
 
 def config_flag(extra: dict, key: str, default: bool) -> bool:
@@ -74,6 +93,8 @@ class DiffusionRunnerMixin:
         self.slot_is_image: Tensor | None = None  # per-slot modality beside the pool (LaViDa-O's split layers)
         # a dense request's chat-image features, computed once and re-fed every step (its prompt is never cached)
         self.prompt_features: dict[str, list[tuple[int, Tensor]]] = {}
+        self.profile_rows = 0  # rows of the last profile step (profile_run)
+        self.block_size = self.cache_config.block_size  # the pool's (initialize_kv_cache); the profile step needs one
 
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
@@ -113,13 +134,63 @@ class DiffusionRunnerMixin:
         logger.info("diffusion KV cache: %d blocks of %d tokens x %d layers", kv_cache_config.num_blocks,
                     self.block_size, cfg.n_layers)
 
-    def warming_up_model(self) -> None:  # nothing to compile: eager PyTorch
-        pass
+    # ---- warm-up and memory profiling ------------------------------------------------------
 
+    def warming_up_model(self) -> None:
+        """vLLM's CPU worker calls this before sizing the KV pool from the memory left (no explicit KV space)."""
+        self.profile_run()
+
+    def profile_step(self) -> list[RequestStep]:
+        """The largest step the scheduler can build for this config (largest_step_rows), as dense branches.
+
+        A dense branch of n rows has the activations of a sparse prefill of n rows (the same GEMMs over n rows,
+        attention over its n keys, logits of up to max_model_len - 1 decode rows) and writes no KV slot.
+        """
+        cfg, extra = self.model.config, self.vllm_config.additional_config or {}
+        max_model_len = self.model_config.max_model_len
+        patch_ids = getattr(self.model, "patch_ids", None)
+        has_register = cfg.register_token_id is not None or getattr(patch_ids, "register_code", None) is not None
+        registers = min(Limits.from_config(extra).max_num_registers, max_model_len) if has_register else 0
+        scheduler = self.scheduler_config
+
+        def decode_rows(n: int) -> int:  # a canvas holds at most max_model_len - 1 positions (the prompt has one)
+            return max(1, min(n, max_model_len) - 1)
+
+        rows = largest_step_rows(scheduler.max_num_seqs, scheduler.max_num_batched_tokens, max_model_len, registers)
+        return [RequestStep(req_id=f"profile-{i}", sparse=False, block_ids=[], prefill_ids=[], cache_len=0,
+                            commit_ids=[], commit_positions=[], decode_positions=list(range(n - decode_rows(n), n)),
+                            register_start=0, num_registers=0, dense_ids=[cfg.mask_token_id] * n, step=0, count=-1,
+                            temperature=1.0, top_k=0, top_p=1.0, remasking="low_confidence", confidence_threshold=0.9,
+                            seed=i) for i, n in enumerate(rows)]
+
+    @torch.inference_mode()
     def profile_run(self, *args, **kwargs) -> None:
-        pass
+        """A maximum-size step through the served forward and sampler, on a scratch pool of no slots.
 
-    # vLLM's GPU worker warms up and captures graphs through these; eager diffusion steps need neither
+        vLLM's GPU worker measures the peak memory of this call to size the KV pool with activations counted (and
+        calls it before the pool exists); its CPU worker reads the process's memory after it. The step's branches
+        are dense (nothing cached, nothing written), so real requests' cache slots are never touched.
+        """
+        steps = self.profile_step()
+        cfg, dtype = self.model.config, self.model_config.dtype
+        pool, flags = self.paged_kv, self.slot_is_image
+        self.paged_kv = [torch.empty(2, 0, self.model.local_kv_heads, cfg.head_dim, dtype=dtype, device=self.device)
+                         for _ in range(cfg.n_layers)]
+        self.slot_is_image = torch.empty(0, dtype=torch.bool, device=self.device)
+        try:
+            logits = self._forward(steps)
+            for rs, branch in zip(steps, logits, strict=True):
+                self._choose_image(rs, [branch]) if branch.dim() == 3 else self._choose(rs, [branch])
+        finally:
+            self.paged_kv, self.slot_is_image = pool, flags
+        self.profile_rows = sum(rs.num_rows for rs in steps)
+        logger.info("profile step: %d rows in %d branches (max_num_seqs %d, max_num_batched_tokens %d)",
+                    self.profile_rows, len(steps), self.scheduler_config.max_num_seqs,
+                    self.scheduler_config.max_num_batched_tokens)
+
+    # vLLM's GPU worker warms up and captures CUDA graphs through these. Steps run eager: a step's row count and
+    # per-request key layout change every step (its mask and gathers are built on the host), so graphs would need
+    # fixed row buckets with padded rows and static index buffers; not built until a GPU shows they pay.
     def _dummy_run(self, *args, **kwargs) -> tuple[Tensor, Tensor]:
         empty = torch.empty(0, device=self.device)
         return empty, empty
@@ -128,6 +199,9 @@ class DiffusionRunnerMixin:
         pass
 
     def capture_model(self) -> int:
+        return 0
+
+    def profile_cudagraph_memory(self) -> int:  # no graphs are captured: none of their memory to reserve
         return 0
 
     # ---- one engine step --------------------------------------------------------------------
