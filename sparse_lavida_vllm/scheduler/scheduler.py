@@ -67,6 +67,7 @@ class DiffusionState:
     emitted: int = 0  # response tokens already sent to the client
     forward_tokens: int = 0
     dense_forward_tokens: int = 0  # what the dense MDM runs for the same steps and branches
+    max_batch: int = 0  # the most requests (companions not counted) that ran in one engine step with this one
     blocks_per_branch: int = 0  # KV blocks each branch holds once every commit is written
     images: list[PromptImage] = field(default_factory=list)  # chat images in the prompt (LaViDa-O understanding)
 
@@ -360,7 +361,7 @@ class DiffusionScheduler(Scheduler):
                 "forward_tokens": state.forward_tokens,
                 "dense_forward_tokens": state.dense_forward_tokens,
                 "num_registers": state.params.num_registers if state.params.sparse else 0,
-                "output_tokens": state.emitted}
+                "output_tokens": state.emitted, "max_batch": state.max_batch}
 
     def update_from_output(self, scheduler_output: DiffusionSchedulerOutput,
                            model_runner_output: DiffusionRunnerOutput) -> dict[int, EngineCoreOutputs]:
@@ -372,6 +373,7 @@ class DiffusionScheduler(Scheduler):
         rows: dict[str, int] = defaultdict(int)
         for rs in getattr(scheduler_output, "steps", []):
             rows[rs.guides or rs.req_id] += rs.num_rows
+        batch = len(rows)  # requests in this engine step, each with its companions
         for rs in getattr(scheduler_output, "steps", []):
             if rs.guides is not None:
                 continue  # a companion: its request's entry carries the step
@@ -386,6 +388,7 @@ class DiffusionScheduler(Scheduler):
             state.last_chosen = chosen.tolist()
             state.decoded[chosen] = True
             state.forward_tokens += rows[rs.req_id]
+            state.max_batch = max(state.max_batch, batch)
             state.step += 1
             state.current = next(state.decode_sets, None)
             new, status = self._emit(request, state)
