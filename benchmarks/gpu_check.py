@@ -156,6 +156,21 @@ def invariant_step(model: LLaDAMDM, requests: list, pool: list[Tensor], inputs: 
     return torch.split(attention, sizes), torch.split(logits, sizes)
 
 
+def alone_and_together(model: LLaDAMDM, config: MDMConfig, device: torch.device, dtype: torch.dtype,
+                       requests: list, pool32: list[torch.Tensor], gen: torch.Generator) -> tuple:
+    """One mixed step (mixed_requests) with random inputs: every request in it together, then each alone."""
+    pool = [p.to(dtype) for p in pool32]
+    inputs = [tuple(torch.randn(n, heads, config.head_dim, generator=gen).to(device, dtype)
+                    for heads in (config.n_heads, config.n_kv_heads, config.n_kv_heads))
+              + (torch.randint(5, 500, (n,), generator=gen).to(device), torch.arange(n, device=device))
+              for *_, n in requests]
+    everyone = list(range(len(requests)))
+    with torch.inference_mode():
+        together = invariant_step(model, requests, pool, inputs, everyone)
+        alone = [invariant_step(model, requests, pool, inputs, [r]) for r in everyone]
+    return together, alone, everyone
+
+
 def invariance(config: MDMConfig, device: torch.device) -> dict:
     """Each request of a mixed step alone vs in the step: attention and logits bit for bit, fp32 and bf16."""
     from sparse_lavida_vllm.model_executor.attention import _tail_padding_exact
@@ -165,15 +180,7 @@ def invariance(config: MDMConfig, device: torch.device) -> dict:
     gen = torch.Generator().manual_seed(7)
     for dtype in (torch.float32, torch.bfloat16):
         model = random_model_on(config, device, dtype, seed=6)
-        pool = [p.to(dtype) for p in pool32]
-        inputs = [tuple(torch.randn(n, heads, config.head_dim, generator=gen).to(device, dtype)
-                        for heads in (config.n_heads, config.n_kv_heads, config.n_kv_heads))
-                  + (torch.randint(5, 500, (n,), generator=gen).to(device), torch.arange(n, device=device))
-                  for *_, n in requests]
-        everyone = list(range(len(requests)))
-        with torch.inference_mode():
-            together = invariant_step(model, requests, pool, inputs, everyone)
-            alone = [invariant_step(model, requests, pool, inputs, [r]) for r in everyone]
+        together, alone, everyone = alone_and_together(model, config, device, dtype, requests, pool32, gen)
         out[str(dtype).split(".")[-1]] = {
             "attention_bitwise": all(torch.equal(together[0][r], alone[r][0][0]) for r in everyone),
             "logits_bitwise": all(torch.equal(together[1][r], alone[r][1][0]) for r in everyone),
@@ -217,15 +224,7 @@ def vllm_mode_invariance(config: MDMConfig, device: torch.device, mode: str) -> 
     for dtype in (torch.float32, torch.bfloat16):
         model = random_model_on(config, device, dtype, seed=6)
         model.row_tile = None  # plain GEMMs: each layer one GEMM over all the step's rows
-        pool = [p.to(dtype) for p in pool32]
-        inputs = [tuple(torch.randn(n, heads, config.head_dim, generator=gen).to(device, dtype)
-                        for heads in (config.n_heads, config.n_kv_heads, config.n_kv_heads))
-                  + (torch.randint(5, 500, (n,), generator=gen).to(device), torch.arange(n, device=device))
-                  for *_, n in requests]
-        everyone = list(range(len(requests)))
-        with torch.inference_mode():
-            together = invariant_step(model, requests, pool, inputs, everyone)
-            alone = [invariant_step(model, requests, pool, inputs, [r]) for r in everyone]
+        together, alone, everyone = alone_and_together(model, config, device, dtype, requests, pool32, gen)
         model.row_tile = ROW_TILE
         start = time.perf_counter()
         verified = plain_rows_verified(model)
