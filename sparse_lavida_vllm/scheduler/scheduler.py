@@ -26,7 +26,7 @@ from sparse_lavida_vllm.scheduler.output import (
     PromptImage,
     RequestStep,
 )
-from sparse_lavida_vllm.scheduler.params import parse_params
+from sparse_lavida_vllm.scheduler.params import Limits, parse_params
 from sparse_lavida_vllm.scheduler.text_params import DiffusionParams
 
 logger = init_logger("vllm.sparse_lavida." + __name__)  # under "vllm": shown in vLLM's log format
@@ -68,6 +68,7 @@ class DiffusionState:
     forward_tokens: int = 0
     dense_forward_tokens: int = 0  # what the dense MDM runs for the same steps and branches
     max_batch: int = 0  # the most requests (companions not counted) that ran in one engine step with this one
+    last_turn: int = -1  # the engine step it last ran in (_within_budget: the longest-waiting goes first)
     blocks_per_branch: int = 0  # KV blocks each branch holds once every commit is written
     images: list[PromptImage] = field(default_factory=list)  # chat images in the prompt (LaViDa-O understanding)
 
@@ -111,6 +112,9 @@ class DiffusionScheduler(Scheduler):
         # what this checkpoint accepts beyond the knobs (its model family's rules, multimodal/request_rules.py)
         self.rules = request_rules(model_config.architecture, model_config.model)
         self.patch_ids = self.rules.patch_ids  # LaViDa-O served whole: image positions as packed ids
+        # the operator's caps: the API server refuses first; these refuse an offline (LLM class) request too, and
+        # bound the registers profile_run sized the largest step for
+        self.limits = Limits.from_config(self.vllm_config.additional_config)
         self.states: dict[str, DiffusionState] = {}
         self.rejected: dict[str, str] = {}  # request id -> validation error (finished as errors)
         self.batch_sizes: list[int] = []  # requests per engine step (continuous batching evidence)
@@ -137,7 +141,8 @@ class DiffusionScheduler(Scheduler):
         if self.rules.image_registers is not None and extra.get("kind") == "image":  # LaViDa-O's image registers
             registers, has_register = self.rules.image_registers
         params = parse_params(request.sampling_params, request.num_prompt_tokens, self.max_model_len, registers,
-                              default_sparse=self.mdm_config.block_causal, has_register_token=has_register)
+                              default_sparse=self.mdm_config.block_causal, has_register_token=has_register,
+                              limits=self.limits)
         image_spans = [(f.mm_position.offset, f.mm_position.length) for f in request.mm_features or ()]
         refused = self.rules.refusal(params, image_spans)  # the API server refuses most first; offline lands here
         if refused is not None:
@@ -286,7 +291,13 @@ class DiffusionScheduler(Scheduler):
         self.current_step += 1
         self.kv_cache_manager.new_step_starts()
         self._admit()
-        steps = [rs for r in self._fair_turn() for rs in self._steps_for(r, self.states[r.request_id])]
+        steps = []
+        for request, rows in self._within_budget(self._fair_turn()):
+            state = self.states[request.request_id]
+            state.last_turn = self.current_step
+            request_steps = self._steps_for(request, state)
+            assert sum(rs.num_rows for rs in request_steps) == rows, "_next_rows disagrees with _steps_for"
+            steps += request_steps
         output = DiffusionSchedulerOutput.make_empty()
         output.steps = steps
         rows: dict[str, int] = defaultdict(int)
@@ -299,6 +310,36 @@ class DiffusionScheduler(Scheduler):
         if steps:
             self.batch_sizes.append(len(rows))
         return output
+
+    def _next_rows(self, state: DiffusionState) -> int:
+        """The rows the request's next step runs over every branch: what _steps_for builds, counted without
+        allocating anything."""
+        params, (decode, _) = state.params, state.current
+        guided = params.sampling.guided_at(state.step, state.num_steps)
+        rows = 0
+        for b, branch in enumerate(state.branches):
+            decodes = b == 0 or guided
+            if not params.sparse:  # prompt + canvas + suffix, re-fed whole
+                rows += len(branch.prompt) + params.gen_length + len(branch.suffix) if decodes else 0
+                continue
+            prefill = 0 if branch.prefilled else len(branch.prompt) + len(branch.suffix) + len(state.given)
+            rows += prefill + len(state.last_chosen) + (len(decode) + params.num_registers if decodes else 0)
+        return rows
+
+    def _within_budget(self, requests: list[Request]) -> list[tuple[Request, int]]:
+        """The requests of this engine step, with their rows: the longest-waiting first, while the step's rows fit
+        max_num_batched_tokens (vLLM's step budget, the step profile_run sized memory for). The first always runs,
+        however large, so a request larger than the budget runs alone once it has waited longest. A request left
+        out sits the step out and keeps its tokens (a step's noise depends on seed and step index only).
+        """
+        chosen, total = [], 0
+        for request in sorted(requests, key=lambda r: self.states[r.request_id].last_turn):
+            rows = self._next_rows(self.states[request.request_id])
+            if chosen and total + rows > self.max_num_scheduled_tokens:
+                continue  # a smaller one further on may still fit
+            chosen.append((request, rows))
+            total += rows
+        return chosen
 
     def _fair_turn(self) -> list[Request]:
         """Fairness (reliability, issue 11): the running requests that take part in this engine step.
