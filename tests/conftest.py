@@ -11,6 +11,48 @@ from pathlib import Path
 import pytest
 import torch
 
+# Test files that start a Ray cluster: under pytest-xdist they share one worker, so two clusters never run side by side.
+RAY_FILES = {"tests/worker/test_ray.py", "tests/entrypoints/test_ray_server.py"}
+# Where the long tests live (vLLM servers and engines, TP ranks, training): handed out first, so the run does not end
+# on one worker finishing a long file while the other idles.
+LONG_FIRST = ("ray", "tests/entrypoints/", "tests/worker/", "tests/multimodal/", "tests/training/")
+
+# Under pytest-xdist, each worker's vLLM engines compute on a core of their own. vLLM's CPU worker binds its threads
+# to cores ("auto": core 0, the other reserved), so two workers' engines would otherwise share core 0 while core 1
+# idles. A test that sets its own binding (the tensor-parallel ones: "0|1") still does.
+_xdist_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _xdist_worker.startswith("gw") and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+    _cores = sorted(os.sched_getaffinity(0))
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(_cores[int(_xdist_worker[2:]) % len(_cores)])
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """The README's `pytest -n 2`: each test file runs whole on one worker, in file order, so a module's fixtures (a
+    server, spawned ranks) start once as in a plain run; the Ray files share one worker; the rooms with the long
+    tests go first. (pytest-xdist's `--dist loadgroup` cannot group here: it renames node ids, which pytest 9.2 no
+    longer lets a plugin do.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "ray" if path in RAY_FILES else path
+
+        def schedule(self) -> None:
+            config.option.loadscopereorder = False  # the order below instead of "most tests first"
+            super().schedule()
+
+        def _assign_work_unit(self, node: object) -> None:
+            if self.workqueue and not getattr(self, "_ordered", False):
+                self._ordered = True
+                order = sorted(self.workqueue.items(), key=lambda unit: (
+                    not unit[0].startswith(LONG_FIRST), -len(unit[1])))
+                self.workqueue.clear()
+                self.workqueue.update(order)
+            super()._assign_work_unit(node)
+
+    return FileScheduling(config, log)
+
 
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:

@@ -106,6 +106,7 @@ def test_report_draws_every_plot_from_the_committed_results(tmp_path):
                            "throughput_vs_concurrency", "images_vs_concurrency"})
 
 
+@pytest.mark.slow  # a vLLM engine in a subprocess, both runners
 def test_images(results_dir):
     out = results_dir / "images.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "images.py"), "--quick", "--repeats", "1",

@@ -509,12 +509,16 @@ prompts = [{"prompt_token_ids": c["prompt"]} for c in cases] + [{"prompt_token_i
 params = [SamplingParams(max_tokens=16, temperature=1.0, seed=c["seed"], extra_args=c["extra"], detokenize=False)
           for c in cases]
 params.append(SamplingParams(max_tokens=text["gen"], temperature=0, ignore_eos=True, extra_args=text["knobs"]))
-sched = llm.llm_engine.engine_core.engine_core.scheduler
+core = llm.llm_engine.engine_core.engine_core
+sched, runner = core.scheduler, core.model_executor.driver_worker.worker.model_runner
+runner.profile_run()  # the largest step, through LaViDa-O's forward, before the requests (which must not see it)
+profile = {"rows": runner.profile_rows, "max_num_seqs": sched.max_num_running_reqs,
+           "budget": sched.max_num_scheduled_tokens}
 outs = llm.generate(prompts, params, use_tqdm=False)
 free = sched.num_free_blocks() == sched.num_blocks_total
 print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs],
                              "metrics": [o.kv_transfer_params["sparse_lavida_metrics"] for o in outs],
-                             "batch": max(sched.batch_sizes), "free": free}), flush=True)
+                             "batch": max(sched.batch_sizes), "free": free, "profile": profile}), flush=True)
 """
 
 
@@ -572,6 +576,10 @@ def test_offline_engine_images_equal_the_pytorch_driver_in_one_batch(checkpoints
         assert got[name] == expected, name
     assert out["tokens"][-1] == _reference(model, 4, sparse=True)  # the text request shared the batch
     assert out["batch"] >= 4 and out["free"]  # batched together; every block (companions too) back in the pool (I5)
+    # the profile step ran through LaViDa-O's forward at its largest: 3 branches of max_model_len + 256 registers
+    # (the register cap; the image registers count) per request, up to vLLM's step budget
+    profile, per_request = out["profile"], 3 * (256 + 256)
+    assert profile["rows"] == min(profile["max_num_seqs"] * per_request, max(profile["budget"], per_request)) > 0
 
 
 def _source_image():
