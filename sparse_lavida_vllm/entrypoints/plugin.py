@@ -83,15 +83,16 @@ def _check_request(vllm_config, prompt_len: int, params) -> None:
     if not isinstance(params, SamplingParams) or model_config.architecture not in ARCHITECTURES:
         return
     num_registers, default_sparse, has_register_token = _checkpoint_defaults(model_config.hf_config)
-    if (params.extra_args or {}).get("kind") == "image" and model_config.architecture == _LAVIDA_O:
-        num_registers, has_register_token = _lavida_o_image_registers(model_config.hf_config)
+    rules = _request_rules(model_config)
+    if (params.extra_args or {}).get("kind") == "image" and rules.image_registers is not None:
+        num_registers, has_register_token = rules.image_registers  # LaViDa-O's image registers, as the scheduler's
     try:
         parsed = parse_params(params, prompt_len, model_config.max_model_len, num_registers,
                               default_sparse=default_sparse, has_register_token=has_register_token,
                               limits=Limits.from_config(vllm_config.additional_config))
     except DiffusionParamError as e:
         raise VLLMValidationError(str(e), parameter=e.field, value=e.value) from None
-    if getattr(parsed, "per_code", False) and (why := _request_rules(model_config).per_code_refusal()) is not None:
+    if getattr(parsed, "per_code", False) and (why := rules.per_code_refusal()) is not None:
         raise VLLMValidationError(why, parameter="per_code", value=True)
 
 
@@ -108,7 +109,7 @@ def _request_rules(model_config) -> RequestRules:
     return _rules[key]
 
 
-_defaults: dict[int | tuple[str, int], tuple[int, bool, bool]] = {}
+_defaults: dict[int, tuple[int, bool, bool]] = {}
 
 
 def _checkpoint_defaults(hf_config) -> tuple[int, bool, bool]:
@@ -120,19 +121,6 @@ def _checkpoint_defaults(hf_config) -> tuple[int, bool, bool]:
 
 
 _LAVIDA_O = "LlavaLladaForMaskedDiffusion"  # lavida_o.ARCHITECTURE (not imported here: this module loads light)
-
-
-def _lavida_o_image_registers(hf_config) -> tuple[int, bool]:
-    """LaViDa-O image requests: the image register count and whether a register_code names their patch."""
-    key = ("image", id(hf_config))
-    if key not in _defaults:
-        from sparse_lavida_vllm.model_executor.lavida_o_text import lavida_config
-
-        config = lavida_config(hf_config.to_dict())
-        declared = config.register_code is not None
-        _defaults[key] = (config.registers("image") if declared else 0, declared, declared)
-    registers, _, declared = _defaults[key]
-    return registers, declared
 
 
 def _prompt_len(prompt) -> int | None:
