@@ -34,17 +34,15 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     from xdist.scheduler import LoadScopeScheduling
 
     class FileScheduling(LoadScopeScheduling):
+        ordered = False  # the work queue is put in LONG_FIRST order once, before the first file is handed out
+
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
             return "ray" if path in RAY_FILES else path
 
-        def schedule(self) -> None:
-            config.option.loadscopereorder = False  # the order below instead of "most tests first"
-            super().schedule()
-
         def _assign_work_unit(self, node: object) -> None:
-            if self.workqueue and not getattr(self, "_ordered", False):
-                self._ordered = True
+            if self.workqueue and not self.ordered:
+                self.ordered = True
                 order = sorted(self.workqueue.items(), key=lambda unit: (
                     not unit[0].startswith(LONG_FIRST), -len(unit[1])))
                 self.workqueue.clear()

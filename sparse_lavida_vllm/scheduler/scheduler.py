@@ -291,8 +291,9 @@ class DiffusionScheduler(Scheduler):
         self.current_step += 1
         self.kv_cache_manager.new_step_starts()
         self._admit()
+        chosen = self._within_budget(self._fair_turn())
         steps = []
-        for request, rows in self._within_budget(self._fair_turn()):
+        for request, rows in chosen:
             state = self.states[request.request_id]
             state.last_turn = self.current_step
             request_steps = self._steps_for(request, state)
@@ -300,15 +301,14 @@ class DiffusionScheduler(Scheduler):
             steps += request_steps
         output = DiffusionSchedulerOutput.make_empty()
         output.steps = steps
-        rows: dict[str, int] = defaultdict(int)
-        for rs in steps:  # a companion's rows count as its request's
-            rows[rs.guides or rs.req_id] += rs.num_rows
-        output.num_scheduled_tokens = dict(rows)
-        output.total_num_scheduled_tokens = sum(rows.values())
+        # each request's rows, its companions' included (a request with nothing to run built no step)
+        scheduled = {request.request_id: rows for request, rows in chosen if rows}
+        output.num_scheduled_tokens = scheduled
+        output.total_num_scheduled_tokens = sum(scheduled.values())
         output.finished_req_ids = self.finished_req_ids
         self.finished_req_ids = set()
         if steps:
-            self.batch_sizes.append(len(rows))
+            self.batch_sizes.append(len(scheduled))
         return output
 
     def _next_rows(self, state: DiffusionState) -> int:
