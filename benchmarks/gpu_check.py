@@ -10,7 +10,9 @@ tiny model here, so the script is known to work before device time is spent on i
    batch-invariant tiles; and the flex kernel with plain GEMMs), rows per second at B = 1 / 8 / 32.
 4. Batch invariance on the device: each request of a mixed step alone vs in the step (PagedSpanAttention's one
    SDPA call per layer), attention output and logits bit for bit, fp32 and bf16; and whether key padding within
-   a key block is exact there (attention._tail_padding_exact; else whole 512-key blocks are used).
+   a key block is exact there (attention._tail_padding_exact; else whole 512-key blocks are used), and whether query
+   entries of any length from 4 rows give a row its 32-row entry's bits (attention._short_blocks_exact; else
+   entries are multiples of 32 rows).
 5. `--vllm-mode` (a process of its own, run by gpu_check.sh after the others): vLLM's batch-invariant mode, as the
    worker turns it on for the invariant runner on CUDA (worker.enable_vllm_invariance), or where vLLM is absent its
    pure-torch settings (cuBLASLt without split-K, no reduced-precision reductions, no TF32); then part 4 with plain
@@ -173,9 +175,11 @@ def alone_and_together(model: LLaDAMDM, config: MDMConfig, device: torch.device,
 
 def invariance(config: MDMConfig, device: torch.device) -> dict:
     """Each request of a mixed step alone vs in the step: attention and logits bit for bit, fp32 and bf16."""
-    from sparse_lavida_vllm.model_executor.attention import _tail_padding_exact
+    from sparse_lavida_vllm.model_executor.attention import _short_blocks_exact, _tail_padding_exact
 
-    out: dict = {"tail_padding_exact": _tail_padding_exact(device.type, torch.get_num_threads())}
+    threads = torch.get_num_threads()
+    out: dict = {"tail_padding_exact": _tail_padding_exact(device.type, threads),
+                 "short_blocks_exact": _short_blocks_exact(device.type, threads)}
     requests, pool32 = mixed_requests(config, device)
     gen = torch.Generator().manual_seed(7)
     for dtype in (torch.float32, torch.bfloat16):

@@ -52,9 +52,12 @@ class KVCache:
 # task walks the keys in blocks of min(512, keys) with an online softmax (two GEMMs per block, a vectorised exp-sum
 # whose scalar tail is rounded differently).
 # Two rules make a request's tasks the same computation alone and in any batch:
-#  * query rows: every batch entry holds rows of one request (cut from its row 0, zero-padded) and a multiple of 32 of
-#    them, at most 160: below 192 rows the kernel's query block is 32, so each task is one 32-row block of one request,
-#    the same rows whatever the batch (an entry of 64 rows is two tasks, exactly those of two 32-row entries);
+#  * query rows: every batch entry holds rows of one request (cut from its row 0, zero-padded), at most 160 of them:
+#    below 192 rows the kernel cuts an entry into query blocks of 32 rows and a tail. A row's bits do not depend on
+#    which block holds it or on the block's length, provided the block has at least 4 rows (measured: MKL's sgemm
+#    takes another path for 1-3 rows), so an entry of any length whose tail block is empty or at least 4 rows gives
+#    every row the bits a 32-row block gives it; _short_blocks_exact re-checks that on the machine at hand and falls
+#    back to multiples of 32;
 #  * keys: a request's keys are zero-padded to key_bucket(keys) (masked); the batch pads every request further, to
 #    the largest bucket. A padded key whose mask is -inf contributes exp(-inf) = 0 to the sum and 0 * 0 to P @ V, so
 #    appending masked keys changes no value provided the kernel's arithmetic on the real ones stays the same:
@@ -64,6 +67,8 @@ class KVCache:
 #    bucket pair). _tail_padding_exact re-checks that on the machine at hand and falls back to whole 512-key blocks.
 ROW_BLOCK = 32  # the kernel's query block for entries of fewer than 192 rows
 MAX_ENTRY_ROWS = 160  # the most rows of one entry that keep that block
+MIN_BLOCK_ROWS = 4  # the shortest query block whose rows get a 32-row block's bits
+ENTRY_KEY_COST = 8  # an entry's key copy costs about as much as attending this many query rows (picks entry sizes)
 KEY_BLOCK = 512  # the flash kernel's key block for any call with at least this many keys
 KEY_ALIGN = 16  # the widest float vector (AVX-512): a multiple of it leaves no scalar tail in the exp-sum
 SPLIT_WINDOW = (192, 384)  # block lengths strictly inside: MKL splits the P @ V reduction where the length says
@@ -96,7 +101,7 @@ def _tail_padding_exact(device_type: str, threads: int) -> bool:
         allowed = torch.rand(ROW_BLOCK, num_keys, generator=gen).to(device_type) < 0.7
         allowed[:, 0] = True
         own = _bucket(num_keys, False)
-        outputs = [attend_blocks(*_padded(q, k, v, allowed, width)) for width in
+        outputs = [attend_blocks(*_padded(q, k, v, allowed, width, ROW_BLOCK)) for width in
                    (own, _bucket(own + 1, False), _bucket(own + KEY_BLOCK // 2, False), own + 2 * KEY_BLOCK)]
         if not all(torch.equal(outputs[0], out) for out in outputs[1:]):
             return False
@@ -115,13 +120,47 @@ def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
-def entry_rows(rows: list[int]) -> int:
-    """Rows per batch entry for requests of these row counts: the multiple of ROW_BLOCK up to MAX_ENTRY_ROWS that
-    pads the fewest query rows (a request longer than an entry takes several), the larger one on a tie (fewer
-    entries, fewer copies of their keys). Any of them gives every request the same bits."""
-    def padded(size: int) -> int:
-        return sum(-(-n // size) for n in rows) * size
-    return min(range(MAX_ENTRY_ROWS, 0, -ROW_BLOCK), key=padded)
+@functools.cache
+def _short_blocks_exact(device_type: str, threads: int) -> bool:
+    """Whether entries of any length from MIN_BLOCK_ROWS to MAX_ENTRY_ROWS (a tail block of 0 or at least
+    MIN_BLOCK_ROWS rows) give every row the bits of 32-row entries here. Measured on MKL; checked once per process
+    (per device type and thread count) with a few small calls, as _tail_padding_exact is."""
+    gen = torch.Generator().manual_seed(1)
+    rows = 2 * ROW_BLOCK + 2 * MIN_BLOCK_ROWS + 1
+    for num_keys, dim in ((9, 32), (100, 64), (530, 64)):
+        width = key_bucket(num_keys, device_type)
+        q = torch.randn(1, rows, 2, dim, generator=gen).to(device_type)
+        k, v = (torch.randn(1, num_keys, 2, dim, generator=gen).to(device_type) for _ in range(2))
+        allowed = torch.rand(rows, num_keys, generator=gen).to(device_type) < 0.7
+        allowed[:, 0] = True
+        outs = [attend_blocks(*_padded(q, k, v, allowed, width, size)).flatten(0, 1)[:rows]
+                for size in (ROW_BLOCK, MIN_BLOCK_ROWS, 7, 21, ROW_BLOCK + MIN_BLOCK_ROWS, 2 * ROW_BLOCK + 5)]
+        if not all(torch.equal(outs[0], out) for out in outs[1:]):
+            return False
+    return True
+
+
+def entry_sizes(device: torch.device | str = "cpu") -> list[int]:
+    """The entry lengths that give a request's rows the same bits (see the notes above), largest first."""
+    return _entry_sizes(torch.device(device).type, torch.get_num_threads()).tolist()
+
+
+@functools.cache
+def _entry_sizes(device_type: str, threads: int) -> Tensor:
+    if not _short_blocks_exact(device_type, threads):
+        return torch.arange(MAX_ENTRY_ROWS, 0, -ROW_BLOCK)
+    sizes = torch.arange(MAX_ENTRY_ROWS, MIN_BLOCK_ROWS - 1, -1)
+    tail = sizes % ROW_BLOCK
+    return sizes[(tail == 0) | (tail >= MIN_BLOCK_ROWS)]
+
+
+def entry_rows(rows: list[int], device: torch.device | str = "cpu") -> int:
+    """Rows per batch entry for requests of these row counts: of entry_sizes, the one that costs least, counting
+    each entry's rows (padding included) and its copy of its request's keys (a request longer than an entry takes
+    several), the larger one on a tie. Any of them gives every request the same bits; this only picks the fastest."""
+    sizes = _entry_sizes(torch.device(device).type, torch.get_num_threads())
+    entries = (-(-torch.tensor(rows)[None, :] // sizes[:, None])).sum(1)
+    return int(sizes[torch.argmin(entries * (sizes + ENTRY_KEY_COST))])  # argmin: the first (largest) of a tie
 
 
 def _padded(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, width: int,
@@ -129,7 +168,7 @@ def _padded(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, width: int,
     """One request's entries: q (1, rows, heads, dim), k/v (1, keys, kv_heads, dim), allowed (rows, keys)
     -> q (entries, per_entry, heads, dim), k/v (entries, width, kv_heads, dim), mask (entries, per_entry, width)."""
     rows, num_keys = q.shape[1], k.shape[1]
-    per_entry = per_entry or entry_rows([rows])
+    per_entry = per_entry or entry_rows([rows], q.device)
     entries = -(-rows // per_entry)
     qp = q.new_zeros(entries * per_entry, *q.shape[2:])
     qp[:rows] = q[0]
@@ -143,7 +182,7 @@ def _padded(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, width: int,
 
 def attend_blocks(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     """The canonical call: q (entries, rows, heads, dim); k, v (entries, keys, kv_heads, dim); mask (entries, rows,
-    keys) additive; rows a multiple of ROW_BLOCK up to MAX_ENTRY_ROWS. Returns (entries, rows, heads, dim). K/V are
+    keys) additive; rows one of entry_sizes(). Returns (entries, rows, heads, dim). K/V are
     laid out key-major and contiguous per entry here, whoever built them, so every caller hands the kernel the same
     strides."""
     groups = q.shape[2] // k.shape[2]

@@ -213,7 +213,7 @@ class DiffusionRunnerMixin:
         and C_{k-1} are the commit rows (written to the pool, seeing only the cache and each other), so a new
         request's prefill rides in the same pass. Dense: prompt + canvas, full attention, nothing cached.
         Batch invariance: attention is one SDPA call per layer with per-request arithmetic (PagedSpanAttention:
-        each request's 32-row blocks and bucket-padded keys give it its solo bits), and the model's GEMMs run in
+        each request's query blocks and bucket-padded keys give it its solo bits), and the model's GEMMs run in
         fixed row tiles (model.row_tile; or plain GEMMs where plain_rows_verified found they give the tiles' bits),
         so no row's arithmetic depends on which rows share the pass.
         """
@@ -253,10 +253,9 @@ class DiffusionRunnerMixin:
         tables = [rs.block_ids for rs in group]
         cached_t = torch.tensor([p[2] for p in parts], dtype=torch.long)
         commit_t = torch.tensor([p[3] for p in parts], dtype=torch.long)
-        cached_slots = slot_ranges(tables, torch.zeros_like(cached_t), cached_t, self.block_size)
-        commit_slots = slot_ranges(tables, cached_t, cached_t + commit_t, self.block_size)
+        slots = slot_ranges(tables, torch.zeros_like(cached_t), cached_t + commit_t, self.block_size, cut=cached_t)
         segments = [Segment(a, b, cached.to(device), commit.to(device), spans)
-                    for (a, b, _, _, spans), cached, commit in zip(parts, cached_slots, commit_slots, strict=True)]
+                    for (a, b, _, _, spans), cached, commit in zip(parts, slots[0::2], slots[1::2], strict=True)]
         ids_t = torch.tensor(ids, dtype=torch.long, device=device)
         positions_t = torch.tensor(positions, dtype=torch.long, device=device)
         attention = PagedSpanAttention(self.paged_kv, segments, self.slot_is_image)

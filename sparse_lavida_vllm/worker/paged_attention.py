@@ -40,14 +40,17 @@ def request_slots(block_ids: list[int], start: int, end: int, block_size: int) -
     return torch.tensor(block_ids, dtype=torch.long)[idx // block_size] * block_size + idx % block_size
 
 
-def slot_ranges(tables: list[list[int]], start: Tensor, end: Tensor, block_size: int) -> list[Tensor]:
-    """request_slots of many requests in a few tensor ops: request b's slots of its token indices [start[b], end[b])."""
+def slot_ranges(tables: list[list[int]], start: Tensor, end: Tensor, block_size: int,
+                cut: Tensor | None = None) -> list[Tensor]:
+    """request_slots of many requests in a few tensor ops: request b's slots of its token indices [start[b], end[b]);
+    with `cut`, two ranges per request, [start[b], cut[b]) then [cut[b], end[b]) (2B tensors, request by request)."""
     lengths = end - start
     width = max(max((len(t) for t in tables), default=0), 1)
     table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long).view(len(tables), width)
     req = torch.repeat_interleave(torch.arange(len(tables)), lengths)
     idx = torch.arange(int(lengths.sum())) - (torch.cumsum(lengths, 0) - lengths)[req] + start[req]
-    return list(torch.split(table[req, idx // block_size] * block_size + idx % block_size, lengths.tolist()))
+    pieces = lengths if cut is None else torch.stack([cut - start, end - cut], 1).flatten()
+    return list(torch.split(table[req, idx // block_size] * block_size + idx % block_size, pieces.tolist()))
 
 
 class PagedSpanAttention(AttentionBackend):
@@ -58,7 +61,7 @@ class PagedSpanAttention(AttentionBackend):
     come in the reference KVCache's order), one index_copy writes every request's commit rows to the pool, and one
     SDPA call attends for every request: sdpa_with_mask's canonical call (model_executor/attention.py), made for all
     of them at once. Each request's rows are cut into entries of entry_rows(the step's row counts) rows from its row 0
-    (zero-padded; the kernel works on them in 32-row blocks, the reference's blocks), and each entry's keys
+    (zero-padded; any allowed entry size gives a row the bits the reference's entries give it), and each entry's keys
     are its request's [cache | rows], zero-padded to the widest key_bucket of the step under a mask built once per
     pass from the spans. The kernel computes each (entry, head) alone, and the
     padding past a request's own bucket is provably inert (the notes in attention.py), so every request gets the
@@ -71,52 +74,59 @@ class PagedSpanAttention(AttentionBackend):
         self.segments = segments
         self.slot_is_image = slot_is_image  # the runner's per-slot modality flags (LaViDa-O), beside the pool
         device = pool[0].device
-        rows = torch.tensor([seg.end - seg.start for seg in segments])
-        cached = torch.tensor([seg.cached_slots.numel() for seg in segments])
-        keys = cached + rows
+        rows_n = [seg.end - seg.start for seg in segments]
+        keys_n = [seg.cached_slots.numel() + n for seg, n in zip(segments, rows_n, strict=True)]
+        rows, keys = torch.tensor(rows_n), torch.tensor(keys_n)
+        cached = keys - rows
         row_start = torch.tensor([seg.start for seg in segments])
         cached_start = torch.cumsum(cached, 0) - cached
-        total_cached, total_rows = int(cached.sum()), int(rows.sum())
-        width = max(key_bucket(int(n), device) for n in keys)
-        per_entry = entry_rows(rows.tolist())
+        total_cached, total_rows = sum(keys_n) - sum(rows_n), sum(rows_n)
+        width = key_bucket(max(keys_n), device)  # buckets grow with the key count: the largest request's
+        per_entry = entry_rows(rows_n, device)
         blocks = -(-rows // per_entry)
         entry_req = torch.repeat_interleave(torch.arange(len(segments)), blocks)  # (entries,) -> its request
-        entry_start = torch.cumsum(blocks, 0) - blocks
-        entry_block = torch.arange(entry_req.numel()) - entry_start[entry_req]  # which of its request's entries
+        self.entries, self.per_entry, self.width = entry_req.numel(), per_entry, width
         # each entry's keys as rows of [all cached K/V (gathered) | this pass's K/V | one zero row]
         j = torch.arange(width)
         c, n = cached[:, None], keys[:, None]
         key_src = torch.where(j < c, cached_start[:, None] + j,
                               torch.where(j < n, total_cached + row_start[:, None] + j - c, total_cached + total_rows))
-        self.key_index = key_src[entry_req].flatten()
-        # each entry's query rows as rows of [this pass's q | one zero row]
-        local = entry_block[:, None] * per_entry + torch.arange(per_entry)  # (entries, per_entry) row in request
-        real = local < rows[entry_req, None]
-        self.query_index = torch.where(real, row_start[entry_req, None] + local, total_rows).flatten()
-        self.out_index = real.flatten().nonzero().flatten()  # entry rows that are real, in flat row order
-        self.entries, self.per_entry, self.width = entry_req.numel(), per_entry, width
-        # which keys each entry row sees: its spans (full attention without them) within its request's keys
-        spans = torch.cat([seg.spans.cpu() if seg.spans is not None else
-                           torch.tensor([[0, int(n)], [0, 0]]).expand(seg.end - seg.start, 2, 2)
-                           for seg, n in zip(segments, keys, strict=True)])
-        row_keys = torch.repeat_interleave(keys, rows)
-        allowed = spans_to_mask(spans, width) & (j < row_keys[:, None])
-        self.allowed = torch.zeros(self.entries * per_entry, width, dtype=torch.bool)
-        self.allowed[self.out_index] = allowed
+        self.key_index = key_src[entry_req].flatten().to(device)
+        # which keys each row sees (rows in flat order), then laid out as the entries hold them
+        allowed = _row_keys_seen(segments, rows, keys, j)
+        # every request fills its entries and the requests lie back to back: the queries are q itself
+        self.identity = bool((rows % per_entry == 0).all()) and torch.equal(row_start, torch.cumsum(rows, 0) - rows)
+        if self.identity:
+            self.allowed = allowed
+        else:  # each entry's query rows as rows of [this pass's q | one zero row]
+            entry_block = torch.arange(self.entries) - (torch.cumsum(blocks, 0) - blocks)[entry_req]
+            local = entry_block[:, None] * per_entry + torch.arange(per_entry)  # (entries, per_entry) row in request
+            real = local < rows[entry_req, None]
+            self.query_index = torch.where(real, row_start[entry_req, None] + local, total_rows).flatten().to(device)
+            self.out_index = real.flatten().nonzero().flatten()  # entry rows that are real, in flat row order
+            self.allowed = torch.zeros(self.entries * per_entry, width, dtype=torch.bool)
+            self.allowed[self.out_index] = allowed
+            self.out_index = self.out_index.to(device)
         self.mask = additive_mask(self.allowed.to(device), pool[0].dtype).view(self.entries, per_entry, width)
         self.cached_slots = torch.cat([seg.cached_slots for seg in segments]).to(device)
-        self.commit_rows = torch.cat([torch.arange(seg.start, seg.start + seg.commit_slots.numel())
-                                      for seg in segments]).to(device)
         self.commit_slots = torch.cat([seg.commit_slots for seg in segments]).to(device)
-        for name in ("key_index", "query_index", "out_index"):
-            setattr(self, name, getattr(self, name).to(device))
+        # the first len(commit_slots) rows of each request, in flat row order
+        commits = torch.tensor([seg.commit_slots.numel() for seg in segments])
+        first = torch.repeat_interleave(row_start - (torch.cumsum(commits, 0) - commits), commits)
+        self.commit_rows = (first + torch.arange(first.numel())).to(device)
 
     def keys_values(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """(entries, width, kv_heads, head_dim) K and V of every entry; writes the commit rows to the pool."""
         cache = self.pool[layer]
         out = []
+        cached = self.cached_slots.numel()
         for plane, rows in ((cache[0], k), (cache[1], v)):
-            source = torch.cat([plane.index_select(0, self.cached_slots), rows, rows.new_zeros(1, *rows.shape[1:])])
+            # [cached K/V | this pass's | a zero row], the cached part gathered straight into place (no second copy;
+            # the pool is a cache, never differentiated through, so its gather may write to `out`)
+            source = rows.new_empty(cached + rows.shape[0] + 1, *rows.shape[1:])
+            torch.index_select(plane.detach(), 0, self.cached_slots, out=source[:cached])
+            source[cached:-1] = rows
+            source[-1] = 0
             out.append(source.index_select(0, self.key_index).view(self.entries, self.width, *rows.shape[1:]))
         if self.commit_rows.numel():  # only C_{k-1} (or the prompt) reaches the pool; masks and registers never do (I1)
             cache[0].index_copy_(0, self.commit_slots, k.index_select(0, self.commit_rows))
@@ -125,9 +135,12 @@ class PagedSpanAttention(AttentionBackend):
 
     def attend_masked(self, layer: int, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         keys, values = self.keys_values(layer, k, v)
-        queries = torch.cat([q, q.new_zeros(1, *q.shape[1:])]).index_select(0, self.query_index)
+        if self.identity:
+            queries = q
+        else:
+            queries = torch.cat([q, q.new_zeros(1, *q.shape[1:])]).index_select(0, self.query_index)
         out = attend_blocks(queries.view(self.entries, self.per_entry, *q.shape[1:]), keys, values, mask)
-        return out.flatten(0, 1).index_select(0, self.out_index)
+        return out.flatten(0, 1) if self.identity else out.flatten(0, 1).index_select(0, self.out_index)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return self.attend_masked(layer, q, k, v, self.mask)
@@ -137,6 +150,18 @@ class PagedSpanAttention(AttentionBackend):
         if self.slot_is_image is None:
             raise ValueError("per-modality layers need the per-slot modality flags of the pool (slot_is_image)")
         return PagedModalityAttention(self, row_is_image, first_split_layer)
+
+
+def _row_keys_seen(segments: list[Segment], rows: Tensor, keys: Tensor, j: Tensor) -> Tensor:
+    """(rows, len(j)) bool, the segments' rows in order: key j is one of the row's request's keys and within its
+    spans (all of them without spans). Spans of one interval from key 0 (what the runner builds) take one comparison."""
+    spans = torch.cat([seg.spans.cpu() if seg.spans is not None else
+                       torch.tensor([[0, n], [0, 0]]).expand(seg.end - seg.start, 2, 2)
+                       for seg, n in zip(segments, keys.tolist(), strict=True)])
+    row_keys = torch.repeat_interleave(keys, rows)
+    if not bool(spans[:, 0, 0].any()) and bool((spans[:, 1, 1] <= spans[:, 1, 0]).all()):  # each [0, end)
+        return j < torch.minimum(spans[:, 0, 1], row_keys)[:, None]
+    return spans_to_mask(spans, j.numel()) & (j < row_keys[:, None])
 
 
 class PagedModalityAttention(AttentionBackend):
@@ -156,7 +181,10 @@ class PagedModalityAttention(AttentionBackend):
         # the modality of every entry row and every entry key, as the joint call lays them out
         key_is_image = torch.cat([flags.index_select(0, inner.cached_slots), rows, rows.new_zeros(1)])
         key_is_image = key_is_image.index_select(0, inner.key_index).view(inner.entries, inner.width)
-        row_of_entry = torch.cat([rows, rows.new_zeros(1)]).index_select(0, inner.query_index)
+        if inner.identity:
+            row_of_entry = rows
+        else:
+            row_of_entry = torch.cat([rows, rows.new_zeros(1)]).index_select(0, inner.query_index)
         shape = (inner.entries, inner.per_entry, inner.width)
         same = row_of_entry.view(*shape[:2], 1) == key_is_image.view(shape[0], 1, shape[2])
         allowed = inner.allowed.to(flags.device).view(shape) & same

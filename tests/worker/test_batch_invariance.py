@@ -237,7 +237,7 @@ def test_a_request_s_logits_are_the_same_bits_alone_and_beside_others():
 def test_every_request_s_logits_and_cache_writes_are_the_same_bits_in_batches_of_any_size(threads, monkeypatch):
     """The invariant forward (tiled GEMMs; PagedSpanAttention's one gather and ONE SDPA call per layer for the whole
     pass): each request of a pass gives the logits and writes the pool values it gives alone, in batches of 2, 3 and
-    8 requests (mixed cache lengths, commit rows, registers, dense requests, more than one 32-row block, keys past
+    8 requests (mixed cache lengths, commit rows, registers, dense requests, more than one query block, keys past
     one 512-key block, pairs of one shape), with 1 and 2 threads, on shapes where one plain GEMM over all rows
     varies with the row count."""
     import sparse_lavida_vllm.worker.paged_attention as paged

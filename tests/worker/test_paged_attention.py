@@ -6,13 +6,16 @@ import torch
 from sparse_lavida_vllm.diffusion.masks import inference_step_spans
 from sparse_lavida_vllm.model_executor.attention import (
     KEY_BLOCK,
-    MAX_ENTRY_ROWS,
+    MIN_BLOCK_ROWS,
     ROW_BLOCK,
     KVCache,
     SpanAttention,
     _padded,
+    _short_blocks_exact,
     _tail_padding_exact,
     attend_blocks,
+    entry_rows,
+    entry_sizes,
     key_bucket,
 )
 from sparse_lavida_vllm.model_executor.weights import random_model
@@ -41,6 +44,12 @@ def test_slot_ranges_equal_request_slots_of_each_request():
     got = slot_ranges(tables, start, end, BLOCK)
     assert [g.tolist() for g in got] == [request_slots(t, int(a), int(b), BLOCK).tolist()
                                         for t, a, b in zip(tables, start, end, strict=True)]
+    # cut at `cut`: the runner's cached slots and commit slots of every request from one call
+    cut = torch.tensor([4, 0, 1, 12])
+    halves = slot_ranges(tables, start, end, BLOCK, cut=cut)
+    assert [g.tolist() for g in halves] == [request_slots(t, *r, BLOCK).tolist() for t, a, c, b in
+                                           zip(tables, start.tolist(), cut.tolist(), end.tolist(), strict=True)
+                                           for r in ((a, c), (c, b))]
 
 
 def test_paged_equals_reference_bit_for_bit():
@@ -201,23 +210,39 @@ def test_padding_a_request_s_keys_to_any_larger_bucket_changes_no_bit(threads):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_request_s_rows_give_the_same_bits_in_entries_of_any_allowed_size(threads):
-    """The other half: a step cuts every request into entries of the longest request's row count (a multiple of 32
-    up to 160), the reference by its own; the kernel works on 32-row blocks of each, so any such size gives the
-    same bits, with rows past the request zero-padded."""
+    """The other half: a step cuts every request into entries of one size that entry_rows picks for the step's row
+    counts, the reference by its own; every allowed size (4 to 160 rows, a tail block of 0 or at least 4 rows past
+    each 32) gives a request's rows the same bits, with rows past the request zero-padded. (Blocks of 1-3 rows did
+    not when measured: MKL takes another path for them, so no entry leaves such a tail.)"""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        assert _short_blocks_exact("cpu", threads)  # the measured rule holds here: no fallback to multiples of 32
+        sizes = entry_sizes()
+        assert ROW_BLOCK in sizes and MIN_BLOCK_ROWS in sizes and MIN_BLOCK_ROWS - 1 not in sizes
+        assert all(n % ROW_BLOCK == 0 or n % ROW_BLOCK >= MIN_BLOCK_ROWS for n in sizes)
         gen = torch.Generator().manual_seed(2)
         for rows, num_keys in ((150, 300), (33, 40), (7, 700), (161, 200)):
             q = torch.randn(1, rows, 4, 32, generator=gen)
             k, v = (torch.randn(1, num_keys, 2, 32, generator=gen) for _ in range(2))
             allowed = torch.rand(rows, num_keys, generator=gen) < 0.6
             allowed[:, 0] = True
-            outs = [attend_blocks(*_padded(q, k, v, allowed, key_bucket(num_keys), per_entry)).flatten(0, 1)[:rows]
-                    for per_entry in range(ROW_BLOCK, MAX_ENTRY_ROWS + 1, ROW_BLOCK)]
-            assert all(torch.equal(out, outs[0]) for out in outs[1:]), (rows, num_keys)
+            width = key_bucket(num_keys)
+            outs = {per_entry: attend_blocks(*_padded(q, k, v, allowed, width, per_entry)).flatten(0, 1)[:rows]
+                    for per_entry in [ROW_BLOCK, *sizes[::3], *sizes[-8:]]}
+            assert all(torch.equal(out, outs[ROW_BLOCK]) for out in outs.values()), (rows, num_keys)
     finally:
         torch.set_num_threads(old)
+
+
+def test_entry_rows_picks_the_cheapest_allowed_size():
+    """Equal requests fill their entries exactly (no padded query row); a long request takes several entries."""
+    assert entry_rows([12] * 32) == 12
+    assert entry_rows([42] * 8) == 42
+    assert entry_rows([1]) == MIN_BLOCK_ROWS
+    assert entry_rows([1000]) == 143  # 7 entries, one padded row
+    for rows in ([12, 26, 40], [3, 160, 7], [33], [500, 20]):
+        assert entry_rows(rows) in entry_sizes()
 
 
 def test_key_buckets_are_closed_under_max_and_avoid_the_split_window():
