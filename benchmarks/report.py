@@ -355,6 +355,11 @@ def at_counts(values: dict[str, float], fmt: str, unit: str = "") -> str:
     return ", ".join(f"{v:{fmt}}{unit} at {n}" for n, v in sorted(values.items(), key=lambda item: int(item[0])))
 
 
+def host_share(mode: dict, n: str) -> float:
+    """The host's share of an engine step at concurrency n: host ms / (host + model ms), medians."""
+    return mode["host_step_ms"][n] / (mode["host_step_ms"][n] + mode["model_step_ms"][n])
+
+
 def per_mode(values: dict[str, dict[str, float]]) -> str:
     """"mode p% at n, ...; mode ..." for {mode: {concurrency: fraction}}."""
     return "; ".join(f"{m} {at_counts(f, '.0%')}" for m, f in values.items())
@@ -390,6 +395,11 @@ def section_serve(data: dict, title: str = "Serving throughput (`benchmarks/serv
                     "the engine steps reach, counting the GEMMs' FLOPs only (attention, norms, RoPE, gathers, "
                     "sampling and scheduling are the rest of each step's time): "
                     + per_mode(fractions) + ".", ""]
+        host = {m: {n: host_share(r, n) for n in r["host_step_ms"]} for m, r in modes.items() if "host_step_ms" in r}
+        if host:
+            out += ["Share of an engine step spent on the host (scheduler, row building, slot mapping, sampling, "
+                    "output processing: the step's time outside the model's forward; medians): "
+                    + per_mode(host) + ".", ""]
         shares = {m: r["gemm_time_share"] for m, r in modes.items() if "gemm_time_share" in r}
         if shares:
             out += ["Share of the engine steps' time spent inside the GEMMs (timed around `model.tiled`; a ratio of "
@@ -490,7 +500,9 @@ def section_summary(found: dict) -> list[str]:
             invariant = serve["modes"]["invariant"]
             out.append(f"- Serving, d_model {serve['model']['d_model']}, 8 requests: batch invariance costs "
                        f"{serve['invariance_cost']['8']:.2f}x the unconstrained runner's tokens/s; its GEMMs reach "
-                       f"{invariant['gemm_fraction_of_matmul_rate']['8']:.0%} of the matmul rate (goal >= 80%).")
+                       f"{invariant['gemm_fraction_of_matmul_rate']['8']:.0%} of the matmul rate (goal >= 80%)"
+                       + (f"; the host takes {host_share(invariant, '8'):.0%} of its steps (goal <= 25%)."
+                          if "host_step_ms" in invariant else "."))
     return out + [""]
 
 
