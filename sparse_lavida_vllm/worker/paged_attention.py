@@ -86,6 +86,7 @@ class PagedSpanAttention(AttentionBackend):
         blocks = -(-rows // per_entry)
         entry_req = torch.repeat_interleave(torch.arange(len(segments)), blocks)  # (entries,) -> its request
         self.entries, self.per_entry, self.width = entry_req.numel(), per_entry, width
+        self.total_rows, self.lone = total_rows, self.entries == 1 and segments[0].start == 0
         # each entry's keys as rows of [all cached K/V (gathered) | this pass's K/V | one zero row]
         j = torch.arange(width)
         c, n = cached[:, None], keys[:, None]
@@ -119,15 +120,19 @@ class PagedSpanAttention(AttentionBackend):
         """(entries, width, kv_heads, head_dim) K and V of every entry; writes the commit rows to the pool."""
         cache = self.pool[layer]
         out = []
-        cached = self.cached_slots.numel()
+        cached, end = self.cached_slots.numel(), self.cached_slots.numel() + k.shape[0]
+        # one entry over all of this pass's rows: its keys are the source itself, [cached | this pass's | zeros]
+        lone = self.lone and k.shape[0] == self.total_rows
+        size = self.width if lone else end + 1
         for plane, rows in ((cache[0], k), (cache[1], v)):
             # [cached K/V | this pass's | a zero row], the cached part gathered straight into place (no second copy;
             # the pool is a cache, never differentiated through, so its gather may write to `out`)
-            source = rows.new_empty(cached + rows.shape[0] + 1, *rows.shape[1:])
+            source = rows.new_empty(size, *rows.shape[1:])
             torch.index_select(plane.detach(), 0, self.cached_slots, out=source[:cached])
-            source[cached:-1] = rows
-            source[-1] = 0
-            out.append(source.index_select(0, self.key_index).view(self.entries, self.width, *rows.shape[1:]))
+            source[cached:end] = rows
+            source[end:] = 0
+            keys = source if lone else source.index_select(0, self.key_index)
+            out.append(keys.view(self.entries, self.width, *rows.shape[1:]))
         if self.commit_rows.numel():  # only C_{k-1} (or the prompt) reaches the pool; masks and registers never do (I1)
             cache[0].index_copy_(0, self.commit_slots, k.index_select(0, self.commit_rows))
             cache[1].index_copy_(0, self.commit_slots, v.index_select(0, self.commit_rows))
