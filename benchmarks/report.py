@@ -365,6 +365,14 @@ def per_mode(values: dict[str, dict[str, float]]) -> str:
     return "; ".join(f"{m} {at_counts(f, '.0%')}" for m, f in values.items())
 
 
+def soak_load(load) -> str:
+    """The soak's machine load: a (1, 5, 15 min) load average at its end, or a sentence where none was recorded."""
+    if isinstance(load, list):
+        return "Load average (1/5/15 min) at the end, the soak's own traffic included: " + ", ".join(
+            f"{x:.2f}" for x in load) + "."
+    return str(load)
+
+
 def section_serve(data: dict, title: str = "Serving throughput (`benchmarks/serve_throughput.py`, written by the "
                                              "vLLM room)") -> list[str]:
     out = [f"## {title}", ""]
@@ -455,7 +463,7 @@ def section_soak(data: dict) -> list[str]:
     return ["## Soak (`benchmarks/soak.py`)", "",
             "Bounded mixed traffic against a real `sparse-lavida serve` (dense, sparse, streamed, seeded, abandoned "
             "streams, bad requests), then leak checks: nothing running or waiting, KV usage 0, resident memory, "
-            "seeded tokens equal their solo runs. " + str(data.get("load_avg_end", "")), "",
+            "seeded tokens equal their solo runs. " + soak_load(data.get("load_avg_end", "")), "",
             table(list(keys), [[data.get(k, "") for k in keys]]), ""]
 
 
