@@ -138,13 +138,15 @@ class PagedSpanAttention(AttentionBackend):
             cache[1].index_copy_(0, self.commit_slots, v.index_select(0, self.commit_rows))
         return out[0], out[1]
 
+    def to_entries(self, x: Tensor) -> Tensor:
+        """x's rows (one per row of the pass) in the order the entries hold them, zeros where an entry is padded."""
+        if self.identity:
+            return x
+        return torch.cat([x, x.new_zeros(1, *x.shape[1:])]).index_select(0, self.query_index)
+
     def attend_masked(self, layer: int, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         keys, values = self.keys_values(layer, k, v)
-        if self.identity:
-            queries = q
-        else:
-            queries = torch.cat([q, q.new_zeros(1, *q.shape[1:])]).index_select(0, self.query_index)
-        out = attend_blocks(queries.view(self.entries, self.per_entry, *q.shape[1:]), keys, values, mask)
+        out = attend_blocks(self.to_entries(q).view(self.entries, self.per_entry, *q.shape[1:]), keys, values, mask)
         return out.flatten(0, 1) if self.identity else out.flatten(0, 1).index_select(0, self.out_index)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -186,10 +188,7 @@ class PagedModalityAttention(AttentionBackend):
         # the modality of every entry row and every entry key, as the joint call lays them out
         key_is_image = torch.cat([flags.index_select(0, inner.cached_slots), rows, rows.new_zeros(1)])
         key_is_image = key_is_image.index_select(0, inner.key_index).view(inner.entries, inner.width)
-        if inner.identity:
-            row_of_entry = rows
-        else:
-            row_of_entry = torch.cat([rows, rows.new_zeros(1)]).index_select(0, inner.query_index)
+        row_of_entry = inner.to_entries(rows)
         shape = (inner.entries, inner.per_entry, inner.width)
         same = row_of_entry.view(*shape[:2], 1) == key_is_image.view(shape[0], 1, shape[2])
         allowed = inner.allowed.to(flags.device).view(shape) & same
